@@ -1,0 +1,16 @@
+"""splice: declarative, exact activation editing for Hugging Face transformers."""
+
+from .architectures import ARCHITECTURES, Layout
+from .architectures.base import Architecture, Dims, Point
+from .edits import Edits
+from .errors import SpliceError
+from .interventions import Add, Intervention, Replace, Scale, Zero
+from .loading import embedded_model_dir, load, load_hf
+from .model import Model
+from .recording import Recording
+
+__all__ = [
+    "ARCHITECTURES", "Add", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
+    "Recording", "Replace", "Scale", "SpliceError", "Zero", "embedded_model_dir", "load", "load_hf",
+]
+__version__ = "0.1.0"

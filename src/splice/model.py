@@ -1,0 +1,148 @@
+"""`splice.Model`: a thin handle on an unmodified Hugging Face model.
+
+It owns no weights and patches nothing: editing and recording are contexts that add plain hooks
+and remove them on the way out, whatever happens inside."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.nn as nn
+
+from . import tokens as tok
+from .architectures import Layout
+from .dispatch import HookManager
+from .edits import Edits, as_edits
+from .errors import SpliceError
+from .recording import Recording
+from .sessions import EditSession, RecordSession
+
+
+class Model:
+    """Wrap `hf_model` (any supported `*ForCausalLM` or its bare decoder) and an optional tokenizer."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None):
+        if not isinstance(hf_model, nn.Module):
+            raise SpliceError(f"splice.Model wraps a torch/Hugging Face model; got {type(hf_model).__name__}")
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.layout = Layout(hf_model)
+        self.dims = self.layout.dims
+        self._hooks = HookManager(self.layout)
+
+    def __repr__(self):
+        d = self.dims
+        return (f"splice.Model({type(self.hf).__name__}: {d.n_layers} layers, d_model {d.d_model}, "
+                f"{d.n_heads} heads ({d.n_kv_heads} KV) x {d.d_head}, d_mlp {d.d_mlp}, vocab {d.vocab})")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def sites(self) -> dict[str, tuple]:
+        """Every valid site with its shape ('batch' and 'pos' vary per forward)."""
+        out = {}
+        for name in self.layout.site_names():
+            site = self.layout.resolve(name)[0]
+            out[name] = tuple(a if s is None else s for a, s in zip(self.layout.axes(site), self.layout.shape(site)))
+        return out
+
+    def resolve(self, key) -> list[str]:
+        """Canonical site names for a name, alias, tuple or glob (raises on unknown ones)."""
+        return [site.name for site in self.layout.resolve(key)]
+
+    @property
+    def hook_count(self) -> int:
+        """Hooks splice currently has on the model (0 outside every context)."""
+        return self._hooks.hook_count
+
+    # -- contexts ------------------------------------------------------------------------------
+    @contextmanager
+    def edit(self, edits=None):
+        """Apply `edits` (an `Edits` or a dict) to every forward inside, `generate` included.
+        Yields the live registry: assigning to it changes the next forward."""
+        edits = as_edits(edits)
+        session = EditSession(edits)
+        self._hooks.push(session)
+        edits._listen(self._hooks.refresh)
+        try:
+            yield edits
+        finally:
+            edits._unlisten(self._hooks.refresh)
+            self._hooks.pop(session)
+
+    @contextmanager
+    def record(self, sites="*", mode: str = "overwrite"):
+        """Record `sites` (a key, glob, or list of them; default every site) into a Recording."""
+        keys = [sites] if isinstance(sites, (str, tuple)) else list(sites)
+        if keys == ["*"]:
+            keys = self.layout.site_names()
+        resolved, seen = [], set()
+        for key in keys:
+            for site in self.layout.resolve(key):
+                if site.name not in seen:
+                    seen.add(site.name)
+                    resolved.append(site)
+        recording = Recording(self.layout.resolve, [s.name for s in resolved], mode)
+        session = RecordSession(recording, resolved)
+        self._hooks.push(session)
+        try:
+            yield recording
+        finally:
+            self._hooks.pop(session)
+
+    # -- running -------------------------------------------------------------------------------
+    def forward(self, inputs, **kwargs) -> torch.Tensor:
+        """Logits for a string, list of strings (left-padded), token ids or tokenizer output."""
+        batch = tok.encode(self.tokenizer, inputs, self.device)
+        out = self.hf(**batch, **kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    __call__ = forward
+
+    def run(self, inputs, edits=None, record=None, mode: str = "overwrite", **kwargs):
+        """One forward with optional edits and recording: returns (logits, Recording or None)."""
+        with ExitStack() as stack:
+            if edits:
+                stack.enter_context(self.edit(edits))
+            recording = stack.enter_context(self.record(record, mode)) if record else None
+            logits = self.forward(inputs, **kwargs)
+        return logits, recording
+
+    def generate(self, inputs, edits=None, max_new_tokens: int = 20, **kwargs):
+        """Greedy (by default) generation under `edits`; returns the new text (a list for a batch)."""
+        batch = tok.encode(self.tokenizer, inputs, self.device)
+        batch.pop("position_ids", None)  # generate derives positions from the attention mask
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", tok.pad_token_id(self.tokenizer) if self.tokenizer else 0)
+        with self.edit(edits):
+            ids = self.hf.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+        new = ids[:, batch["input_ids"].shape[1]:]
+        if self.tokenizer is None:
+            return new
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts[0] if isinstance(inputs, str) else texts
+
+    # -- tokens --------------------------------------------------------------------------------
+    def to_tokens(self, text) -> torch.Tensor:
+        return tok.to_tokens(self.tokenizer, text, self.device)
+
+    def to_str_tokens(self, text) -> list[str]:
+        return tok.to_str_tokens(self.tokenizer, text)
+
+    def to_single_token(self, text: str) -> int:
+        return tok.to_single_token(self.tokenizer, text)
+
+    def to_string(self, ids):
+        return tok.to_string(self.tokenizer, ids)
+
+    def test_prompt(self, prompt: str, answer: str, top_k: int = 10, edits=None, print_results: bool = True):
+        """Print (and return as a DataFrame) the top-k next tokens after `prompt`, and the rank,
+        logit and probability of each token of `answer` given the ones before it."""
+        from .prompt_report import prompt_report
+
+        return prompt_report(self, prompt, answer, top_k, edits, print_results)

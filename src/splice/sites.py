@@ -1,0 +1,145 @@
+"""Site names: one naming scheme for every architecture, plus the aliases users already know.
+
+A site is an activation, written `embed`, `blocks.<layer>.<point>`, `final_norm` or `logits`.
+This module only parses and validates names; where a site lives in a given model is the job of
+`splice.architectures`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from .errors import SpliceError, closest, valid_range
+
+# Per-layer points and the axes of their tensors. The size of each named axis comes from
+# `Dims`; "batch" and "pos" vary per forward.
+LAYER_POINTS: dict[str, tuple[str, ...]] = {
+    "resid_pre": ("batch", "pos", "d_model"),
+    "attn.in": ("batch", "pos", "d_model"),
+    "attn.q": ("batch", "pos", "head", "d_head"),
+    "attn.k": ("batch", "pos", "kv_head", "d_head"),
+    "attn.v": ("batch", "pos", "kv_head", "d_head"),
+    "attn.z": ("batch", "pos", "head", "d_head"),
+    "attn.out": ("batch", "pos", "d_model"),
+    "resid_mid": ("batch", "pos", "d_model"),
+    "mlp.in": ("batch", "pos", "d_model"),
+    "mlp.post": ("batch", "pos", "d_mlp"),
+    "mlp.out": ("batch", "pos", "d_model"),
+    "resid_post": ("batch", "pos", "d_model"),
+}
+GLOBAL_POINTS: dict[str, tuple[str, ...]] = {
+    "embed": ("batch", "pos", "d_model"),
+    "final_norm": ("batch", "pos", "d_model"),
+    "logits": ("batch", "pos", "vocab"),
+}
+
+# TransformerLens hook names that denote exactly the same tensor as a splice site. Names whose
+# TransformerLens tensor differs (hook_embed is the token embedding without positions,
+# ln*.hook_normalized is before the norm's weight) are deliberately not aliased.
+_TL_LAYER = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn.out",
+    "hook_mlp_out": "mlp.out",
+    "attn.hook_q": "attn.q",
+    "attn.hook_k": "attn.k",
+    "attn.hook_v": "attn.v",
+    "attn.hook_z": "attn.z",
+    "attn.hook_pattern": "attn.pattern",
+    "attn.hook_attn_scores": "attn.scores",
+    "mlp.hook_post": "mlp.post",
+}
+# Short names accepted by TransformerLens' `utils.get_act_name(name, layer)`.
+_ACT_NAMES = {
+    "resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
+    "attn_out": "attn.out", "mlp_out": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v",
+    "z": "attn.z", "result": "attn.z", "pattern": "attn.pattern", "attn": "attn.pattern",
+    "attn_scores": "attn.scores", "scores": "attn.scores", "post": "mlp.post",
+}
+_LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed canonical site: `layer` is None for global sites."""
+
+    point: str
+    layer: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.point if self.layer is None else f"blocks.{self.layer}.{self.point}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def is_pattern(key: str) -> bool:
+    return any(ch in key for ch in "*?[")
+
+
+def canonical_name(key) -> str:
+    """Map a site key (canonical name, TransformerLens name, or `(name, layer)` tuple) to a
+    canonical name string. Does not check the name against a model."""
+    if isinstance(key, tuple):
+        if len(key) != 2 or not isinstance(key[1], int):
+            raise SpliceError(f"a tuple site must be (name, layer), e.g. ('z', 3); got {key!r}")
+        short, layer = key
+        point = _ACT_NAMES.get(short, short)
+        return f"blocks.{layer}.{point}"
+    if not isinstance(key, str):
+        raise SpliceError(f"a site is a string like 'blocks.3.attn.z' or a tuple like ('z', 3); got {key!r}")
+    m = _LAYER_RE.match(key)
+    if m and m.group(2) in _TL_LAYER:
+        return f"blocks.{m.group(1)}.{_TL_LAYER[m.group(2)]}"
+    return key
+
+
+def all_names(n_layers: int, points: set[str]) -> list[str]:
+    """Every site name of a model, in forward order within each layer."""
+    order = list(GLOBAL_POINTS) + list(LAYER_POINTS)
+    rank = lambda p: order.index(p) if p in order else len(order)  # noqa: E731
+    layer_points = sorted((p for p in points if p not in GLOBAL_POINTS), key=rank)
+    names = ["embed"] if "embed" in points else []
+    names += [f"blocks.{l}.{p}" for l in range(n_layers) for p in layer_points]
+    names += [p for p in ("final_norm", "logits") if p in points]
+    return names
+
+
+def parse(name: str, n_layers: int, points: set[str]) -> Site:
+    """Parse a canonical name against a model's layer count and the points its architecture has.
+
+    Negative layers count from the end (`blocks.-1.resid_post` is the last layer)."""
+    if name in GLOBAL_POINTS or (name in points and "." not in name):
+        if name not in points:
+            raise SpliceError(f"site {name!r} is not available on this model")
+        return Site(name)
+    m = _LAYER_RE.match(name)
+    if m is None or m.group(2) not in points:
+        hints = closest(name, all_names(n_layers, points))
+        hint = f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
+        raise SpliceError(
+            f"unknown site {name!r}{hint} (sites look like 'blocks.<layer>.<point>' with point one of "
+            f"{', '.join(sorted(p for p in points if p not in GLOBAL_POINTS))}, or "
+            f"{', '.join(sorted(p for p in points if p in GLOBAL_POINTS))})"
+        )
+    layer = int(m.group(1))
+    if not -n_layers <= layer < n_layers:
+        raise SpliceError(f"layer {layer} in site {name!r} is out of range: this model has {n_layers} layers, valid {valid_range(n_layers)}")
+    return Site(m.group(2), layer % n_layers)
+
+
+def expand(key, n_layers: int, points: set[str]) -> list[Site]:
+    """Resolve a user key (name, alias, tuple or glob) to one or more Sites."""
+    name = canonical_name(key)
+    if not is_pattern(name):
+        return [parse(name, n_layers, points)]
+    every = all_names(n_layers, points)
+    matched = [n for n in every if fnmatch.fnmatchcase(n, name)]
+    if not matched:
+        hints = closest(name.replace("*", "0"), every)
+        raise SpliceError(f"site pattern {name!r} matches no site of this model" + (f"; close: {', '.join(hints)}" if hints else ""))
+    return [parse(n, n_layers, points) for n in matched]

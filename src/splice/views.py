@@ -1,0 +1,80 @@
+"""Views: how a site's tensor is cut out of the tensor a module actually sees or produces.
+
+Each view has `read(full, base)` (a view of the module tensor, never a copy that could drift) and
+`write(full, new, base)`, which builds a *new* module tensor with the site part replaced
+(clone-then-cat), so the tensor the model produced is never mutated. `base` is the layer's
+residual input, needed only by `ResidualSum`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+
+@dataclass(frozen=True)
+class Whole:
+    """The module tensor is the site tensor."""
+
+    def read(self, full, base=None):
+        return full
+
+    def write(self, full, new, base=None):
+        return new
+
+
+@dataclass(frozen=True)
+class Heads:
+    """`[..., heads*d_head]` seen as `[..., heads, d_head]`, optionally a slice of a fused
+    projection such as GPT-2's `c_attn` = `[Q|K|V]` (start/stop on the last axis)."""
+
+    heads: int
+    start: int | None = None
+    stop: int | None = None
+
+    def read(self, full, base=None):
+        part = full if self.start is None else full[..., self.start : self.stop]
+        return rearrange(part, "... (h d) -> ... h d", h=self.heads)
+
+    def write(self, full, new, base=None):
+        flat = rearrange(new, "... h d -> ... (h d)")
+        if self.start is None:
+            return flat
+        return torch.cat([full[..., : self.start], flat, full[..., self.stop :]], dim=-1)
+
+
+@dataclass(frozen=True)
+class InterleavedHeads:
+    """A fused projection laid out per head as `[h0: q k v | h1: q k v | ...]` (GPT-NeoX):
+    `[..., heads*parts*d_head]` seen as `[..., heads, d_head]` for part `index`."""
+
+    heads: int
+    parts: int
+    index: int
+
+    def read(self, full, base=None):
+        grouped = rearrange(full, "... (h s d) -> ... h s d", h=self.heads, s=self.parts)
+        return grouped[..., self.index, :]
+
+    def write(self, full, new, base=None):
+        grouped = rearrange(full, "... (h s d) -> ... h s d", h=self.heads, s=self.parts)
+        pieces = [new if s == self.index else grouped[..., s, :] for s in range(self.parts)]
+        return rearrange(torch.stack(pieces, dim=-2), "... h s d -> ... (h s d)")
+
+
+@dataclass(frozen=True)
+class ResidualSum:
+    """The residual stream after a sublayer, seen from that sublayer's output: the model computes
+    `base + full`, so the site is that sum, and writing `new` makes the sublayer contribute
+    `new - base` (exact for zeroing; within one rounding otherwise)."""
+
+    def read(self, full, base=None):
+        return base + full
+
+    def write(self, full, new, base=None):
+        return new - base
+
+
+WHOLE = Whole()
