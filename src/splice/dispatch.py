@@ -46,7 +46,7 @@ def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Fram
     if region is None:
         return x
     selected = x[region.index]
-    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked))
+    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing))
     _check_same(name, selected, values, f"{type(edit).__name__} result")
     out = x.clone()
     out[region.index] = values

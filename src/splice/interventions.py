@@ -25,6 +25,7 @@ class At(NamedTuple):
     index: tuple
     full_shape: tuple
     masked: bool
+    trailing: tuple = ()  # selectors of the axes after pos (heads, dims)
 
 
 _REGISTRY: dict[str, type["Intervention"]] = {}
@@ -60,6 +61,13 @@ def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what:
     else must broadcast. Raises with both shapes otherwise."""
     if value.dim() > 0 and tuple(value.shape) == tuple(at.full_shape) and tuple(region.shape) != tuple(at.full_shape):
         return value[at.index]
+    k = min(len(at.trailing), value.dim())
+    full_tail = tuple(at.full_shape[len(at.full_shape) - k :])
+    if k and tuple(value.shape[value.dim() - k :]) == full_tail and tuple(region.shape[region.dim() - k :]) != full_tail:
+        # A value as wide as the site (e.g. a d_model vector) applied to selected heads/dims only.
+        for offset, chosen in enumerate(at.trailing[len(at.trailing) - k :]):
+            axis = value.dim() - k + offset
+            value = value[(slice(None),) * axis + (chosen,)] if isinstance(chosen, slice) else value.index_select(axis, chosen.to(value.device))
     try:
         return value.expand_as(region)
     except RuntimeError:

@@ -74,7 +74,12 @@ class Recording(Mapping):
     def cat(self, key, dim: int = 0) -> torch.Tensor:
         """Accumulated entries joined along an existing axis (0: batch; 1: positions, e.g. for
         the steps of a cached `generate`)."""
-        return torch.cat(self._entries(key), dim=dim)
+        entries = self._entries(key)
+        try:
+            return torch.cat(entries, dim=dim)
+        except RuntimeError:
+            shapes = [list(e.shape) for e in entries]
+            raise SpliceError(f"cannot cat {key!r} along dim {dim}: forwards had shapes {shapes}") from None
 
     def __repr__(self):
         shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else f"{len(v)} entries") for k, v in self._data.items()}

@@ -68,6 +68,7 @@ class Region:
 
     index: tuple
     masked: bool  # True: first axis of the region enumerates (row, position) pairs
+    trailing: tuple = ()  # per-axis selectors (slice or 1-D LongTensor) of the axes after pos
 
 
 def _pos_outer(pos, frame: Frame, site: str):
@@ -142,16 +143,17 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
     if heads is not None and not any(a in ("head", "kv_head") for a in axes):
         raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
     pos_axis = axes.index("pos")
+    trailing = tuple(selectors[pos_axis + 1 :])
     if not isinstance(pos, torch.Tensor) and frame.uniform:
         chosen = _pos_outer(pos, frame, site)
         if chosen is None:
             return None
         selectors[pos_axis] = chosen
         if all(isinstance(s, slice) for s in selectors):
-            return Region(tuple(selectors), masked=False)
+            return Region(tuple(selectors), False, trailing)
         ranges = [torch.arange(size)[s] if isinstance(s, slice) else s for s, size in zip(selectors, shape)]
         n = len(ranges)
-        return Region(tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)), masked=False)
+        return Region(tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)), False, trailing)
     mask = _pos_mask(pos, frame, site)
     rows, cols = mask.nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -160,4 +162,4 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
     n = 1 + len(rest)
     index = [rows.view([-1] + [1] * (n - 1)), cols.view([-1] + [1] * (n - 1))]
     index += [r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(rest, start=1)]
-    return Region(tuple(index), masked=True)
+    return Region(tuple(index), True, trailing)

@@ -1,0 +1,90 @@
+"""Hypothesis strategies over a model's sites, selections and interventions, so users can
+property-test their own edits the way splice tests itself:
+
+    from hypothesis import given
+    from splice import strategies as sst
+
+    @given(sst.edits(model, seq=8, batch=2))
+    def test_my_metric_is_finite(edits): ...
+
+Requires `hypothesis` (the `test` extra)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from .edits import Edits
+from .interventions import Add, Replace, Scale, Zero
+
+
+def sites(model, points=None):
+    """Site names of `model`, optionally only those whose point is in `points`."""
+    names = [n for n in model.sites if points is None or n.split(".", 2)[-1] in points]
+    return st.sampled_from(names)
+
+
+def _axis(size: int):
+    return st.one_of(
+        st.none(),
+        st.integers(-size, size - 1),
+        st.lists(st.integers(0, size - 1), min_size=1, max_size=min(size, 4), unique=True),
+        st.tuples(st.integers(0, size - 1), st.integers(1, size)).filter(lambda t: t[0] < t[1]).map(lambda t: slice(*t)),
+    )
+
+
+def positions(seq: int, batch: int, min_pos: int = 0):
+    """`pos=` values selecting only positions >= min_pos of a seq-long input (None means all)."""
+    options = [
+        st.integers(min_pos, seq - 1),
+        st.lists(st.integers(min_pos, seq - 1), min_size=1, max_size=4, unique=True),
+        st.integers(min_pos, seq - 1).map(lambda p: slice(p, None)),
+        st.integers(min_pos, seq - 1).flatmap(lambda p: st.integers(1, 3).map(lambda k: slice(p, None, k))),
+        st.lists(st.lists(st.booleans(), min_size=seq, max_size=seq), min_size=batch, max_size=batch).map(
+            lambda rows: torch.tensor([[b and i >= min_pos for i, b in enumerate(r)] for r in rows], dtype=torch.bool)
+        ),
+    ]
+    if min_pos == 0:
+        options += [st.none(), st.integers(-seq, -1)]
+    return st.one_of(*options)
+
+
+def selections(model, site: str, seq: int, batch: int, min_pos: int = 0):
+    """dict(pos=, heads=, dims=) valid for `site` on a [batch, seq] input."""
+    shape = model.sites[site]
+    heads = st.none() if len(shape) < 4 else _axis(shape[2])
+    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos), "heads": heads, "dims": _axis(shape[-1])})
+
+
+def _vector(last: int):
+    return st.integers(0, 2**16).map(lambda seed: torch.randn(last, generator=torch.Generator().manual_seed(seed)))
+
+
+def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False):
+    """Interventions valid at `site`. With identity=True, only ones that must change nothing
+    (Scale(1), Add(0)), for no-op properties."""
+    last = model.sites[site][-1]
+
+    def build(sel):
+        if identity:
+            return st.sampled_from([Scale(1.0, **sel), Add(0.0, **sel), Add(torch.zeros(last), scale=3.0, **sel)])
+        return st.one_of(
+            st.just(Zero(**sel)),
+            st.floats(-4, 4, allow_nan=False, width=32).map(lambda f: Scale(f, **sel)),
+            _vector(last).map(lambda v: Add(v, scale=2.0, **sel)),
+            st.one_of(st.floats(-3, 3, width=32), _vector(last)).map(lambda v: Replace(v, **sel)),
+        )
+
+    return selections(model, site, seq, batch, min_pos).flatmap(build)
+
+
+def edits(model, seq: int, batch: int, max_sites: int = 3, min_pos: int = 0, identity: bool = False, points=None):
+    """An `Edits` registry of 0..max_sites sites with one intervention each."""
+    site_lists = st.lists(sites(model, points), min_size=0, max_size=max_sites, unique=True)
+
+    def fill(names):
+        return st.tuples(*[interventions(model, n, seq, batch, min_pos, identity) for n in names]).map(
+            lambda ivs: Edits(dict(zip(names, ivs)))
+        )
+
+    return site_lists.flatmap(fill)

@@ -1,0 +1,78 @@
+"""Tiny random-weight models for every supported family, built from configs (no hub access)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+import splice
+
+hf_logging.set_verbosity_error()
+# Tiny models gain nothing from threads, and two busy threads on a shared 2-core runner thrash.
+torch.set_num_threads(1)
+
+VOCAB = 97
+
+
+def tiny_gpt2(attn="sdpa"):
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(attn="sdpa"):
+    config = LlamaConfig(
+        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config)
+
+
+FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def build(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    # Random init leaves some parameters at exactly 0 / 1 (biases, norm weights); jitter them so
+    # that an edit anywhere reaches the logits and every site computes something distinct.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def hf(family):
+    return build(family)
+
+
+@pytest.fixture
+def model(hf):
+    return splice.Model(hf)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def hook_total(module: torch.nn.Module) -> int:
+    """Every forward / pre-forward hook on a module tree (ours or anyone's)."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()
+    )
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M model (cached as safetensors after the first load)."""
+    return splice.load()

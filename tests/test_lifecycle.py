@@ -1,0 +1,123 @@
+"""Hooks exist only inside contexts, the registry is live, and nothing survives an exception."""
+
+import pytest
+import torch
+
+import splice
+from conftest import hook_total
+
+
+def test_no_hooks_outside_contexts_and_output_unchanged(model, hf, ids):
+    before = hook_total(hf)
+    clean = hf(ids).logits.detach()
+    with model.edit({"blocks.1.attn.z": splice.Zero(heads=1)}), model.record("*"):
+        assert model.hook_count > 0 and hook_total(hf) > before
+    assert model.hook_count == 0 and hook_total(hf) == before
+    assert torch.equal(hf(ids).logits, clean)
+
+
+def test_user_model_is_not_modified(model, hf, ids):
+    forwards = {name: m.forward for name, m in hf.named_modules()}
+    children = {name: m for name, m in hf.named_modules()}
+    params = {k: v.clone() for k, v in hf.state_dict().items()}
+    with model.edit({"blocks.*.mlp.out": splice.Scale(0.5)}), torch.no_grad():
+        hf(ids)
+        assert {name: m for name, m in hf.named_modules()} == children
+        assert all(m.forward == forwards[name] for name, m in hf.named_modules())
+    assert all(torch.equal(v, params[k]) for k, v in hf.state_dict().items())
+
+
+def test_exception_inside_context_removes_every_hook(model, hf, ids):
+    before = hook_total(hf)
+    clean = hf(ids).logits.detach()
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.edit({"blocks.0.resid_post": splice.Zero()}), model.record("*"):
+            hf(ids)
+            raise RuntimeError("boom")
+    assert hook_total(hf) == before and model.hook_count == 0
+    assert torch.equal(hf(ids).logits, clean)
+
+
+def test_exception_raised_by_an_edit_mid_forward_cleans_up(model, hf, ids):
+    before = hook_total(hf)
+    clean = hf(ids).logits.detach()
+    bad = splice.Replace(torch.ones(5, model.dims.d_model))  # 5 positions; the input has 9
+    with pytest.raises(splice.SpliceError, match=r"\[5, \d+\].*blocks.1.resid_post"):
+        with model.edit({"blocks.1.resid_post": bad}):
+            hf(ids)
+    assert hook_total(hf) == before
+    assert torch.equal(hf(ids).logits, clean)
+
+
+def test_live_registry_changes_take_effect_without_reentering(model, hf, ids):
+    edits = splice.Edits()
+    clean = hf(ids).logits.detach()
+    with model.edit(edits) as live, torch.no_grad():
+        assert live is edits
+        assert torch.equal(hf(ids).logits, clean)
+        live["blocks.0.mlp.out"] = splice.Zero()
+        first = hf(ids).logits
+        assert not torch.equal(first, clean)
+        handles = dict(model._hooks.dispatchers)
+        live["blocks.0.mlp.out"] = splice.Scale(0.0)  # same module: no new hook needed
+        assert torch.equal(hf(ids).logits, first)
+        assert dict(model._hooks.dispatchers) == handles
+        del live["blocks.0.mlp.out"]
+        assert torch.equal(hf(ids).logits, clean)
+        with pytest.raises(splice.SpliceError, match="unknown site"):
+            live["blocks.0.mlp.outt"] = splice.Zero()
+        assert "blocks.0.mlp.outt" not in live  # refused assignment left the registry as it was
+        assert torch.equal(hf(ids).logits, clean)
+    assert model.hook_count == 0
+
+
+def test_same_edits_on_two_models(family, ids):
+    from conftest import build
+    a, b = splice.Model(build(family, 0)), splice.Model(build(family, 1))
+    edits = splice.Edits({"blocks.0.mlp.out": splice.Zero()})
+    with a.edit(edits), b.edit(edits):
+        edits["blocks.1.mlp.out"] = splice.Zero()
+        assert {k[0] for k in a._hooks.dispatchers} >= {a.layout.module_path(a.layout.resolve("blocks.1.mlp.out")[0])}
+        assert len(b._hooks.dispatchers) == len(a._hooks.dispatchers)
+    assert a.hook_count == b.hook_count == 0
+
+
+def test_hf_output_hidden_states_sees_edited_values(model, hf, ids):
+    with torch.no_grad():
+        hf(ids, output_hidden_states=True)  # transformers installs its capture hooks lazily, now
+        with model.edit({"blocks.0.resid_post": splice.Zero(pos=2)}):
+            out = hf(ids, output_hidden_states=True)
+    assert torch.equal(out.hidden_states[1][:, 2], torch.zeros_like(out.hidden_states[1][:, 2]))
+
+
+def test_every_edit_must_fire(model, hf, ids):
+    # Calling the bare decoder skips lm_head: an edit at logits can never run.
+    base = getattr(hf, model.layout.arch.base)
+    with model.edit({"logits": splice.Zero()}), torch.no_grad():
+        hf(ids)  # fine through the wrapped model
+        wrapped_over_base = splice.Model(base)
+        assert "logits" not in wrapped_over_base.sites
+    with model.edit({"blocks.1.mlp.out": splice.Zero(), "blocks.2.mlp.out": splice.Zero()}), torch.no_grad():
+        layers = base.h if hasattr(base, "h") else base.layers
+        saved = layers[2].mlp
+        # A model that routes around a layer's MLP (as layer-skipping variants do): the hooked
+        # module is never called.
+        layers[2].mlp = torch.nn.Identity()
+        try:
+            with pytest.raises(splice.SpliceError, match="blocks.2.mlp.out never ran"):
+                hf(ids)
+        finally:
+            layers[2].mlp = saved
+    assert model.hook_count == 0
+
+
+def test_generate_under_edits_and_hooks_removed(model, hf, ids):
+    prompt = ids[:1, :5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    clean = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    with model.edit({"blocks.1.resid_post": splice.Add(torch.randn(model.dims.d_model) * 50, pos=slice(5, None))}):
+        steered = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert torch.equal(steered[:, :5], prompt)
+    assert not torch.equal(steered, clean)
+    assert torch.equal(hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), clean)
+    assert model.hook_count == 0

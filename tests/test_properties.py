@@ -1,0 +1,132 @@
+"""Property tests over random sites, selections and interventions (drawn with splice.strategies)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import splice
+from conftest import build, hook_total
+from splice import strategies as sst
+
+BATCH, SEQ = 2, 8
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def setup(request):
+    hf = build(request.param)
+    ids = torch.randint(1, 90, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        clean = hf(ids).logits
+    return splice.Model(hf), hf, ids, clean
+
+
+def _given(strategy_fn):
+    """@given over a strategy that needs the module-scoped model."""
+    def deco(test):
+        @SETTINGS
+        @given(data=st.data())
+        def wrapper(setup, data):
+            model = setup[0]
+            test(setup, data.draw(strategy_fn(model)))
+        return wrapper
+    return deco
+
+
+@_given(lambda m: sst.edits(m, SEQ, BATCH, identity=True))
+def test_identity_edits_leave_logits_bit_identical(setup, edits):
+    model, hf, ids, clean = setup
+    with model.edit(edits), torch.no_grad():
+        assert torch.equal(hf(ids).logits, clean), edits
+    assert model.hook_count == 0
+
+
+@SETTINGS
+@given(data=st.data())
+def test_edits_at_later_positions_never_change_earlier_logits(setup, data):
+    model, hf, ids, clean = setup
+    p = data.draw(st.integers(1, SEQ - 1))
+    edits = data.draw(sst.edits(model, SEQ, BATCH, min_pos=p, max_sites=2))
+    with model.edit(edits), torch.no_grad():
+        logits = hf(ids).logits
+    assert torch.equal(logits[:, :p], clean[:, :p]), edits
+
+
+@_given(lambda m: sst.edits(m, SEQ, BATCH, max_sites=2))
+def test_the_tensor_the_model_produced_is_never_mutated(setup, edits):
+    model, hf, ids, clean = setup
+    seen = []
+
+    def keep_out(module, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        seen.append((t, t.clone()))
+
+    def keep_in(module, args, kwargs):
+        t = args[0] if args else kwargs["hidden_states"]
+        seen.append((t, t.clone()))
+
+    with model.edit(edits), torch.no_grad():
+        handles = []
+        for key in edits:
+            for name in model.resolve(key):
+                site = model.layout.resolve(name)[0]
+                module = model.layout.module(site)
+                if model.layout.point(site).io == "output":
+                    handles.append(module.register_forward_hook(keep_out, prepend=True))
+                else:
+                    handles.append(module.register_forward_pre_hook(keep_in, with_kwargs=True, prepend=True))
+        try:
+            hf(ids)
+        finally:
+            for h in handles:
+                h.remove()
+    for original, snapshot in seen:
+        assert torch.equal(original, snapshot)
+
+
+@_given(lambda m: st.tuples(sst.edits(m, SEQ, BATCH, max_sites=3), st.booleans(), st.booleans()))
+def test_no_hook_survives_a_context_even_when_the_forward_raises(setup, drawn):
+    model, hf, ids, clean = setup
+    edits, fail_in_forward, record = drawn
+    before = hook_total(hf)
+
+    def explode(module, args, out):
+        raise RuntimeError("forward failed")
+
+    last = model.hf.get_submodule(model.layout.points["final_norm"].module)
+    handle = last.register_forward_hook(explode) if fail_in_forward else None
+    try:
+        with model.edit(edits), model.record("blocks.*.resid_post") if record else _null(), torch.no_grad():
+            hf(ids)
+    except RuntimeError as error:
+        assert fail_in_forward and "forward failed" in str(error)
+    finally:
+        if handle:
+            handle.remove()
+    assert hook_total(hf) == before and model.hook_count == 0
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, clean)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@_given(lambda m: sst.edits(m, SEQ, BATCH, max_sites=3))
+def test_serialisation_round_trip_gives_the_same_forward(setup, edits):
+    model, hf, ids, clean = setup
+    again = splice.Edits.from_dict(edits.to_dict())
+    assert list(again) == list(edits)
+    for key in edits:
+        assert again._items[key] == edits._items[key]
+    with torch.no_grad():
+        with model.edit(edits):
+            a = hf(ids).logits
+        with model.edit(again):
+            b = hf(ids).logits
+    assert torch.equal(a, b)

@@ -1,0 +1,126 @@
+"""Recorded activations against independent computations: HF's own hidden states and hand math."""
+
+import pytest
+import torch
+
+import splice
+
+
+def test_resid_post_matches_hf_hidden_states(model, hf, ids):
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+        logits, rec = model.run(ids, record=["embed", "blocks.*.resid_post", "final_norm", "logits"])
+    n = model.dims.n_layers
+    assert torch.equal(logits, ref.logits)
+    assert torch.equal(rec["embed"], ref.hidden_states[0])
+    for layer in range(n - 1):
+        assert torch.equal(rec[f"blocks.{layer}.resid_post"], ref.hidden_states[layer + 1]), layer
+    # HF's last entry is after the final norm.
+    assert torch.equal(rec["final_norm"], ref.hidden_states[n])
+    final_norm = model.layout.model.get_submodule(model.layout.points["final_norm"].module)
+    assert torch.equal(final_norm(rec[f"blocks.{n - 1}.resid_post"]), ref.hidden_states[n])
+    assert torch.equal(rec["logits"], ref.logits)
+
+
+def test_residual_reconstruction(model, ids):
+    with torch.no_grad():
+        _, rec = model.run(ids, record="*")
+    for layer in range(model.dims.n_layers):
+        site = lambda p: rec[f"blocks.{layer}.{p}"]  # noqa: E731
+        torch.testing.assert_close(site("resid_pre") + site("attn.out") + site("mlp.out"), site("resid_post"), rtol=0, atol=1e-6)
+        assert torch.equal(site("resid_mid"), site("resid_pre") + site("attn.out"))
+        if layer:
+            assert torch.equal(site("resid_pre"), rec[f"blocks.{layer - 1}.resid_post"])
+
+
+def test_z_reproduces_attn_out_through_output_projection(model, ids):
+    with torch.no_grad():
+        _, rec = model.run(ids, record=["blocks.*.attn.z", "blocks.*.attn.out"])
+        for layer in range(model.dims.n_layers):
+            z = rec[f"blocks.{layer}.attn.z"]
+            assert z.shape[-2:] == (model.dims.n_heads, model.dims.d_head)
+            out_proj = model.hf.get_submodule(model.layout.points["attn.z"].module.replace("{l}", str(layer)))
+            torch.testing.assert_close(out_proj(z.flatten(-2)), rec[f"blocks.{layer}.attn.out"], rtol=0, atol=1e-6)
+            # Per head: the sum of each head's contribution (through its slice of the projection) is attn.out.
+            # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+            weight = out_proj.weight.T if isinstance(out_proj, torch.nn.Linear) else out_proj.weight
+            per_head = torch.einsum("bphd,hdm->bphm", z, weight.view(z.shape[-2], z.shape[-1], -1))
+            bias = getattr(out_proj, "bias", None)
+            total = per_head.sum(-2) + (bias if bias is not None else 0)
+            torch.testing.assert_close(total, rec[f"blocks.{layer}.attn.out"], rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_match_a_hand_written_hook(model, hf, family, ids):
+    """q/k/v views (fused c_attn slices on GPT-2, GQA projections on Llama) against raw module outputs."""
+    seen = {}
+    d = model.dims
+    if family == "gpt2":
+        module = hf.transformer.h[1].attn.c_attn
+        def grab(mod, args, out):
+            q, k, v = out.split(d.n_heads * d.d_head, dim=-1)
+            seen.update(q=q, k=k, v=v)
+        handles = [module.register_forward_hook(grab)]
+    else:
+        attn = hf.model.layers[1].self_attn
+        handles = [getattr(attn, f"{n}_proj").register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out)) for n in "qkv"]
+    try:
+        with torch.no_grad():
+            _, rec = model.run(ids, record="blocks.1.attn.*")
+    finally:
+        for h in handles:
+            h.remove()
+    heads = {"q": d.n_heads, "k": d.n_kv_heads, "v": d.n_kv_heads}
+    for n in "qkv":
+        expected = seen[n].view(*seen[n].shape[:-1], heads[n], d.d_head)
+        assert torch.equal(rec[f"blocks.1.attn.{n}"], expected), n
+
+
+def test_mlp_post_and_ins(model, hf, family, ids):
+    with torch.no_grad():
+        _, rec = model.run(ids, record=["blocks.0.*"])
+        down = hf.get_submodule(model.layout.points["mlp.post"].module.replace("{l}", "0"))
+        torch.testing.assert_close(down(rec["blocks.0.mlp.post"]), rec["blocks.0.mlp.out"], rtol=0, atol=1e-6)
+        norm1 = hf.transformer.h[0].ln_1 if family == "gpt2" else hf.model.layers[0].input_layernorm
+        norm2 = hf.transformer.h[0].ln_2 if family == "gpt2" else hf.model.layers[0].post_attention_layernorm
+        assert torch.equal(rec["blocks.0.attn.in"], norm1(rec["blocks.0.resid_pre"]))
+        assert torch.equal(rec["blocks.0.mlp.in"], norm2(rec["blocks.0.resid_mid"]))
+
+
+def test_accumulate_mode_keeps_one_entry_per_forward(model, ids):
+    with torch.no_grad(), model.record("blocks.0.resid_post", mode="accumulate") as rec:
+        model(ids)
+        model(ids[:1])
+        model(ids[:, :4])
+    entries = rec["blocks.0.resid_post"]
+    assert [tuple(e.shape[:2]) for e in entries] == [(2, 9), (1, 9), (2, 4)]
+    with pytest.raises(splice.SpliceError, match="shapes"):
+        rec.cat("blocks.0.resid_post")
+    with pytest.raises(splice.SpliceError, match="shapes"):
+        rec.stack("blocks.0.resid_post")
+    with torch.no_grad(), model.record("blocks.0.resid_post", mode="accumulate") as same:
+        model(ids)
+        model(ids)
+    assert same.stack("blocks.0.resid_post").shape == (2, 2, 9, model.dims.d_model)
+    assert torch.equal(same.cat("blocks.0.resid_post"), torch.cat([entries[0], entries[0]]))
+    with torch.no_grad(), model.record("blocks.0.resid_post", mode="overwrite") as rec2:
+        model(ids)
+        model(ids[:1])
+    assert rec2["blocks.0.resid_post"].shape[0] == 1
+    assert torch.equal(rec2["blocks.0.resid_post"], entries[1])
+
+
+def test_recorded_values_are_the_edited_ones_and_are_copies(model, ids):
+    with torch.no_grad(), model.edit({"blocks.1.mlp.out": splice.Zero(pos=2)}), model.record("blocks.1.mlp.out") as rec:
+        model(ids)
+    value = rec["blocks.1.mlp.out"]
+    assert torch.equal(value[:, 2], torch.zeros_like(value[:, 2]))
+    assert value[:, 3].abs().sum() > 0
+    assert not value.requires_grad
+
+
+def test_tl_aliases_and_tuples_name_the_same_tensor(model, ids):
+    with torch.no_grad():
+        _, rec = model.run(ids, record=["blocks.1.hook_resid_post", ("z", 2), "blocks.0.attn.hook_q", "blocks.0.mlp.hook_post"])
+    assert torch.equal(rec["blocks.1.resid_post"], rec["blocks.1.hook_resid_post"])
+    assert torch.equal(rec[("z", 2)], rec["blocks.2.attn.z"])
+    assert set(rec) == {"blocks.1.resid_post", "blocks.2.attn.z", "blocks.0.attn.q", "blocks.0.mlp.post"}
