@@ -8,6 +8,7 @@ from .interventions import Add, Intervention, Replace, Scale, Zero
 from .loading import embedded_model_dir, load, load_hf
 from .model import Model
 from .recording import Recording
+from . import tokens
 
 __all__ = [
     "ARCHITECTURES", "Add", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",

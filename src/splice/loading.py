@@ -6,6 +6,7 @@ takes ~20 s, so the first load converts it once to safetensors in a cache folder
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -52,8 +53,16 @@ def _embedded_cache() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=GGUF_FILE)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.config.quantization_config = None
-    model.save_pretrained(staging)
+    # The de-quantised weights are plain float32; save them as an ordinary checkpoint
+    # (save_pretrained refuses models that came from a GGUF file).
+    from safetensors.torch import save_model
+
+    staging.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(staging)
     (staging / "splice-source.json").write_text(json.dumps(key))
     shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""The embedded SmolLM2-135M (Llama, 30 layers, GQA 9/3 heads) passes the same parity battery."""
+
+import pytest
+import torch
+
+import splice
+from handhooks import register
+
+pytestmark = pytest.mark.real
+PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def batch(smol):
+    return splice.tokens.encode(smol.tokenizer, PROMPTS)
+
+
+def test_shape_of_the_embedded_model(smol):
+    d = smol.dims
+    assert (d.n_layers, d.d_model, d.n_heads, d.n_kv_heads, d.d_head) == (30, 576, 9, 3, 64)
+    assert smol.sites["blocks.29.attn.k"] == ("batch", "pos", 3, 64)
+
+
+def test_cached_copy_equals_the_gguf_weights(smol, batch):
+    direct, _ = splice.load_hf(from_gguf=True)
+    with torch.no_grad():
+        assert torch.equal(direct(**batch).logits, smol.hf(**batch).logits)
+
+
+def test_knows_the_answer(smol):
+    with torch.no_grad():
+        logits = smol("When Mary and John went to the store, John gave a drink to")
+    assert smol.to_string(logits[0, -1].argmax()) == " Mary"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hidden_state_parity_and_reconstruction(smol, batch, attn):
+    smol.hf.set_attn_implementation(attn)
+    try:
+        with torch.no_grad():
+            ref = smol.hf(**batch, output_hidden_states=True)
+            logits, rec = smol.run(batch, record="*")
+    finally:
+        smol.hf.set_attn_implementation("sdpa")
+    assert torch.equal(logits, ref.logits)
+    assert torch.equal(rec["embed"], ref.hidden_states[0])
+    for layer in range(29):
+        assert torch.equal(rec[f"blocks.{layer}.resid_post"], ref.hidden_states[layer + 1])
+    assert torch.equal(rec["final_norm"], ref.hidden_states[30])
+    assert torch.equal(smol.hf.model.norm(rec["blocks.29.resid_post"]), ref.hidden_states[30])
+    for layer in range(30):
+        s = lambda p: rec[f"blocks.{layer}.{p}"]  # noqa: E731
+        torch.testing.assert_close(s("resid_pre") + s("attn.out") + s("mlp.out"), s("resid_post"), rtol=0, atol=1e-4)
+        torch.testing.assert_close(smol.hf.model.layers[layer].self_attn.o_proj(s("attn.z").flatten(-2)), s("attn.out"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("site,heads", [("blocks.7.attn.q", 4), ("blocks.7.attn.k", 1), ("blocks.7.attn.v", 2), ("blocks.7.attn.z", 8)])
+def test_gqa_head_edit_parity(smol, batch, site, heads):
+    def hand(t):
+        t[:, :, heads] = 0
+        return t
+    with torch.no_grad():
+        handle = register(smol.hf, "llama", site, hand)
+        try:
+            expected = smol.hf(**batch).logits
+        finally:
+            handle.remove()
+        with smol.edit({site: splice.Zero(heads=heads)}):
+            got = smol.hf(**batch).logits
+        clean = smol.hf(**batch).logits
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, clean)
+    assert smol.hook_count == 0
