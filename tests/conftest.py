@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import splice
+from families import FAMILIES
 
 hf_logging.set_verbosity_error()
 # Tiny models gain nothing from threads, and two busy threads on a shared 2-core runner thrash.
@@ -16,27 +16,9 @@ torch.set_num_threads(1)
 VOCAB = 97
 
 
-def tiny_gpt2(attn="sdpa"):
-    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    config._attn_implementation = attn
-    return GPT2LMHeadModel(config)
-
-
-def tiny_llama(attn="sdpa"):
-    config = LlamaConfig(
-        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config)
-
-
-FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
 def build(family: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
+    model = FAMILIES[family].tiny().eval()
     # Random init leaves some parameters at exactly 0 / 1 (biases, norm weights); jitter them so
     # that an edit anywhere reaches the logits and every site computes something distinct.
     with torch.no_grad():

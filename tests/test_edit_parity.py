@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import splice
+from families import FAMILIES, after_mlp_proj, parallel
 from handhooks import register
 
 
@@ -85,13 +86,16 @@ def test_edit_matches_hand_written_hook(model, hf, family, ids, site):
 def test_resid_mid_edit_is_what_the_mlp_and_residual_see(model, hf, family, ids):
     """resid_mid has no module of its own: check the edit against the block's own arithmetic,
     resid_post = resid_mid' + mlp(norm2(resid_mid'))."""
+    if parallel(family):
+        with pytest.raises(splice.SpliceError, match="parallel residual"):
+            model.run(ids, edits={"blocks.1.resid_mid": splice.Zero()})
+        return
     value = torch.randn(2, 9, model.dims.d_model, generator=torch.Generator().manual_seed(5))
-    norm2 = hf.transformer.h[1].ln_2 if family == "gpt2" else hf.model.layers[1].post_attention_layernorm
-    mlp = hf.transformer.h[1].mlp if family == "gpt2" else hf.model.layers[1].mlp
+    norm2, mlp = FAMILIES[family].norms(hf, 1)[1], FAMILIES[family].mlp(hf, 1)
     with torch.no_grad():
         _, rec = model.run(ids, edits={"blocks.1.resid_mid": splice.Replace(value)}, record=["blocks.1.resid_mid", "blocks.1.resid_post"])
         torch.testing.assert_close(rec["blocks.1.resid_mid"], value, rtol=0, atol=1e-6)  # one rounding: (v - r) + r
-        torch.testing.assert_close(rec["blocks.1.resid_post"], value + mlp(norm2(value)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(rec["blocks.1.resid_post"], value + after_mlp_proj(family, hf, 1, mlp(norm2(value))), rtol=0, atol=1e-5)
         _, zeroed = model.run(ids, edits={"blocks.1.resid_mid": splice.Zero()}, record="blocks.1.resid_mid")
         assert torch.equal(zeroed["blocks.1.resid_mid"], torch.zeros_like(value))  # r + (0 - r) is exact
 
@@ -105,14 +109,13 @@ def test_embed_and_resid_pre_0_are_the_same_tensor_applied_in_order(model, ids):
     assert torch.equal(rec["blocks.0.resid_pre"], base["embed"] * 2.0 + 1.0)
 
 
-def test_gradients_flow_through_edits_and_into_injected_vectors(model, hf, ids):
+def test_gradients_flow_through_edits_and_into_injected_vectors(model, hf, family, ids):
     vector = torch.zeros(model.dims.d_model, requires_grad=True)
     with model.edit({"blocks.1.resid_post": splice.Add(vector, pos=-1), "blocks.0.attn.z": splice.Zero(heads=0)}):
         loss = hf(ids).logits[:, -1].logsumexp(-1).sum()
     loss.backward()
     # Independent: the same injection by a hand-written hook, gradient w.r.t. the hook's vector.
     ref_vector = torch.zeros(model.dims.d_model, requires_grad=True)
-    family = "gpt2" if hasattr(hf, "transformer") else "llama"
     handles = [register(hf, family, "blocks.1.resid_post", _set((slice(None), -1), lambda r: r + ref_vector)),
                register(hf, family, "blocks.0.attn.z", _set((slice(None), slice(None), 0), torch.zeros_like))]
     try:

@@ -5,6 +5,7 @@ import torch
 
 import splice
 from conftest import hook_total
+from families import FAMILIES
 
 
 def test_no_hooks_outside_contexts_and_output_unchanged(model, hf, ids):
@@ -90,7 +91,7 @@ def test_hf_output_hidden_states_sees_edited_values(model, hf, ids):
     assert torch.equal(out.hidden_states[1][:, 2], torch.zeros_like(out.hidden_states[1][:, 2]))
 
 
-def test_every_edit_must_fire(model, hf, ids):
+def test_every_edit_must_fire(model, hf, family, ids):
     # Calling the bare decoder skips lm_head: an edit at logits can never run.
     base = getattr(hf, model.layout.arch.base)
     with model.edit({"logits": splice.Zero()}), torch.no_grad():
@@ -98,16 +99,18 @@ def test_every_edit_must_fire(model, hf, ids):
         wrapped_over_base = splice.Model(base)
         assert "logits" not in wrapped_over_base.sites
     with model.edit({"blocks.1.mlp.out": splice.Zero(), "blocks.2.mlp.out": splice.Zero()}), torch.no_grad():
-        layers = base.h if hasattr(base, "h") else base.layers
-        saved = layers[2].mlp
         # A model that routes around a layer's MLP (as layer-skipping variants do): the hooked
         # module is never called.
-        layers[2].mlp = torch.nn.Identity()
+        target = FAMILIES[family].hand_module(hf, "mlp.out", 2)[0]
+        path = next(name for name, mod in hf.named_modules() if mod is target)
+        parent_path, _, attr = path.rpartition(".")
+        parent = hf.get_submodule(parent_path)
+        setattr(parent, attr, torch.nn.Identity())
         try:
             with pytest.raises(splice.SpliceError, match="blocks.2.mlp.out never ran"):
                 hf(ids)
         finally:
-            layers[2].mlp = saved
+            setattr(parent, attr, target)
     assert model.hook_count == 0
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import splice
+from families import FAMILIES, after_attn_proj, after_mlp_proj, parallel
+from handhooks import HEAD_POINTS, read_site
 
 
 def test_resid_post_matches_hf_hidden_states(model, hf, ids):
@@ -22,68 +24,69 @@ def test_resid_post_matches_hf_hidden_states(model, hf, ids):
     assert torch.equal(rec["logits"], ref.logits)
 
 
-def test_residual_reconstruction(model, ids):
+def test_residual_reconstruction(model, family, ids):
     with torch.no_grad():
         _, rec = model.run(ids, record="*")
     for layer in range(model.dims.n_layers):
         site = lambda p: rec[f"blocks.{layer}.{p}"]  # noqa: E731
-        torch.testing.assert_close(site("resid_pre") + site("attn.out") + site("mlp.out"), site("resid_post"), rtol=0, atol=1e-6)
-        assert torch.equal(site("resid_mid"), site("resid_pre") + site("attn.out"))
+        torch.testing.assert_close(site("resid_pre") + site("attn.out") + site("mlp.out"), site("resid_post"), rtol=0, atol=1e-5)
+        if parallel(family):
+            assert f"blocks.{layer}.resid_mid" not in model.sites
+            with pytest.raises(splice.SpliceError, match="parallel residual"):
+                model.resolve(f"blocks.{layer}.resid_mid")
+        else:
+            assert torch.equal(site("resid_mid"), site("resid_pre") + site("attn.out"))
         if layer:
             assert torch.equal(site("resid_pre"), rec[f"blocks.{layer - 1}.resid_post"])
 
 
-def test_z_reproduces_attn_out_through_output_projection(model, ids):
+def test_z_reproduces_attn_out_through_output_projection(model, family, ids):
     with torch.no_grad():
         _, rec = model.run(ids, record=["blocks.*.attn.z", "blocks.*.attn.out"])
         for layer in range(model.dims.n_layers):
             z = rec[f"blocks.{layer}.attn.z"]
             assert z.shape[-2:] == (model.dims.n_heads, model.dims.d_head)
             out_proj = model.hf.get_submodule(model.layout.points["attn.z"].module.replace("{l}", str(layer)))
-            torch.testing.assert_close(out_proj(z.flatten(-2)), rec[f"blocks.{layer}.attn.out"], rtol=0, atol=1e-6)
+            out = rec[f"blocks.{layer}.attn.out"]
+            torch.testing.assert_close(after_attn_proj(family, model.hf, layer, out_proj(z.flatten(-2))), out, rtol=0, atol=1e-6)
             # Per head: the sum of each head's contribution (through its slice of the projection) is attn.out.
             # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
             weight = out_proj.weight.T if isinstance(out_proj, torch.nn.Linear) else out_proj.weight
             per_head = torch.einsum("bphd,hdm->bphm", z, weight.view(z.shape[-2], z.shape[-1], -1))
             bias = getattr(out_proj, "bias", None)
             total = per_head.sum(-2) + (bias if bias is not None else 0)
-            torch.testing.assert_close(total, rec[f"blocks.{layer}.attn.out"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(after_attn_proj(family, model.hf, layer, total), out, rtol=1e-5, atol=1e-5)
 
 
 def test_qkv_match_a_hand_written_hook(model, hf, family, ids):
-    """q/k/v views (fused c_attn slices on GPT-2, GQA projections on Llama) against raw module outputs."""
-    seen = {}
-    d = model.dims
-    if family == "gpt2":
-        module = hf.transformer.h[1].attn.c_attn
-        def grab(mod, args, out):
-            q, k, v = out.split(d.n_heads * d.d_head, dim=-1)
-            seen.update(q=q, k=k, v=v)
-        handles = [module.register_forward_hook(grab)]
-    else:
-        attn = hf.model.layers[1].self_attn
-        handles = [getattr(attn, f"{n}_proj").register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out)) for n in "qkv"]
+    """q/k/v/z views (fused projections sliced, GQA projections) against raw module tensors."""
+    spec, seen, handles = FAMILIES[family], {}, []
+    for point in HEAD_POINTS:
+        module, io = spec.hand_module(hf, point, 1)
+        if io == "out":
+            handles.append(module.register_forward_hook(lambda mod, a, out, p=point: seen.__setitem__(p, out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda mod, a, p=point: seen.__setitem__(p, a[0])))
     try:
         with torch.no_grad():
             _, rec = model.run(ids, record="blocks.1.attn.*")
     finally:
         for h in handles:
             h.remove()
-    heads = {"q": d.n_heads, "k": d.n_kv_heads, "v": d.n_kv_heads}
-    for n in "qkv":
-        expected = seen[n].view(*seen[n].shape[:-1], heads[n], d.d_head)
-        assert torch.equal(rec[f"blocks.1.attn.{n}"], expected), n
+    for point in HEAD_POINTS:
+        assert torch.equal(rec[f"blocks.1.{point}"], read_site(hf, family, f"blocks.1.{point}", seen[point])), point
+    assert rec["blocks.1.attn.k"].shape[2] == model.dims.n_kv_heads
 
 
 def test_mlp_post_and_ins(model, hf, family, ids):
     with torch.no_grad():
         _, rec = model.run(ids, record=["blocks.0.*"])
         down = hf.get_submodule(model.layout.points["mlp.post"].module.replace("{l}", "0"))
-        torch.testing.assert_close(down(rec["blocks.0.mlp.post"]), rec["blocks.0.mlp.out"], rtol=0, atol=1e-6)
-        norm1 = hf.transformer.h[0].ln_1 if family == "gpt2" else hf.model.layers[0].input_layernorm
-        norm2 = hf.transformer.h[0].ln_2 if family == "gpt2" else hf.model.layers[0].post_attention_layernorm
+        torch.testing.assert_close(after_mlp_proj(family, hf, 0, down(rec["blocks.0.mlp.post"])), rec["blocks.0.mlp.out"], rtol=0, atol=1e-6)
+        norm1, norm2 = FAMILIES[family].norms(hf, 0)
         assert torch.equal(rec["blocks.0.attn.in"], norm1(rec["blocks.0.resid_pre"]))
-        assert torch.equal(rec["blocks.0.mlp.in"], norm2(rec["blocks.0.resid_mid"]))
+        mlp_reads = rec["blocks.0.resid_pre"] if parallel(family) else rec["blocks.0.resid_mid"]
+        assert torch.equal(rec["blocks.0.mlp.in"], norm2(mlp_reads))
 
 
 def test_accumulate_mode_keeps_one_entry_per_forward(model, ids):

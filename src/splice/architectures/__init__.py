@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch.nn as nn
 
 from ..errors import SpliceError
 from ..sites import GLOBAL_POINTS, LAYER_POINTS, Site, all_names, expand
 from .base import Architecture, Dims, Point
-from .gpt2 import GPT2
-from .llama import LLAMA
 
-ARCHITECTURES: list[Architecture] = [GPT2, LLAMA]
+
+def _discover() -> list[Architecture]:
+    """Every `ARCHITECTURE` defined by a module of this package (one module per family)."""
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "ARCHITECTURE", None), Architecture):
+            found.append(module.ARCHITECTURE)
+    return found
+
+
+ARCHITECTURES: list[Architecture] = _discover()
 
 
 def architecture_for(model: nn.Module) -> Architecture:

@@ -24,4 +24,4 @@ def points(d: Dims) -> dict[str, Point]:
     return table
 
 
-GPT2 = Architecture("gpt2", ("gpt2",), "transformer", dims, points)
+ARCHITECTURE = Architecture("gpt2", ("gpt2",), "transformer", dims, points)

@@ -1,6 +1,4 @@
-"""Llama family (`LlamaForCausalLM`, GQA): separate q/k/v projections, gated MLP, RMS norms.
-
-Other families with the same module tree reuse `llama_like`."""
+"""Llama family (`LlamaForCausalLM`, GQA): separate q/k/v projections, gated MLP, RMS norms."""
 
 from ..views import Heads
 from .base import Architecture, Dims, Point, residual_stream_points
@@ -28,4 +26,4 @@ def points(d: Dims) -> dict[str, Point]:
     return table
 
 
-LLAMA = Architecture("llama", ("llama",), "model", dims, points)
+ARCHITECTURE = Architecture("llama", ("llama",), "model", dims, points)
