@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import Layout
+from .attention import AttentionRouting
 from .errors import SpliceError
 from .frame import Frame
 from .interventions import At, Intervention
@@ -40,8 +41,9 @@ def _check_same(site: str, before: torch.Tensor, after, what: str) -> None:
 
 def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Frame) -> torch.Tensor:
     """Clone-then-assign one intervention on a site tensor; returns x itself if nothing is selected."""
-    if x.shape[1] != frame.seq and axes[1] == "pos":
-        frame = frame.tail(x.shape[1])  # e.g. logits computed for the last positions only
+    seq = x.shape[axes.index("pos")]
+    if seq != frame.seq:
+        frame = frame.tail(seq)  # e.g. logits computed for the last positions only
     region = locate(edit.pos, edit.heads, edit.dims, tuple(x.shape), axes, frame, name)
     if region is None:
         return x
@@ -92,18 +94,11 @@ class Dispatcher:
                 continue
             base = frame.base.get(site.layer) if point.needs_base else None
             x = point.view.read(full, base)
-            if action.edits:
-                axes = manager.layout.axes(site)
-                edited = x
-                for edit in action.edits:
-                    edited = apply_edit(edit, edited, site.name, axes, frame)
-                if edited is not x:
-                    new_full = point.view.write(full, edited, base)
-                    _check_same(site.name, full, new_full, "edited tensor")
-                    full, x = new_full, edited
-            for recording in action.recorders:
-                recording._store(site.name, x)
-            frame.fired.add(site.name)
+            edited = manager.process(action, x, frame)
+            if edited is not x:
+                new_full = point.view.write(full, edited, base)
+                _check_same(site.name, full, new_full, "edited tensor")
+                full = new_full
         if self.layer_input_of is not None:
             frame.base[self.layer_input_of] = full
         return full
@@ -122,6 +117,7 @@ class HookManager:
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.root_handles: list = []
         self.frame: Frame | None = None
+        self.attention = AttentionRouting(self)
 
     # -- frames --------------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
@@ -143,6 +139,18 @@ class HookManager:
         if self.frame is None:
             return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1)
         return self.frame
+
+    def process(self, action: Action, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """Apply a site's edits in order, then hand the result to its recorders."""
+        name = action.site.name
+        if action.edits:
+            axes = self.layout.axes(action.site)
+            for edit in action.edits:
+                x = apply_edit(edit, x, name, axes, frame)
+        for recording in action.recorders:
+            recording._store(name, x)
+        frame.fired.add(name)
+        return x
 
     # -- sessions ------------------------------------------------------------------------------
     def push(self, session) -> None:
@@ -172,9 +180,13 @@ class HookManager:
         layout = self.layout
         wanted: dict[tuple[str, str], list[tuple[Site, object]]] = {}
         save_base: dict[tuple[str, str], int] = {}
+        needs_attention = False
         for name, action in plan.items():
             site = action.site
             point = layout.point(site)
+            if point.io == "attention":
+                needs_attention = True
+                continue
             wanted.setdefault((layout.module_path(site), point.io), [])
             if point.needs_base:
                 layer_input = Site("resid_pre", site.layer)
@@ -187,6 +199,10 @@ class HookManager:
             if key not in self.dispatchers:
                 self.dispatchers[key] = Dispatcher(self, layout.model.get_submodule(key[0]), key[1], layout.sites_at(key))
             self.dispatchers[key].layer_input_of = save_base.get(key)
+        if needs_attention:
+            self.attention.activate()
+        else:
+            self.attention.deactivate()
         if plan and not self.root_handles:
             root = layout.model
             self.root_handles = [
@@ -204,4 +220,5 @@ class HookManager:
 
     @property
     def hook_count(self) -> int:
-        return len(self.dispatchers) + len(self.root_handles)
+        """Hooks installed, counting a switched attention implementation as one."""
+        return len(self.dispatchers) + len(self.root_handles) + int(self.attention.active)

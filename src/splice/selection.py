@@ -132,6 +132,8 @@ def _pos_mask(pos, frame: Frame, site: str):
 
 def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | None:
     """The index of the selected region in a site tensor, or None if nothing is selected in this forward."""
+    if heads is not None and not any(a in ("head", "kv_head") for a in axes):
+        raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
     selectors = []
     for axis, size in zip(axes, shape):
         if axis in ("head", "kv_head"):
@@ -140,10 +142,9 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
             selectors.append(_axis_selector(dims, size, "dim", site))
         else:
             selectors.append(slice(None))
-    if heads is not None and not any(a in ("head", "kv_head") for a in axes):
-        raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
     pos_axis = axes.index("pos")
     trailing = tuple(selectors[pos_axis + 1 :])
+    n = len(shape)
     if not isinstance(pos, torch.Tensor) and frame.uniform:
         chosen = _pos_outer(pos, frame, site)
         if chosen is None:
@@ -152,14 +153,20 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
         if all(isinstance(s, slice) for s in selectors):
             return Region(tuple(selectors), False, trailing)
         ranges = [torch.arange(size)[s] if isinstance(s, slice) else s for s, size in zip(selectors, shape)]
-        n = len(ranges)
         return Region(tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)), False, trailing)
-    mask = _pos_mask(pos, frame, site)
-    rows, cols = mask.nonzero(as_tuple=True)
+    # Per-row positions: enumerate selected (row, position) pairs on the region's first axis,
+    # followed by the remaining axes in order.
+    rows, cols = _pos_mask(pos, frame, site).nonzero(as_tuple=True)
     if rows.numel() == 0:
         return None
-    rest = [torch.arange(size)[s] if isinstance(s, slice) else s for s, size in zip(selectors[pos_axis + 1 :], shape[pos_axis + 1 :])]
-    n = 1 + len(rest)
-    index = [rows.view([-1] + [1] * (n - 1)), cols.view([-1] + [1] * (n - 1))]
-    index += [r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(rest, start=1)]
+    index, k = [], 1
+    for i, (s, size) in enumerate(zip(selectors, shape)):
+        if i == 0:
+            index.append(rows.view([-1] + [1] * (n - 2)))
+        elif i == pos_axis:
+            index.append(cols.view([-1] + [1] * (n - 2)))
+        else:
+            r = torch.arange(size)[s] if isinstance(s, slice) else s
+            index.append(r.view([-1 if j == k else 1 for j in range(n - 1)]))
+            k += 1
     return Region(tuple(index), True, trailing)

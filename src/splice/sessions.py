@@ -17,7 +17,9 @@ from .recording import Recording
 from .selection import _axis_selector
 
 
-def _selected_size(sel, size: int, what: str, site: str) -> int:
+def _selected_size(sel, size: int | None, what: str, site: str) -> int | None:
+    if size is None:  # varies per forward (key positions): checked when the forward runs
+        return None
     chosen = _axis_selector(sel, size, what, site)
     return len(range(size)[chosen]) if isinstance(chosen, slice) else len(chosen)
 
@@ -27,18 +29,22 @@ def check_static(edit: Intervention, site_name: str, axes, shape) -> None:
     has_heads = any(a in ("head", "kv_head") for a in axes)
     if edit.heads is not None and not has_heads:
         raise SpliceError(f"{edit!r}: heads= was given but {site_name} has no head axis (axes: {', '.join(axes)})")
-    trailing_full = tuple(s for a, s in zip(axes, shape) if a not in ("batch", "pos"))
+    # Axes after pos are known statically; the rest (batch, pos, and heads before pos) at run time.
+    after = axes.index("pos") + 1
+    trailing_full = tuple(shape[after:])
     trailing_sel = []
     for axis, size in zip(axes, shape):
         if axis in ("head", "kv_head"):
-            trailing_sel.append(_selected_size(edit.heads, size, "head", site_name))
+            chosen = _selected_size(edit.heads, size, "head", site_name)
+            if axes.index(axis) >= after:
+                trailing_sel.append(chosen)
         elif axis == axes[-1]:
             trailing_sel.append(_selected_size(edit.dims, size, "dim", site_name))
     for what, value in edit.values().items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
         tail = tuple(value.shape[-len(trailing_full):]) if value.dim() >= len(trailing_full) else tuple(value.shape)
-        fits = lambda target: all(v in (1, t) for v, t in zip(reversed(tail), reversed(target)))  # noqa: E731
+        fits = lambda target: all(t is None or v in (1, t) for v, t in zip(reversed(tail), reversed(target)))  # noqa: E731
         if value.dim() > len(axes) or not (fits(tuple(trailing_sel)) or fits(trailing_full)):
             named = ", ".join(f"{a}={s}" if s is not None else a for a, s in zip(axes, shape))
             raise SpliceError(

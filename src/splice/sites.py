@@ -21,6 +21,9 @@ LAYER_POINTS: dict[str, tuple[str, ...]] = {
     "attn.q": ("batch", "pos", "head", "d_head"),
     "attn.k": ("batch", "pos", "kv_head", "d_head"),
     "attn.v": ("batch", "pos", "kv_head", "d_head"),
+    # Per query head; `pos` selects query positions, `dims` key positions (absolute, cache included).
+    "attn.scores": ("batch", "head", "pos", "k_pos"),
+    "attn.pattern": ("batch", "head", "pos", "k_pos"),
     "attn.z": ("batch", "pos", "head", "d_head"),
     "attn.out": ("batch", "pos", "d_model"),
     "resid_mid": ("batch", "pos", "d_model"),

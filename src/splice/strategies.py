@@ -51,9 +51,12 @@ def positions(seq: int, batch: int, min_pos: int = 0):
 
 def selections(model, site: str, seq: int, batch: int, min_pos: int = 0):
     """dict(pos=, heads=, dims=) valid for `site` on a [batch, seq] input."""
-    shape = model.sites[site]
-    heads = st.none() if len(shape) < 4 else _axis(shape[2])
-    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos), "heads": heads, "dims": _axis(shape[-1])})
+    sizes = dict(zip(model.layout.axes(model.layout.resolve(site)[0]), model.sites[site]))
+    head = sizes.get("head", sizes.get("kv_head"))
+    last = list(sizes.values())[-1]
+    heads = st.none() if head is None else _axis(head)
+    dims = _axis(seq if last == "k_pos" else last)  # key positions of a seq-long input
+    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos), "heads": heads, "dims": dims})
 
 
 def _vector(last: int):
@@ -64,6 +67,7 @@ def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, iden
     """Interventions valid at `site`. With identity=True, only ones that must change nothing
     (Scale(1), Add(0)), for no-op properties."""
     last = model.sites[site][-1]
+    last = seq if last == "k_pos" else last
 
     def build(sel):
         if identity:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 
 import torch.nn as nn
 
@@ -39,6 +40,12 @@ def architecture_for(model: nn.Module) -> Architecture:
     )
 
 
+def uses_attention_interface(attention: nn.Module) -> bool:
+    """Pattern/scores sites need the attention module to dispatch through transformers'
+    AttentionInterface (most families do; GPT-J, Falcon and BLOOM compute attention inline)."""
+    return hasattr(sys.modules.get(type(attention).__module__), "ALL_ATTENTION_FUNCTIONS")
+
+
 class Layout:
     """Where every site of one model instance lives, and its shape."""
 
@@ -57,6 +64,8 @@ class Layout:
                     continue  # e.g. lm_head: not part of a bare decoder
                 path = path[len(strip):]
             if name == "resid_mid" and self.parallel_residual:
+                continue
+            if point.io == "attention" and not uses_attention_interface(model.get_submodule(path.replace("{l}", "0"))):
                 continue
             self.points[name] = Point(path, point.io, point.view, point.arg)
         self._modules: dict[str, nn.Module] = {}

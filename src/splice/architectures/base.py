@@ -41,7 +41,7 @@ class Point:
     For outputs that are tuples (attention modules), element 0 is the tensor."""
 
     module: str
-    io: str  # "input" | "output"
+    io: str  # "input" | "output" | "attention" (inside the attention function, see splice.attention)
     view: object = WHOLE
     arg: str = "hidden_states"
 
@@ -72,6 +72,8 @@ def residual_stream_points(layer: str, attn: str, mlp: str, final_norm: str, att
         "embed": Point(layer.replace("{l}", "0"), "input"),
         "resid_pre": Point(layer, "input"),
         "attn.in": Point(attn, "input"),
+        "attn.scores": Point(attn, "attention"),
+        "attn.pattern": Point(attn, "attention"),
         "attn.out": Point(attn_out, "output"),
         "resid_mid": Point(attn_out, "output", ResidualSum()),
         "mlp.in": Point(mlp, "input"),

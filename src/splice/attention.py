@@ -1,0 +1,126 @@
+"""Attention scores and pattern sites, through transformers' own `AttentionInterface`.
+
+While a session touches `blocks.l.attn.scores` or `.attn.pattern`, the model's attention
+implementation is switched from "sdpa" (or "eager") to "splice_sdpa" ("splice_eager"), and
+switched back when the last such session ends. Those functions look the calling attention module
+up in `_ROUTES`: layers with no scores/pattern site in the plan run the original implementation
+unchanged (same kernel, same mask), the others run an eager computation that exposes the masked
+scores and the softmax pattern to the dispatcher. No module or forward is replaced.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .errors import SpliceError
+from .sites import Site
+
+_ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, int]]" = weakref.WeakKeyDictionary()
+SUPPORTED = ("sdpa", "eager")
+
+
+def _original(kind: str, module):
+    if kind == "sdpa":
+        return sdpa_attention_forward
+    return sys.modules[type(module).__module__].eager_attention_forward  # the family's own eager
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kv, s, d] -> [b, kv*groups, s, d]: query head h reads KV head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _blocked(module, q_len: int, k_len: int, attention_mask, device):
+    """Bool [.., q, k] of the query/key pairs the mask forbids, or None if none are."""
+    if attention_mask is None:
+        if q_len > 1 and getattr(module, "is_causal", True):
+            return ~torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        return None
+    mask = attention_mask[..., :k_len]
+    return ~mask if mask.dtype == torch.bool else mask < 0  # additive masks hold 0 or the dtype minimum
+
+
+def _attention_with_sites(manager, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    frame = manager.frame_for(query.transpose(1, 2))
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if kwargs.get("softcap") is not None:
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    blocked = _blocked(module, scores.shape[-2], scores.shape[-1], attention_mask, scores.device)
+    lowest = torch.finfo(scores.dtype).min
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, lowest)
+    action = manager.plan.get(f"blocks.{layer}.attn.scores")
+    if action is not None:
+        edited = manager.process(action, scores, frame)
+        # Masked pairs stay masked whatever the edit did (a scaled minimum would overflow).
+        scores = edited.masked_fill(blocked, lowest) if blocked is not None and edited is not scores else edited
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    action = manager.plan.get(f"blocks.{layer}.attn.pattern")
+    if action is not None:
+        pattern = manager.process(action, pattern, frame)
+    weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, pattern
+
+
+def _make(kind: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        route = _ROUTES.get(module)
+        if route is not None:
+            manager, layer = route
+            if f"blocks.{layer}.attn.scores" in manager.plan or f"blocks.{layer}.attn.pattern" in manager.plan:
+                return _attention_with_sites(manager, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        return _original(kind, module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    return attention
+
+
+for _kind, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+    AttentionInterface.register(f"splice_{_kind}", _make(_kind))
+    AttentionMaskInterface.register(f"splice_{_kind}", _mask)
+
+
+class AttentionRouting:
+    """Switches one model to the splice attention functions and back; owns its routes."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.original: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.original is not None
+
+    def activate(self) -> None:
+        if self.active:
+            return
+        model, layout = self.manager.layout.model, self.manager.layout
+        current = model.config._attn_implementation
+        if current not in SUPPORTED:
+            raise SpliceError(
+                f"attention scores/pattern sites need 'sdpa' or 'eager' attention; this model uses {current!r} "
+                "(call model.set_attn_implementation('sdpa') first)"
+            )
+        for layer in range(layout.n_layers):
+            _ROUTES[layout.module(Site("attn.pattern", layer))] = (self.manager, layer)
+        model.set_attn_implementation(f"splice_{current}")
+        self.original = current
+
+    def deactivate(self) -> None:
+        if not self.active:
+            return
+        layout = self.manager.layout
+        try:
+            layout.model.set_attn_implementation(self.original)
+        finally:
+            self.original = None
+            for layer in range(layout.n_layers):
+                _ROUTES.pop(layout.module(Site("attn.pattern", layer)), None)
