@@ -3,6 +3,8 @@ edit-parity tests. Module paths and head reshapes come from tests/families/<fami
 
 from __future__ import annotations
 
+from transformers.utils import ModelOutput
+
 from families import FAMILIES
 
 HEAD_POINTS = ("attn.q", "attn.k", "attn.v", "attn.z")
@@ -38,6 +40,8 @@ def register(hf, family, site: str, fn):
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
+        if isinstance(out, ModelOutput):
+            return type(out)(**{**out, "logits": edit(out["logits"])})
         if isinstance(out, tuple):
             return (edit(out[0]),) + out[1:]
         return edit(out)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from .architectures import Layout
 from .attention import AttentionRouting
@@ -78,6 +79,10 @@ class Dispatcher:
         return args, {**kwargs, self.arg: new}
 
     def _post(self, module, args, output):
+        if isinstance(output, ModelOutput):  # the whole model's output: its logits (Gemma2 soft-caps them outside any module)
+            full = output.logits
+            new = self._run(full)
+            return None if new is full else type(output)(**{**output, "logits": new})
         full = output[0] if isinstance(output, tuple) else output
         new = self._run(full)
         if new is full:

@@ -15,7 +15,7 @@ class Frame:
 
     def __init__(self, batch: int, seq: int, past: int = 0, attention_mask=None, position_ids=None, cached: bool = False):
         self.batch, self.seq, self.past = batch, seq, past
-        self.cached = cached  # a KV cache is in use: later forwards may reach further positions
+        self.cached = cached  # part of a generation (KV cache or generate's logits_to_keep): later forwards reach further positions
         self._mask = attention_mask
         self._position_ids = position_ids
         self._uniform = None
@@ -38,7 +38,8 @@ class Frame:
             past = int(cache.get_seq_length())
         else:
             past = 0
-        cached = cache is not None or bool(kwargs.get("use_cache")) and past > 0
+        # generate() passes logits_to_keep to every step, cached or not; a plain forward does not.
+        cached = cache is not None or "logits_to_keep" in kwargs or past > 0
         return cls(batch, seq, past, kwargs.get("attention_mask"), kwargs.get("position_ids"), cached)
 
     @property

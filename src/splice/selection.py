@@ -43,19 +43,30 @@ def normalize_pos(value):
     return normalize_index(value, "pos")
 
 
-def _axis_selector(sel, size: int, what: str, site: str):
-    """A slice or a LongTensor selecting along one axis of known size, with range checks."""
+def _axis_selector(sel, size: int, what: str, site: str, growing: bool = False):
+    """A slice or a LongTensor selecting along one axis of known size, with range checks.
+
+    `growing`: the axis grows as generation goes on (key positions); indices beyond it select
+    nothing yet (None is returned when nothing is left) instead of raising."""
     if sel is None:
         return slice(None)
     if isinstance(sel, int):
         if not -size <= sel < size:
+            if growing and sel >= 0:
+                return None
             raise SpliceError(f"{what} {sel} is out of range at {site}: valid {valid_range(size)}")
         sel %= size
         return slice(sel, sel + 1)
     if isinstance(sel, slice):
         if len(range(size)[sel]) == 0:
+            if growing:
+                return None
             raise SpliceError(f"{what} {sel} selects nothing at {site} (axis of size {size}, valid {valid_range(size)})")
         return sel
+    if growing:
+        sel = [i for i in sel if i < size]
+        if not sel:
+            return None
     bad = [i for i in sel if not -size <= i < size]
     if bad:
         raise SpliceError(f"{what} {bad} out of range at {site}: valid {valid_range(size)}")
@@ -130,8 +141,22 @@ def _pos_mask(pos, frame: Frame, site: str):
     return mask & valid
 
 
+def _negative(pos) -> bool:
+    if isinstance(pos, int):
+        return pos < 0
+    if isinstance(pos, slice):
+        return any(b is not None and b < 0 for b in (pos.start, pos.stop))
+    return isinstance(pos, tuple) and any(p < 0 for p in pos)
+
+
 def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | None:
     """The index of the selected region in a site tensor, or None if nothing is selected in this forward."""
+    if frame.cached and _negative(pos):
+        raise SpliceError(
+            f"pos {pos} at {site}: negative positions are ambiguous while generating (the sequence grows "
+            "each step, so -1 would mean a different token in cached and uncached decoding); use absolute "
+            "positions, e.g. pos=slice(prompt_length, None) for every generated token"
+        )
     if heads is not None and not any(a in ("head", "kv_head") for a in axes):
         raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
     selectors = []
@@ -139,9 +164,11 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
         if axis in ("head", "kv_head"):
             selectors.append(_axis_selector(heads, size, "head", site))
         elif axis == axes[-1]:
-            selectors.append(_axis_selector(dims, size, "dim", site))
+            selectors.append(_axis_selector(dims, size, "dim", site, growing=axis == "k_pos" and frame.cached))
         else:
             selectors.append(slice(None))
+    if any(s is None for s in selectors):
+        return None
     pos_axis = axes.index("pos")
     trailing = tuple(selectors[pos_axis + 1 :])
     n = len(shape)

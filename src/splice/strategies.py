@@ -33,8 +33,9 @@ def _axis(size: int):
     )
 
 
-def positions(seq: int, batch: int, min_pos: int = 0):
-    """`pos=` values selecting only positions >= min_pos of a seq-long input (None means all)."""
+def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
+    """`pos=` values selecting only positions >= min_pos of a seq-long input (None means all).
+    negative=False leaves out negative indices (they are refused during generation)."""
     options = [
         st.integers(min_pos, seq - 1),
         st.lists(st.integers(min_pos, seq - 1), min_size=1, max_size=4, unique=True),
@@ -45,49 +46,54 @@ def positions(seq: int, batch: int, min_pos: int = 0):
         ),
     ]
     if min_pos == 0:
-        options += [st.none(), st.integers(-seq, -1)]
+        options.append(st.none())
+        if negative:
+            options.append(st.integers(-seq, -1))
     return st.one_of(*options)
 
 
-def selections(model, site: str, seq: int, batch: int, min_pos: int = 0):
+def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negative: bool = True):
     """dict(pos=, heads=, dims=) valid for `site` on a [batch, seq] input."""
     sizes = dict(zip(model.layout.axes(model.layout.resolve(site)[0]), model.sites[site]))
     head = sizes.get("head", sizes.get("kv_head"))
     last = list(sizes.values())[-1]
     heads = st.none() if head is None else _axis(head)
     dims = _axis(seq if last == "k_pos" else last)  # key positions of a seq-long input
-    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos), "heads": heads, "dims": dims})
+    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims})
 
 
 def _vector(last: int):
     return st.integers(0, 2**16).map(lambda seed: torch.randn(last, generator=torch.Generator().manual_seed(seed)))
 
 
-def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False):
+def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False, negative: bool = True):
     """Interventions valid at `site`. With identity=True, only ones that must change nothing
     (Scale(1), Add(0)), for no-op properties."""
     last = model.sites[site][-1]
-    last = seq if last == "k_pos" else last
+    # Per-key-position values change width as a sequence grows: scalars only there.
+    vector = st.floats(-2, 2, width=32) if last == "k_pos" else _vector(last)
 
     def build(sel):
         if identity:
-            return st.sampled_from([Scale(1.0, **sel), Add(0.0, **sel), Add(torch.zeros(last), scale=3.0, **sel)])
+            zeros = 0.0 if last == "k_pos" else torch.zeros(last)
+            return st.sampled_from([Scale(1.0, **sel), Add(0.0, **sel), Add(zeros, scale=3.0, **sel)])
         return st.one_of(
             st.just(Zero(**sel)),
             st.floats(-4, 4, allow_nan=False, width=32).map(lambda f: Scale(f, **sel)),
-            _vector(last).map(lambda v: Add(v, scale=2.0, **sel)),
-            st.one_of(st.floats(-3, 3, width=32), _vector(last)).map(lambda v: Replace(v, **sel)),
+            vector.map(lambda v: Add(v, scale=2.0, **sel)),
+            st.one_of(st.floats(-3, 3, width=32), vector).map(lambda v: Replace(v, **sel)),
         )
 
-    return selections(model, site, seq, batch, min_pos).flatmap(build)
+    return selections(model, site, seq, batch, min_pos, negative).flatmap(build)
 
 
-def edits(model, seq: int, batch: int, max_sites: int = 3, min_pos: int = 0, identity: bool = False, points=None):
-    """An `Edits` registry of 0..max_sites sites with one intervention each."""
+def edits(model, seq: int, batch: int, max_sites: int = 3, min_pos: int = 0, identity: bool = False, points=None, negative: bool = True):
+    """An `Edits` registry of 0..max_sites sites with one intervention each (negative=False:
+    no negative positions, e.g. for edits used during generation)."""
     site_lists = st.lists(sites(model, points), min_size=0, max_size=max_sites, unique=True)
 
     def fill(names):
-        return st.tuples(*[interventions(model, n, seq, batch, min_pos, identity) for n in names]).map(
+        return st.tuples(*[interventions(model, n, seq, batch, min_pos, identity, negative) for n in names]).map(
             lambda ivs: Edits(dict(zip(names, ivs)))
         )
 

@@ -1,0 +1,105 @@
+"""Positions are absolute during generation: cached and uncached decoding agree under any edit,
+suffix edits steer every generated token, prompt edits apply once, padding is never edited."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import splice
+from conftest import build
+from splice import strategies as sst
+
+PROMPT, NEW = 6, 5
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def gen(request):
+    hf = build(request.param)
+    with torch.no_grad():  # sharpen the output distribution so greedy choices have clear margins
+        hf.lm_head.weight.mul_(8)
+    return splice.Model(hf), hf
+
+
+def _generate(hf, ids, **kwargs):
+    mask = kwargs.pop("attention_mask", torch.ones_like(ids))
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_cached_and_uncached_generation_agree_under_any_edit(gen, data):
+    model, hf = gen
+    ids = torch.randint(1, 90, (2, PROMPT), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    edits = data.draw(sst.edits(model, PROMPT + NEW, 2, max_sites=2, negative=False))
+    with model.edit(edits):
+        cached = _generate(hf, ids, use_cache=True)
+        uncached = _generate(hf, ids, use_cache=False)
+    assert torch.equal(cached, uncached), edits
+
+
+def test_suffix_edit_steers_every_generated_token(gen):
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    marker = torch.full((model.dims.d_model,), 0.25)
+    with model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=slice(PROMPT, None))}), \
+            model.record("blocks.1.resid_post", mode="accumulate") as rec:
+        _generate(hf, ids)
+    steps = rec["blocks.1.resid_post"]
+    assert len(steps) == NEW and steps[0].shape[1] == PROMPT  # prefill, then one token per step
+    assert not torch.any(steps[0] == 0.25)  # the prompt is untouched
+    for step in steps[1:]:
+        assert step.shape[1] == 1 and torch.all(step == 0.25)
+
+
+def test_prompt_edit_applies_once_and_persists_through_the_cache(gen):
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    edit = {"blocks.0.resid_post": splice.Replace(torch.full((model.dims.d_model,), 3.0), pos=2)}
+    with model.edit(edit), model.record(["blocks.0.resid_post", "blocks.1.resid_post"], mode="accumulate") as rec:
+        steered = _generate(hf, ids)
+    steps = rec["blocks.0.resid_post"]
+    assert torch.all(steps[0][:, 2] == 3.0) and not torch.any(steps[0][:, 3:] == 3.0)
+    assert all(not torch.any(step == 3.0) for step in steps[1:])  # not re-applied while decoding
+    # ... yet its effect persists: later tokens attend to the edited position through the cache.
+    with model.record("blocks.1.resid_post", mode="accumulate") as clean:
+        plain = _generate(hf, ids)
+    if torch.equal(plain, steered):
+        for a, b in zip(rec["blocks.1.resid_post"][1:], clean["blocks.1.resid_post"][1:]):
+            assert not torch.allclose(a, b)
+    with model.edit(edit):
+        assert torch.equal(steered, _generate(hf, ids, use_cache=False))
+
+
+def test_left_padded_batch_counts_positions_per_row_and_never_edits_padding(gen):
+    model, hf = gen
+    g = torch.Generator().manual_seed(2)
+    short, long = torch.randint(1, 90, (1, 4), generator=g), torch.randint(1, 90, (1, 7), generator=g)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    edit = {"blocks.1.resid_post": splice.Add(torch.randn(model.dims.d_model, generator=g) * 3, pos=[1, slice(5, None).start])}
+    with model.edit(edit):
+        together = _generate(hf, batch, attention_mask=mask)
+        alone_short = _generate(hf, short)
+        alone_long = _generate(hf, long)
+    assert torch.equal(together[0, 3:], alone_short[0])
+    assert torch.equal(together[1], alone_long[0])
+    with torch.no_grad(), model.record("blocks.0.resid_pre") as clean:
+        hf(batch, attention_mask=mask)
+    with torch.no_grad(), model.edit({"blocks.0.resid_pre": splice.Zero()}), model.record("blocks.0.resid_pre") as rec:
+        hf(batch, attention_mask=mask)
+    x = rec["blocks.0.resid_pre"]
+    assert torch.equal(x[0, :3], clean["blocks.0.resid_pre"][0, :3])  # padding untouched
+    assert torch.all(x[0, 3:] == 0) and torch.all(x[1] == 0)
+
+
+def test_negative_positions_are_refused_while_generating(gen):
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(splice.SpliceError, match="negative positions are ambiguous while generating"):
+        with model.edit({"blocks.0.resid_post": splice.Zero(pos=-1)}):
+            _generate(hf, ids)
+    assert model.hook_count == 0
+    with torch.no_grad(), model.edit({"blocks.0.resid_post": splice.Zero(pos=-1)}):
+        hf(ids)  # fine in a plain forward: -1 is the last token
