@@ -50,9 +50,11 @@ def _axis_selector(sel, size: int, what: str, site: str, growing: bool = False):
     nothing yet (None is returned when nothing is left) instead of raising."""
     if sel is None:
         return slice(None)
+    if growing and _negative(sel):
+        raise SpliceError(f"{what} {sel} at {site}: negative key positions are ambiguous while generating; use absolute ones")
     if isinstance(sel, int):
         if not -size <= sel < size:
-            if growing and sel >= 0:
+            if growing:
                 return None
             raise SpliceError(f"{what} {sel} is out of range at {site}: valid {valid_range(size)}")
         sel %= size

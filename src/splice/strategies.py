@@ -24,10 +24,10 @@ def sites(model, points=None):
     return st.sampled_from(names)
 
 
-def _axis(size: int):
+def _axis(size: int, negative: bool = True):
     return st.one_of(
         st.none(),
-        st.integers(-size, size - 1),
+        st.integers(-size if negative else 0, size - 1),
         st.lists(st.integers(0, size - 1), min_size=1, max_size=min(size, 4), unique=True),
         st.tuples(st.integers(0, size - 1), st.integers(1, size)).filter(lambda t: t[0] < t[1]).map(lambda t: slice(*t)),
     )
@@ -58,7 +58,7 @@ def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negativ
     head = sizes.get("head", sizes.get("kv_head"))
     last = list(sizes.values())[-1]
     heads = st.none() if head is None else _axis(head)
-    dims = _axis(seq if last == "k_pos" else last)  # key positions of a seq-long input
+    dims = _axis(seq, negative) if last == "k_pos" else _axis(last)  # key positions of a seq-long input
     return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims})
 
 
