@@ -71,3 +71,20 @@ def test_gqa_head_edit_parity(smol, batch, site, heads):
     assert torch.equal(got, expected)
     assert not torch.equal(got, clean)
     assert smol.hook_count == 0
+
+
+def test_attention_pattern_matches_hf_eager(smol, batch):
+    with torch.no_grad():
+        _, rec = smol.run(batch, record="blocks.*.attn.pattern")
+        smol.hf.set_attn_implementation("eager")
+        try:
+            ref = smol.hf(**batch, output_attentions=True)
+        finally:
+            smol.hf.set_attn_implementation("sdpa")
+    for layer in range(30):
+        # Padded rows: compare real query/key pairs only (padding rows are masked either way).
+        mask = batch["attention_mask"].bool()
+        got, want = rec[f"blocks.{layer}.attn.pattern"], ref.attentions[layer]
+        pairs = mask[:, None, :, None] & mask[:, None, None, :]
+        torch.testing.assert_close(got.masked_fill(~pairs, 0), want.masked_fill(~pairs, 0), rtol=0, atol=1e-5)
+    assert smol.hf.config._attn_implementation == "sdpa" and smol.hook_count == 0

@@ -1,0 +1,49 @@
+"""Pictures of per-layer results (matplotlib, written to PNG without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "layer", cmap: str = "RdBu_r",
+            center: float | None = 0.0, colorbar: str = "", annotate_top: int = 0):
+    """Save a [rows, cols] grid (tensor, array or DataFrame) as a heatmap PNG; returns the path.
+
+    With `center`, the colour scale is symmetric around it (effects of ablations read as
+    blue = lower, red = higher); `annotate_top` writes the values of the k largest cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels_x = labels_y = None
+    if hasattr(values, "to_numpy"):  # DataFrame
+        labels_x, labels_y = [str(c) for c in values.columns], [str(i) for i in values.index]
+        values = values.to_numpy()
+    grid = values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
+    if center is None:
+        image = ax.imshow(grid, aspect="auto", cmap=cmap)
+    else:
+        span = float(np.nanmax(np.abs(grid - center))) or 1.0
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=center - span, vmax=center + span)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(range(cols), labels_x or range(cols), fontsize=7)
+    ax.set_yticks(range(rows), labels_y or range(rows), fontsize=7)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    if annotate_top:
+        flat = np.argsort(np.nan_to_num(grid, nan=-np.inf), axis=None)[::-1][:annotate_top]
+        for r, c in zip(*np.unravel_index(flat, grid.shape)):
+            ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
