@@ -30,6 +30,9 @@ def cases(last: int, heads: bool):
         (splice.Replace(vec, pos=3), _set((slice(None), 3), lambda r: vec.expand_as(r).clone())),
         (splice.Add(vec, scale=2.0), lambda t: t + vec * 2.0),
         (splice.Add(vec, pos=slice(2, 7, 2)), _set((slice(None), slice(2, 7, 2)), lambda r: r + vec)),
+        (splice.Scale(2.0, rows=1, pos=3), _set((slice(1, 2), 3), lambda r: r * 2.0)),
+        (splice.Zero(rows=[0], pos=torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0, 1]] * 2, dtype=torch.bool)),
+         _set((0, [1, 2, 8]), torch.zeros_like)),
         (splice.Zero(pos=torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)),
          lambda t: t.masked_fill(torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool).view(2, 9, *([1] * (t.dim() - 2))), 0.0)),
     ]

@@ -45,7 +45,7 @@ def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Fram
     seq = x.shape[axes.index("pos")]
     if seq != frame.seq:
         frame = frame.tail(seq)  # e.g. logits computed for the last positions only
-    region = locate(edit.pos, edit.heads, edit.dims, tuple(x.shape), axes, frame, name)
+    region = locate(edit.pos, edit.heads, edit.dims, edit.rows, tuple(x.shape), axes, frame, name)
     if region is None:
         return x
     selected = x[region.index]

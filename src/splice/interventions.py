@@ -29,6 +29,7 @@ class At(NamedTuple):
 
 
 _REGISTRY: dict[str, type["Intervention"]] = {}
+SELECTION = ("pos", "heads", "dims", "rows")
 
 
 def _describe(value) -> str:
@@ -84,6 +85,7 @@ class Intervention:
     pos: Any = field(default=None, kw_only=True)
     heads: Any = field(default=None, kw_only=True)
     dims: Any = field(default=None, kw_only=True)
+    rows: Any = field(default=None, kw_only=True)  # batch rows (per-row variants in one batch)
 
     serialisable: ClassVar[bool] = True
 
@@ -95,6 +97,7 @@ class Intervention:
         object.__setattr__(self, "pos", normalize_pos(self.pos))
         object.__setattr__(self, "heads", normalize_index(self.heads, "heads"))
         object.__setattr__(self, "dims", normalize_index(self.dims, "dims"))
+        object.__setattr__(self, "rows", normalize_index(self.rows, "rows"))
 
     # -- behaviour ---------------------------------------------------------------------------
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
@@ -110,7 +113,7 @@ class Intervention:
         return [(f.name, getattr(self, f.name), f.default) for f in dataclasses.fields(self)]
 
     def __repr__(self) -> str:
-        parts = [f"{n}={_describe(v)}" for n, v, d in self._fields() if not (v is None and d is None) and not (n in ("pos", "heads", "dims") and v is None)]
+        parts = [f"{n}={_describe(v)}" for n, v, d in self._fields() if not (v is None and d is None) and not (n in SELECTION and v is None)]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def __eq__(self, other) -> bool:

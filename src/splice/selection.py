@@ -151,7 +151,7 @@ def _negative(pos) -> bool:
     return isinstance(pos, tuple) and any(p < 0 for p in pos)
 
 
-def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | None:
+def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Region | None:
     """The index of the selected region in a site tensor, or None if nothing is selected in this forward."""
     if frame.cached and _negative(pos):
         raise SpliceError(
@@ -163,7 +163,9 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
         raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
     selectors = []
     for axis, size in zip(axes, shape):
-        if axis in ("head", "kv_head"):
+        if axis == "batch":
+            selectors.append(_axis_selector(rows, size, "row", site))
+        elif axis in ("head", "kv_head"):
             selectors.append(_axis_selector(heads, size, "head", site))
         elif axis == axes[-1]:
             selectors.append(_axis_selector(dims, size, "dim", site, growing=axis == "k_pos" and frame.cached))
@@ -185,13 +187,18 @@ def locate(pos, heads, dims, shape, axes, frame: Frame, site: str) -> Region | N
         return Region(tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)), False, trailing)
     # Per-row positions: enumerate selected (row, position) pairs on the region's first axis,
     # followed by the remaining axes in order.
-    rows, cols = _pos_mask(pos, frame, site).nonzero(as_tuple=True)
-    if rows.numel() == 0:
+    mask = _pos_mask(pos, frame, site)
+    if rows is not None:
+        keep = torch.zeros(shape[0], dtype=torch.bool, device=mask.device)
+        keep[selectors[0]] = True
+        mask = mask & keep[:, None]
+    chosen_rows, cols = mask.nonzero(as_tuple=True)
+    if chosen_rows.numel() == 0:
         return None
     index, k = [], 1
     for i, (s, size) in enumerate(zip(selectors, shape)):
         if i == 0:
-            index.append(rows.view([-1] + [1] * (n - 2)))
+            index.append(chosen_rows.view([-1] + [1] * (n - 2)))
         elif i == pos_axis:
             index.append(cols.view([-1] + [1] * (n - 2)))
         else:

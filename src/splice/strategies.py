@@ -53,13 +53,14 @@ def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
 
 
 def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negative: bool = True):
-    """dict(pos=, heads=, dims=) valid for `site` on a [batch, seq] input."""
+    """dict(pos=, heads=, dims=, rows=) valid for `site` on a [batch, seq] input."""
     sizes = dict(zip(model.layout.axes(model.layout.resolve(site)[0]), model.sites[site]))
     head = sizes.get("head", sizes.get("kv_head"))
     last = list(sizes.values())[-1]
     heads = st.none() if head is None else _axis(head)
     dims = _axis(seq, negative) if last == "k_pos" else _axis(last)  # key positions of a seq-long input
-    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims})
+    rows = st.one_of(st.none(), _axis(batch, negative)) if batch > 1 else st.none()
+    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims, "rows": rows})
 
 
 def _vector(last: int):

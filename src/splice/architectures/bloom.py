@@ -1,0 +1,47 @@
+"""BLOOM (`BloomForCausalLM`): fused `query_key_value` laid out per head as `[q k v]`, ALiBi, and
+sublayers that add the residual themselves: the attention module returns `resid_pre + attn.out`
+(so its output *is* resid_mid) and the MLP returns `resid_mid + mlp.out` (= resid_post). The
+contributions are therefore the outputs of the projections (`dense`, `dense_4h_to_h`), and
+resid_mid is a real tensor: an edit there is exact. The embedding norm runs before layer 0, so
+`embed` is after it.
+
+Refused: `apply_residual_connection_post_layernorm=True` (the residual is the normed stream, so the
+sites do not add up) and `pretraining_tp > 1` with `slow_but_exact` (the projections are then
+applied slice by slice, never called as modules)."""
+
+from ..errors import SpliceError
+from ..views import WHOLE, Heads, InterleavedHeads
+from .base import Architecture, Dims, Point, residual_stream_points
+
+LAYER = "transformer.h.{l}"
+
+
+def dims(config) -> Dims:
+    if config.apply_residual_connection_post_layernorm:
+        raise SpliceError("splice does not support BLOOM with apply_residual_connection_post_layernorm=True: "
+                          "its residual stream is the normalised one, so the residual sites do not add up")
+    if config.pretraining_tp > 1 and config.slow_but_exact:
+        raise SpliceError("splice does not support BLOOM with pretraining_tp > 1 and slow_but_exact=True: "
+                          "the output projections are applied in slices and never called; set slow_but_exact=False")
+    d_model, heads = config.hidden_size, config.n_head
+    return Dims(config.n_layer, d_model, heads, heads, d_model // heads, 4 * d_model, config.vocab_size)
+
+
+def points(d: Dims) -> dict[str, Point]:
+    attn, mlp = f"{LAYER}.self_attention", f"{LAYER}.mlp"
+    qkv = f"{attn}.query_key_value"
+    table = residual_stream_points(LAYER, attn, mlp, "transformer.ln_f")
+    table.update({
+        "attn.q": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 0)),
+        "attn.k": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 1)),
+        "attn.v": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 2)),
+        "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
+        "attn.out": Point(f"{attn}.dense", "output"),
+        "resid_mid": Point(attn, "output", WHOLE),  # the attention module adds the residual itself
+        "mlp.post": Point(f"{mlp}.dense_4h_to_h", "input"),
+        "mlp.out": Point(f"{mlp}.dense_4h_to_h", "output"),
+    })
+    return table
+
+
+ARCHITECTURE = Architecture("bloom", ("bloom",), "transformer", dims, points)

@@ -1,0 +1,35 @@
+"""GPT-NeoX / Pythia (`GPTNeoXForCausalLM`): fused `query_key_value` laid out per head as
+`[h0: q k v | h1: q k v | ...]` (the model views it as `(..., heads, 3*d_head)` and chunks the last
+axis), partial rotary after the split, and a parallel residual unless `use_parallel_residual` is
+false (then attention and MLP are sequential, as in GPT-2)."""
+
+from ..views import Heads, InterleavedHeads
+from .base import Architecture, Dims, Point, residual_stream_points
+
+LAYER = "gpt_neox.layers.{l}"
+
+
+def dims(config) -> Dims:
+    heads = config.num_attention_heads
+    return Dims(config.num_hidden_layers, config.hidden_size, heads, heads, config.hidden_size // heads,
+                config.intermediate_size, config.vocab_size)
+
+
+def points(d: Dims) -> dict[str, Point]:
+    attn = f"{LAYER}.attention"
+    qkv = f"{attn}.query_key_value"
+    table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "gpt_neox.final_layer_norm")
+    table.update({
+        "attn.q": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 0)),
+        "attn.k": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 1)),
+        "attn.v": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 2)),
+        "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
+        "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
+    })
+    return table
+
+
+ARCHITECTURE = Architecture(
+    "gpt_neox", ("gpt_neox",), "gpt_neox", dims, points,
+    parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", True)),
+)

@@ -1,0 +1,48 @@
+"""OPT (`OPTForCausalLM`), pre-norm checkpoints: separate q/k/v projections with bias (`q` is
+`q_proj`'s output, before the model multiplies it by d_head**-0.5), `out_proj`, and an MLP that is
+not a module: `fc1 -> act -> fc2` directly on the layer.
+
+The MLP runs on tokens flattened to `[batch*pos, ...]` (the layer reshapes the residual before
+`final_layer_norm`), so `mlp.in`, `mlp.post` and `mlp.out` have no `[batch, pos, ...]` tensor in
+the model and are not offered until a view can unflatten them (see `_MLP_POINTS`).
+Post-norm OPT (`do_layer_norm_before=False`, i.e. opt-350m) is refused: its residual stream is
+renormalised after each sublayer and it has no final norm."""
+
+from ..errors import SpliceError
+from ..views import Heads
+from .base import Architecture, Dims, Point, residual_stream_points
+
+LAYER = "model.decoder.layers.{l}"
+
+
+def dims(config) -> Dims:
+    if not config.do_layer_norm_before or getattr(config, "_remove_final_layer_norm", False):
+        raise SpliceError(
+            "splice supports pre-norm OPT (do_layer_norm_before=True, every OPT checkpoint but opt-350m); "
+            "this config normalises after each sublayer, so its residual sites do not add up"
+        )
+    if config.word_embed_proj_dim != config.hidden_size:
+        raise SpliceError(
+            f"splice does not support OPT with word_embed_proj_dim ({config.word_embed_proj_dim}) != hidden_size "
+            f"({config.hidden_size}): the final norm would not feed lm_head directly"
+        )
+    heads = config.num_attention_heads
+    return Dims(config.num_hidden_layers, config.hidden_size, heads, heads, config.hidden_size // heads,
+                config.ffn_dim, config.vocab_size)
+
+
+def points(d: Dims) -> dict[str, Point]:
+    attn = f"{LAYER}.self_attn"
+    table = residual_stream_points(LAYER, attn, f"{LAYER}.fc1", "model.decoder.final_layer_norm")
+    for name in ("mlp.in", "mlp.out"):
+        del table[name]
+    table.update({
+        "attn.q": Point(f"{attn}.q_proj", "output", Heads(d.n_heads)),
+        "attn.k": Point(f"{attn}.k_proj", "output", Heads(d.n_heads)),
+        "attn.v": Point(f"{attn}.v_proj", "output", Heads(d.n_heads)),
+        "attn.z": Point(f"{attn}.out_proj", "input", Heads(d.n_heads)),
+    })
+    return table
+
+
+ARCHITECTURE = Architecture("opt", ("opt",), "model", dims, points)
