@@ -27,6 +27,22 @@ def build(family: str, seed: int = 0):
     return model
 
 
+class CharTokenizer:
+    """A stand-in tokenizer (one token per character) so token-level features run without a hub."""
+
+    pad_token_id, eos_token_id = 0, 0
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [ord(c) % 90 + 1 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i - 1 + 32) if i else "" for i in ids)
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return [self.decode(r.tolist()) for r in rows]
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

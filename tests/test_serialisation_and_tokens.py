@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import splice
+from conftest import CharTokenizer
 
 
 def test_repr_is_readable():
@@ -59,22 +60,6 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path):
     with pytest.raises(Exception) as info:
         splice.Edits.load(path)
     assert "could not determine a constructor" in str(info.value)
-
-
-class CharTokenizer:
-    """A stand-in tokenizer (one token per character) so token helpers run without a hub."""
-
-    pad_token_id, eos_token_id = 0, 0
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = [ord(c) % 90 + 1 for c in text]
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i - 1 + 32) if i else "" for i in ids)
-
-    def batch_decode(self, rows, skip_special_tokens=False):
-        return [self.decode(r.tolist()) for r in rows]
 
 
 def test_token_helpers_and_left_padding(hf):

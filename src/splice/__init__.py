@@ -8,10 +8,11 @@ from .interventions import Add, Intervention, Replace, Scale, Zero
 from .loading import embedded_model_dir, load, load_hf
 from .model import Model
 from .recording import Recording
-from . import tokens
+from .sweep import Sweep
+from . import metrics, plot, tokens
 
 __all__ = [
     "ARCHITECTURES", "Add", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
-    "Recording", "Replace", "Scale", "SpliceError", "Zero", "embedded_model_dir", "load", "load_hf",
+    "Recording", "Replace", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "plot", "embedded_model_dir", "load", "load_hf",
 ]
 __version__ = "0.1.0"

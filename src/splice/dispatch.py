@@ -126,9 +126,17 @@ class HookManager:
 
     # -- frames --------------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
-        self.frame = Frame.from_call(args, kwargs)
+        self.begin(Frame.from_call(args, kwargs))
 
     def _root_post(self, module, args, kwargs, output):
+        self.end()
+
+    def begin(self, frame: Frame) -> None:
+        """Start a forward pass (the model's own, or a sweep replaying its layers)."""
+        self.frame = frame
+
+    def end(self) -> None:
+        """Finish a forward pass: every edit in the plan must have run."""
         frame, self.frame = self.frame, None
         if frame is None:
             return

@@ -1,0 +1,89 @@
+"""Metrics for sweeps: functions of (logits, clean_logits, batch) giving one value per prompt.
+
+Each metric says how many final positions it reads (`tail`), so a sweep unembeds only those
+(the unembedding is a large share of a small model's forward). Logits arrive as
+[prompts, tail, vocab] (left-padded, so position -1 is every prompt's last token)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import SpliceError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable
+    tail: int | None = 1  # final positions needed; None = all
+    spec: tuple = ()  # what identifies the metric in a checkpoint's spec hash
+
+    def __call__(self, logits, clean_logits, batch) -> torch.Tensor:
+        value = self.fn(logits, clean_logits, batch)
+        value = torch.as_tensor(value, dtype=torch.float32)
+        if value.dim() == 0:
+            value = value.expand(len(batch))
+        if value.shape != (len(batch),):
+            raise SpliceError(f"metric {self.name!r} returned shape {list(value.shape)}; expected one value per prompt, [{len(batch)}]")
+        return value
+
+
+def _token_column(batch, field: str) -> torch.Tensor:
+    try:
+        return batch.token_ids(field)
+    except KeyError:
+        raise SpliceError(f"this metric reads the data field {field!r}, which the data does not have (fields: {batch.fields})") from None
+
+
+def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
+    """logit(correct) - logit(wrong) at the last position, per prompt (e.g. IOI: ' Mary' vs ' John')."""
+    def fn(logits, clean, batch):
+        last = logits[:, -1]
+        good, bad = _token_column(batch, correct), _token_column(batch, wrong)
+        return last.gather(-1, good[:, None])[:, 0] - last.gather(-1, bad[:, None])[:, 0]
+    return Metric("logit_diff", fn, 1, ("logit_diff", correct, wrong))
+
+
+def answer_logprob(answer: str = "answer") -> Metric:
+    """log P(answer token) at the last position."""
+    def fn(logits, clean, batch):
+        return logits[:, -1].float().log_softmax(-1).gather(-1, _token_column(batch, answer)[:, None])[:, 0]
+    return Metric("answer_logprob", fn, 1, ("answer_logprob", answer))
+
+
+def loss(positions: int = 1) -> Metric:
+    """Mean next-token cross-entropy on the last `positions` tokens of each prompt (put the
+    continuation you want scored at the end of the prompt)."""
+    if positions < 1:
+        raise SpliceError("loss(positions=...) needs at least one position")
+
+    def fn(logits, clean, batch):
+        targets = batch.input_ids[:, -positions:]
+        logprobs = logits[:, -positions - 1 : -1].float().log_softmax(-1)
+        return -logprobs.gather(-1, targets[..., None])[..., 0].mean(-1)
+    return Metric(f"loss_last{positions}", fn, positions + 1, ("loss", positions))
+
+
+def kl_from_clean(positions: int = 1) -> Metric:
+    """KL(clean || edited) of the next-token distribution, averaged over the last `positions`."""
+    def fn(logits, clean, batch):
+        p = clean[:, -positions:].float().log_softmax(-1)
+        q = logits[:, -positions:].float().log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean(-1)
+    return Metric("kl_from_clean", fn, positions, ("kl", positions))
+
+
+def custom(fn: Callable, name: str | None = None, tail: int | None = None) -> Metric:
+    """Any function (logits, clean_logits, batch) -> [prompts] or scalar. `tail` = final positions
+    it reads (None: all). Its source text goes into the checkpoint hash."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = repr(fn)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return Metric(name or getattr(fn, "__name__", "custom"), fn, tail, ("custom", digest))

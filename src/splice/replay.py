@@ -1,0 +1,102 @@
+"""Prefix reuse for sweeps: record the calls a clean forward makes to each decoder layer, then
+replay the layers from any layer on, on a cached residual stream repeated once per variant.
+
+Nothing architecture-specific is hard-coded: the layers are called with exactly the arguments the
+model itself passed them (masks, rotary tables, position ids), with every tensor whose batch axis
+is the prompt batch tiled to the variant batch. After the last layer, only the final positions a
+metric reads are normalised and unembedded. A self-check compares a replay with the model's own
+logits before a sweep trusts it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SpliceError
+from .frame import Frame
+from .sites import Site
+
+
+def _tile(value, n: int, k: int):
+    """Repeat every tensor whose first axis is the prompt batch n, k times (variant-major)."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(k, *([1] * (value.dim() - 1))) if k > 1 and value.dim() > 0 and value.shape[0] == n and n > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_tile(v, n, k) for v in value)
+    if isinstance(value, list):
+        return [_tile(v, n, k) for v in value]
+    if isinstance(value, dict):
+        return {key: _tile(v, n, k) for key, v in value.items()}
+    return value
+
+
+class Trace:
+    """A clean forward of one prompt batch: each layer's input and call arguments, and the
+    clean logits."""
+
+    def __init__(self, model, batch: dict):
+        self.model = model
+        layout = model.layout
+        self.layers = [layout.module(Site("resid_pre", i)) for i in range(layout.n_layers)]
+        self.final_norm = layout.module(Site("final_norm"))
+        self.unembed = model.hf.get_output_embeddings()
+        self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
+        self.inputs: list[torch.Tensor] = [None] * len(self.layers)
+        self.calls: list[tuple] = [None] * len(self.layers)
+        self.batch_kwargs = batch
+        handles = [layer.register_forward_pre_hook(self._grab(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            with torch.no_grad():
+                out = model.hf(**batch, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.logits = out.logits
+        self.n = self.logits.shape[0]
+        self.mask = batch.get("attention_mask")
+
+    def _grab(self, i):
+        def hook(module, args, kwargs):
+            if args:
+                self.inputs[i], self.calls[i] = args[0], (tuple(args[1:]), dict(kwargs))
+            else:
+                rest = dict(kwargs)
+                self.inputs[i] = rest.pop("hidden_states")
+                self.calls[i] = ((), rest)
+        return hook
+
+    def replay(self, start: int, k: int, tail: int | None) -> torch.Tensor:
+        """Logits [k*n, tail, vocab] of k copies of the batch run from layer `start` on, with
+        whatever edits the model's hook manager holds (rows v*n..(v+1)*n are copy v)."""
+        n, manager = self.n, self.model._hooks
+        seq = self.logits.shape[1]
+        mask = self.mask.repeat(k, 1) if self.mask is not None else None
+        manager.begin(Frame(n * k, seq, 0, mask))
+        try:
+            hidden = self.inputs[start]
+            hidden = hidden.repeat(k, *([1] * (hidden.dim() - 1)))
+            for i in range(start, len(self.layers)):
+                args, kwargs = self.calls[i]
+                out = self.layers[i](hidden, *_tile(args, n, k), **_tile(kwargs, n, k))
+                hidden = out[0] if isinstance(out, tuple) else out
+            hidden = self.final_norm(hidden)
+            if tail is not None:
+                hidden = hidden[:, -tail:]
+            logits = self.unembed(hidden)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        except BaseException:
+            manager.frame = None
+            raise
+        manager.end()
+        return logits
+
+    def check(self) -> None:
+        """A replay of the whole stack must reproduce the model's own logits."""
+        with torch.no_grad():
+            again = self.replay(0, 1, None)
+        if again.shape != self.logits.shape or not torch.allclose(again, self.logits, rtol=1e-4, atol=1e-4):
+            raise SpliceError(
+                f"replaying {type(self.model.hf).__name__}'s layers does not reproduce its logits "
+                f"(max difference {(again - self.logits).abs().max():.3g}); run the sweep with prefix_reuse=False"
+            )

@@ -1,0 +1,267 @@
+"""Sweeps: many interventions, one metric table. Variants run as rows of one batch (row block v
+gets variant v's edit), the layers before a variant's first edited layer are computed once per
+prompt batch and shared (see `splice.replay`), only the positions the metrics read are
+unembedded, and every finished (variant, prompt batch) is written to a checkpoint so that an
+interrupted sweep resumes where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from itertools import groupby, product
+
+import torch
+
+from . import tokens as tok
+from .checkpoint import Checkpoint
+from .edits import Edits
+from .errors import SpliceError
+from .interventions import Intervention
+from .metrics import Metric
+from .replay import Trace
+
+OVER = ("heads", "pos")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of a sweep: an intervention at a site, with labels for the table."""
+
+    id: int
+    site: str
+    intervention: Intervention
+    layer: int | None
+    head: int | None
+    pos: int | None
+
+    @property
+    def start_layer(self) -> int:
+        """First layer whose computation the variant changes (its replay starts there)."""
+        return 0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
+
+
+class PromptBatch:
+    """The prompts of one forward, as metrics see them: `len(batch)`, `batch.items` (the data
+    rows), `batch.input_ids`, and `batch.token_ids(field)` for single-token answer fields."""
+
+    def __init__(self, model, items: list[dict]):
+        self.items = items
+        self.fields = sorted({k for item in items for k in item})
+        self.kwargs = tok.encode(model.tokenizer, [item["prompt"] for item in items], model.device)
+        self.input_ids = self.kwargs["input_ids"]
+        self._model = model
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def token_ids(self, field: str) -> torch.Tensor:
+        if field not in self._tokens:
+            ids = []
+            for item in self.items:
+                value = item[field]
+                ids.append(value if isinstance(value, int) else self._model.to_single_token(value))
+            self._tokens[field] = torch.tensor(ids, device=self.input_ids.device)
+        return self._tokens[field]
+
+
+def _items(data) -> list[dict]:
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame
+        data = data.to_dict("records")
+    items = [{"prompt": d} if isinstance(d, str) else dict(d) for d in data]
+    if not items:
+        raise SpliceError("a sweep needs at least one prompt")
+    missing = [i for i, item in enumerate(items) if "prompt" not in item]
+    if missing:
+        raise SpliceError(f"data rows {missing[:5]} have no 'prompt' field")
+    return items
+
+
+def _fingerprint(model) -> str:
+    """Identity of a model's weights and config, for checkpoint spec hashes."""
+    digest = hashlib.sha256(type(model.hf).__name__.encode())
+    digest.update(model.hf.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        sums = [float(p.double().sum()) for p in model.hf.parameters()]
+    digest.update(json.dumps(sums).encode())
+    return digest.hexdigest()
+
+
+class Sweep:
+    """A grid of interventions x sites (x heads / positions), plus metrics.
+
+    `Sweep(sites="blocks.*.attn.z", interventions=Zero(), over="heads", metrics=[logit_diff()])`
+    zero-ablates every head of every layer. `over` is "heads", "pos" or a tuple of both;
+    `interventions` is one intervention or a list (e.g. `[Scale(s) for s in (0, .5, 2)]`).
+    Alternatively pass `variants=[(site, intervention), ...]` explicitly."""
+
+    def __init__(self, sites=None, interventions=None, over=None, metrics=(), variants=None, name: str = "sweep"):
+        if variants is None and (sites is None or interventions is None):
+            raise SpliceError("a Sweep needs sites= and interventions= (or an explicit variants= list)")
+        self.sites = [sites] if isinstance(sites, (str, tuple)) else list(sites or [])
+        self.interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions or [])
+        self.over = () if over is None else (over,) if isinstance(over, str) else tuple(over)
+        bad = [o for o in self.over if o not in OVER]
+        if bad:
+            raise SpliceError(f"over= takes {OVER}; got {bad}")
+        self.metrics = [metrics] if isinstance(metrics, Metric) else list(metrics)
+        if not self.metrics:
+            raise SpliceError("a Sweep needs at least one metric (see splice.metrics)")
+        self.explicit = list(variants) if variants is not None else None
+        self.name = name
+
+    # -- the grid ------------------------------------------------------------------------------
+    def variants(self, model, seq: int) -> list[Variant]:
+        """Every variant for `model` on inputs of at least `seq` tokens (positions range over 0..seq-1)."""
+        pairs = []
+        if self.explicit is not None:
+            for key, intervention in self.explicit:
+                pairs += [(site, intervention, None, None) for site in model.layout.resolve(key)]
+        else:
+            for key in self.sites:
+                for site in model.layout.resolve(key):
+                    for intervention in self.interventions:
+                        pairs += self._expand(model, site, intervention, seq)
+        out = []
+        for i, (site, intervention, head, pos) in enumerate(pairs):
+            if intervention.rows is not None:
+                raise SpliceError(f"{intervention!r}: a sweep assigns batch rows itself; leave rows= unset")
+            if head is None and isinstance(intervention.heads, int):
+                head = intervention.heads
+            if pos is None and isinstance(intervention.pos, int):
+                pos = intervention.pos
+            out.append(Variant(i, site.name, intervention, site.layer, head, pos))
+        return out
+
+    def _expand(self, model, site, intervention, seq):
+        axes = dict(zip(model.layout.axes(site), model.layout.shape(site)))
+        ranges = []
+        for over in self.over:
+            field_name = "heads" if over == "heads" else "pos"
+            if getattr(intervention, field_name) is not None:
+                raise SpliceError(f"{intervention!r} already sets {field_name}=; the sweep varies it (over={over!r})")
+            if over == "heads":
+                size = axes.get("head", axes.get("kv_head"))
+                if size is None:
+                    raise SpliceError(f"over='heads' but {site.name} has no head axis")
+                ranges.append(range(size))
+            else:
+                ranges.append(range(seq))
+        out = []
+        for values in product(*ranges):
+            chosen = dict(zip(self.over, values))
+            replaced = dataclasses.replace(intervention, **{("heads" if k == "heads" else "pos"): v for k, v in chosen.items()})
+            out.append((site, replaced, chosen.get("heads"), chosen.get("pos")))
+        return out
+
+    def spec_hash(self, model, items, variants, batch_size, max_rows, mode) -> str:
+        spec = {
+            "model": _fingerprint(model),
+            "variants": [[v.site, v.intervention.to_dict()] for v in variants],
+            "data": items,
+            "metrics": [list(m.spec) for m in self.metrics],
+            "batch_size": batch_size, "max_rows": max_rows, "mode": mode,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, model, data, *, batch_size: int = 16, max_rows: int | None = None, checkpoint=None,
+            prefix_reuse: bool = True, progress: bool = True):
+        """Run the sweep; returns a tidy DataFrame (one row per variant x metric, plus the clean
+        baseline per metric as variant -1). `batch_size` prompts share one forward, `max_rows`
+        bounds the rows of one variant forward (default: from a ~2 GiB activation budget).
+        `prefix_reuse=False` runs each variant as its own full forward (the reference path)."""
+        from tqdm.auto import tqdm
+
+        items = _items(data)
+        batches = [PromptBatch(model, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+        # over="pos" ranges over positions every prompt has (0 .. shortest length - 1).
+        shortest = min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1] for b in batches)
+        seq = max(b.input_ids.shape[1] for b in batches)
+        variants = self.variants(model, shortest)
+        tail = None if any(m.tail is None for m in self.metrics) else max(m.tail for m in self.metrics)
+        max_rows = max_rows or _default_rows(model, seq, tail)
+        mode = "batched" if prefix_reuse else "sequential"
+        store = Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode)) if checkpoint else Checkpoint(None, "")
+        bar = tqdm(total=(len(variants) + 1) * len(batches), desc=self.name, unit="variant", disable=not progress)
+        bar.update(len(store.done))
+        for b, batch in enumerate(batches):
+            if all(store.has(v.id, b) for v in variants) and store.has(-1, b):
+                continue
+            trace = Trace(model, batch.kwargs)
+            if b == 0 and prefix_reuse:
+                trace.check()
+            clean = trace.logits if tail is None else trace.logits[:, -tail:]
+            if not store.has(-1, b):
+                store.add([self._record(-1, b, clean, clean, batch)])
+                bar.update(1)
+            todo = [v for v in variants if not store.has(v.id, b)]
+            run_chunk = self._batched if prefix_reuse else self._sequential
+            for start, group in groupby(sorted(todo, key=lambda v: v.start_layer), key=lambda v: v.start_layer):
+                group = list(group)
+                per_chunk = max(1, max_rows // len(batch)) if prefix_reuse else 1
+                for i in range(0, len(group), per_chunk):
+                    chunk = group[i : i + per_chunk]
+                    logits = run_chunk(model, trace, batch, chunk, max(start, 0), tail)
+                    n = len(batch)
+                    store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
+                    bar.update(len(chunk))
+        bar.close()
+        return self._table(variants, store, len(batches))
+
+    def _record(self, variant: int, batch_index: int, logits, clean, batch) -> dict:
+        values = {m.name: m(logits, clean, batch).tolist() for m in self.metrics}
+        return {"variant": variant, "batch": batch_index, "values": values}
+
+    @staticmethod
+    def _batched(model, trace, batch, chunk, start, tail):
+        n = len(batch)
+        edits = Edits()
+        for j, variant in enumerate(chunk):
+            placed = dataclasses.replace(variant.intervention, rows=slice(j * n, (j + 1) * n))
+            existing = edits.get(variant.site)
+            edits[variant.site] = ([existing] if isinstance(existing, Intervention) else list(existing or [])) + [placed]
+        with torch.no_grad(), model.edit(edits):
+            return trace.replay(start, len(chunk), tail)
+
+    @staticmethod
+    def _sequential(model, trace, batch, chunk, start, tail):
+        outs = []
+        for variant in chunk:
+            with torch.no_grad(), model.edit({variant.site: variant.intervention}):
+                logits = model.hf(**batch.kwargs, use_cache=False).logits
+            outs.append(logits if tail is None else logits[:, -tail:])
+        return torch.cat(outs)
+
+    def _table(self, variants, store, n_batches):
+        import pandas as pd
+
+        def mean(variant_id, metric):
+            values = [x for b in range(n_batches) for x in store.done[(variant_id, b)]["values"][metric]]
+            return sum(values) / len(values)
+
+        rows = []
+        for metric in self.metrics:
+            clean = mean(-1, metric.name)
+            rows.append({"variant": -1, "site": "clean", "layer": None, "head": None, "pos": None,
+                         "intervention": "none", "metric": metric.name, "value": clean, "clean": clean,
+                         "effect": 0.0, "relative": 0.0})
+            for v in variants:
+                value = mean(v.id, metric.name)
+                rows.append({"variant": v.id, "site": v.site, "layer": v.layer, "head": v.head, "pos": v.pos,
+                             "intervention": repr(v.intervention), "metric": metric.name, "value": value,
+                             "clean": clean, "effect": value - clean,
+                             "relative": (value - clean) / abs(clean) if clean else float("nan")})
+        table = pd.DataFrame(rows)
+        for column in ("layer", "head", "pos"):
+            table[column] = table[column].astype("Int64")
+        return table
+
+
+def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30) -> int:
+    """Rows of one variant forward that fit a rough activation budget."""
+    d = model.dims
+    per_row = seq * (16 * d.d_model + 4 * d.d_mlp + 2 * d.n_heads * seq) * 4 + (tail or seq) * d.vocab * 4 * 2
+    return max(1, int(budget_bytes // per_row))
