@@ -24,6 +24,31 @@ def register(hf, family, site: str, fn):
     the site tensor, returning the edited one) edits it. Returns the handle."""
     spec = FAMILIES[family]
     point, layer = _split(site)
+    if getattr(spec, "FLAT_MLP", False) and point.startswith("mlp."):
+        # The layer runs its MLP on tokens flattened to [batch*pos, ...] (OPT): unflatten with the
+        # batch and pos of the layer's input, remembered by a second hook.
+        tokens = {}
+
+        def remember(mod, args, kwargs):
+            tokens["shape"] = (args[0] if args else kwargs["hidden_states"]).shape[:-1]
+
+        first = spec.layers(hf)[layer].register_forward_pre_hook(remember, with_kwargs=True)
+        flat_fn = fn
+        fn = lambda t: flat_fn(t.reshape(*tokens["shape"], t.shape[-1])).reshape(t.shape)  # noqa: E731
+        return _Handles(first, _register(hf, spec, point, layer, fn))
+    return _register(hf, spec, point, layer, fn)
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _register(hf, spec, point, layer, fn):
     module, io = spec.hand_module(hf, point, layer)
 
     def edit(tensor):

@@ -16,12 +16,13 @@ def _set(index, fn):
     return edit
 
 
-def cases(last: int, heads: bool):
+def cases(last: int, heads: bool, n_heads: int = 2):
     """(intervention, hand-written equivalent) pairs for a site whose last axis has size `last`."""
     g = torch.Generator().manual_seed(3)
     vec = torch.randn(last, generator=g)
-    full = torch.randn(2, 9, *( (2, last) if heads else (last,) ), generator=g)
-    h = (slice(None), [2, 5], 1) if heads else (slice(None), [2, 5])
+    one, pair = (1, [0, 1]) if n_heads > 1 else (0, [0])  # multi-query K/V sites have a single head
+    full = torch.randn(2, 9, *( (len(pair), last) if heads else (last,) ), generator=g)
+    h = (slice(None), [2, 5], one) if heads else (slice(None), [2, 5])
     out = [
         (splice.Zero(), lambda t: torch.zeros_like(t)),
         (splice.Zero(pos=4, dims=slice(0, 3)), _set((slice(None), 4, ..., slice(0, 3)), torch.zeros_like)),
@@ -38,10 +39,10 @@ def cases(last: int, heads: bool):
     ]
     if heads:
         out += [
-            (splice.Zero(heads=1), _set((slice(None), slice(None), 1), torch.zeros_like)),
-            (splice.Zero(heads=1, pos=[2, 5]), _set(h, torch.zeros_like)),
-            (splice.Scale(3.0, heads=[0, 1], dims=[0, 2]), lambda t: _heads_dims(t, [0, 1], [0, 2], 3.0)),
-            (splice.Replace(full, heads=[0, 1]), lambda t: _replace_heads(t, full, [0, 1])),
+            (splice.Zero(heads=one), _set((slice(None), slice(None), one), torch.zeros_like)),
+            (splice.Zero(heads=one, pos=[2, 5]), _set(h, torch.zeros_like)),
+            (splice.Scale(3.0, heads=pair, dims=[0, 2]), lambda t: _heads_dims(t, pair, [0, 2], 3.0)),
+            (splice.Replace(full, heads=pair), lambda t: _replace_heads(t, full, pair)),
         ]
     else:
         out.append((splice.Replace(full), lambda t: full.clone()))
@@ -70,7 +71,8 @@ def test_edit_matches_hand_written_hook(model, hf, family, ids, site):
     shape = model.sites[site]
     heads = len(shape) == 4
     ran = 0
-    for intervention, hand in cases(shape[-1], heads):
+    n_heads = shape[-2] if heads else 2
+    for intervention, hand in cases(shape[-1], heads, n_heads):
         with torch.no_grad():
             handle = register(hf, family, site, hand)
             try:
@@ -83,7 +85,7 @@ def test_edit_matches_hand_written_hook(model, hf, family, ids, site):
         assert torch.equal(got, expected), f"{site} {intervention!r}: max diff {(got - expected).abs().max():.3g}"
         if not torch.equal(expected, clean):
             ran += 1
-    assert ran >= len(cases(shape[-1], heads)) - 1  # the edits really change the output
+    assert ran >= len(cases(shape[-1], heads, n_heads)) - 1  # the edits really change the output
 
 
 def test_resid_mid_edit_is_what_the_mlp_and_residual_see(model, hf, family, ids):

@@ -8,16 +8,17 @@ from hypothesis import strategies as st
 
 import splice
 from conftest import build
+from families import FAMILIES
 from splice import strategies as sst
 
 PROMPT, NEW = 6, 5
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
 def gen(request):
     hf = build(request.param)
     with torch.no_grad():  # sharpen the output distribution so greedy choices have clear margins
-        hf.lm_head.weight.mul_(8)
+        hf.get_output_embeddings().weight.mul_(8)
     return splice.Model(hf), hf
 
 

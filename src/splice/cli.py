@@ -1,4 +1,5 @@
-"""Command line: `splice sites [MODEL]` lists a model's sites and shapes."""
+"""Command line: `splice sites [MODEL]` lists a model's sites and shapes; `splice sweep
+CONFIG.yaml` runs a sweep and writes its table (CSV + JSONL) and heatmap."""
 
 from __future__ import annotations
 
@@ -19,6 +20,35 @@ def _sites(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .loading import load
+    from .plot import sweep_heatmap
+
+    config = load_config(args.config)
+    model = load(config.model)
+    table = config.sweep.run(model, config.data, **config.run)
+    output = config.output
+    top = int(output.get("top", 10))
+    for metric in table["metric"].unique():
+        rows = table[(table["metric"] == metric) & (table["variant"] >= 0)]
+        clean = table[(table["metric"] == metric) & (table["variant"] == -1)]["value"].iloc[0]
+        print(f"\n{metric}: clean {clean:.4f}; the {top} variants with the largest effect")
+        ranked = rows.reindex(rows["effect"].abs().sort_values(ascending=False).index).head(top)
+        print(ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(index=False))
+    stem = Path(output.get("table", f"out/{config.sweep.name}.csv"))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(stem.with_suffix(".csv"), index=False)
+    table.to_json(stem.with_suffix(".jsonl"), orient="records", lines=True)
+    print(f"\ntable: {stem.with_suffix('.csv')} and {stem.with_suffix('.jsonl')}")
+    if output.get("heatmap", True):
+        picture = sweep_heatmap(table, output.get("heatmap") if isinstance(output.get("heatmap"), str) else stem.with_suffix(".png"))
+        print(f"heatmap: {picture}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="splice", description="Activation editing for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +56,9 @@ def main(argv=None) -> int:
     sites.add_argument("model", nargs="?", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M)")
     sites.add_argument("--filter", default="", help="only names containing this text, e.g. 'blocks.3.'")
     sites.set_defaults(run=_sites)
+    sweep = commands.add_parser("sweep", help="run a sweep described in a YAML file; writes a table and a heatmap")
+    sweep.add_argument("config", help="YAML sweep config (see splice.config)")
+    sweep.set_defaults(run=_sweep)
     args = parser.parse_args(argv)
     from .errors import SpliceError
 

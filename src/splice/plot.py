@@ -47,3 +47,17 @@ def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def sweep_heatmap(table, path, metric: str | None = None, value: str = "effect", title: str | None = None):
+    """Heatmap of a sweep table: layer x head, or layer x position, whichever the variants vary."""
+    rows = table[table["variant"] >= 0]
+    metric = metric or rows["metric"].iloc[0]
+    rows = rows[rows["metric"] == metric]
+    columns = "head" if rows["head"].notna().any() else "pos" if rows["pos"].notna().any() else None
+    if columns is None:
+        raise ValueError("the sweep varies neither heads nor positions; plot its table directly")
+    grid = rows.pivot_table(index="layer", columns=columns, values=value, aggfunc="mean")
+    clean = table[(table["variant"] == -1) & (table["metric"] == metric)]["value"]
+    label = f"{metric} {value}" + (f" (clean {clean.iloc[0]:.3g})" if len(clean) else "")
+    return heatmap(grid, path, title=title or f"{metric}: {value} per {columns}", xlabel=columns, colorbar=label)

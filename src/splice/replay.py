@@ -17,16 +17,17 @@ from .frame import Frame
 from .sites import Site
 
 
-def _tile(value, n: int, k: int):
-    """Repeat every tensor whose first axis is the prompt batch n, k times (variant-major)."""
+def _tile(value, rows: set[int], k: int):
+    """Repeat k times (variant-major) every tensor whose first axis is batch-major over the prompt
+    batch: `rows` holds the sizes that means (n, and n x heads for ALiBi-style biases)."""
     if isinstance(value, torch.Tensor):
-        return value.repeat(k, *([1] * (value.dim() - 1))) if k > 1 and value.dim() > 0 and value.shape[0] == n and n > 1 else value
+        return value.repeat(k, *([1] * (value.dim() - 1))) if k > 1 and value.dim() > 0 and value.shape[0] in rows else value
     if isinstance(value, tuple):
-        return tuple(_tile(v, n, k) for v in value)
+        return tuple(_tile(v, rows, k) for v in value)
     if isinstance(value, list):
-        return [_tile(v, n, k) for v in value]
+        return [_tile(v, rows, k) for v in value]
     if isinstance(value, dict):
-        return {key: _tile(v, n, k) for key, v in value.items()}
+        return {key: _tile(v, rows, k) for key, v in value.items()}
     return value
 
 
@@ -69,6 +70,7 @@ class Trace:
         """Logits [k*n, tail, vocab] of k copies of the batch run from layer `start` on, with
         whatever edits the model's hook manager holds (rows v*n..(v+1)*n are copy v)."""
         n, manager = self.n, self.model._hooks
+        rows = {n, n * self.model.dims.n_heads} - {1}
         seq = self.logits.shape[1]
         mask = self.mask.repeat(k, 1) if self.mask is not None else None
         manager.begin(Frame(n * k, seq, 0, mask))
@@ -77,7 +79,7 @@ class Trace:
             hidden = hidden.repeat(k, *([1] * (hidden.dim() - 1)))
             for i in range(start, len(self.layers)):
                 args, kwargs = self.calls[i]
-                out = self.layers[i](hidden, *_tile(args, n, k), **_tile(kwargs, n, k))
+                out = self.layers[i](hidden, *_tile(args, rows, k), **_tile(kwargs, rows, k))
                 hidden = out[0] if isinstance(out, tuple) else out
             hidden = self.final_norm(hidden)
             if tail is not None:
@@ -92,11 +94,13 @@ class Trace:
         return logits
 
     def check(self) -> None:
-        """A replay of the whole stack must reproduce the model's own logits."""
+        """A replay of the whole stack, tiled twice, must reproduce the model's own logits in both
+        copies (this catches call arguments that were tiled wrongly or not at all)."""
         with torch.no_grad():
-            again = self.replay(0, 1, None)
-        if again.shape != self.logits.shape or not torch.allclose(again, self.logits, rtol=1e-4, atol=1e-4):
+            again = self.replay(0, 2, None)
+        expected = self.logits.repeat(2, *([1] * (self.logits.dim() - 1)))
+        if again.shape != expected.shape or not torch.allclose(again, expected, rtol=1e-4, atol=1e-4):
             raise SpliceError(
                 f"replaying {type(self.model.hf).__name__}'s layers does not reproduce its logits "
-                f"(max difference {(again - self.logits).abs().max():.3g}); run the sweep with prefix_reuse=False"
+                f"(shapes {list(again.shape)} vs {list(expected.shape)}); run the sweep with prefix_reuse=False"
             )

@@ -49,7 +49,11 @@ class PromptBatch:
     def __init__(self, model, items: list[dict]):
         self.items = items
         self.fields = sorted({k for item in items for k in item})
-        self.kwargs = tok.encode(model.tokenizer, [item["prompt"] for item in items], model.device)
+        if all("input_ids" in item for item in items):  # pre-tokenized data
+            pad = tok.pad_token_id(model.tokenizer) if model.tokenizer is not None else 0
+            self.kwargs = tok.left_pad([list(item["input_ids"]) for item in items], pad, model.device)
+        else:
+            self.kwargs = tok.encode(model.tokenizer, [item["prompt"] for item in items], model.device)
         self.input_ids = self.kwargs["input_ids"]
         self._model = model
         self._tokens: dict[str, torch.Tensor] = {}
@@ -73,9 +77,12 @@ def _items(data) -> list[dict]:
     items = [{"prompt": d} if isinstance(d, str) else dict(d) for d in data]
     if not items:
         raise SpliceError("a sweep needs at least one prompt")
-    missing = [i for i, item in enumerate(items) if "prompt" not in item]
+    missing = [i for i, item in enumerate(items) if "prompt" not in item and "input_ids" not in item]
     if missing:
-        raise SpliceError(f"data rows {missing[:5]} have no 'prompt' field")
+        raise SpliceError(f"data rows {missing[:5]} have neither a 'prompt' nor an 'input_ids' field")
+    for item in items:
+        if isinstance(item.get("input_ids"), torch.Tensor):
+            item["input_ids"] = item["input_ids"].tolist()
     return items
 
 

@@ -24,21 +24,25 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
+def left_pad(rows: list[list[int]], pad: int, device=None) -> dict:
+    """Model kwargs for token rows of different lengths: left padding, an attention mask and
+    position ids counting from each row's first real token (no mask when all rows are full)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+    if all(len(r) == width for r in rows):
+        return {"input_ids": ids.to(device)}
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
+
+
 def encode(tokenizer, inputs, device=None) -> dict:
     """Model keyword arguments for a string, list of strings, token tensor or tokenizer output."""
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
         tokenizer = _need(tokenizer)
-        rows = [tokenizer(text)["input_ids"] for text in inputs]
-        width = max(len(r) for r in rows)
-        pad = pad_token_id(tokenizer)
-        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
-        if all(len(r) == width for r in rows):
-            return {"input_ids": ids.to(device)}
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
+        return left_pad([tokenizer(text)["input_ids"] for text in inputs], pad_token_id(tokenizer), device)
     if isinstance(inputs, torch.Tensor):
         if inputs.dtype not in (torch.long, torch.int, torch.int32):
             raise SpliceError(f"token tensors must be integer ids; got dtype {inputs.dtype}")

@@ -65,10 +65,26 @@ class InterleavedHeads:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """A module that runs on tokens flattened to `[batch*pos, width]` (OPT's MLP), seen as
+    `[batch, pos, width]`; batch and pos are those of the layer's residual input (`base`)."""
+
+    needs_base = True
+
+    def read(self, full, base=None):
+        return full.view(*base.shape[:-1], full.shape[-1])
+
+    def write(self, full, new, base=None):
+        return new.reshape(full.shape)
+
+
+@dataclass(frozen=True)
 class ResidualSum:
     """The residual stream after a sublayer, seen from that sublayer's output: the model computes
     `base + full`, so the site is that sum, and writing `new` makes the sublayer contribute
     `new - base` (exact for zeroing; within one rounding otherwise)."""
+
+    needs_base = True
 
     def read(self, full, base=None):
         return base + full

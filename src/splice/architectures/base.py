@@ -47,7 +47,7 @@ class Point:
 
     @property
     def needs_base(self) -> bool:
-        return isinstance(self.view, ResidualSum)
+        return getattr(self.view, "needs_base", False)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ not a module: `fc1 -> act -> fc2` directly on the layer.
 
 The MLP runs on tokens flattened to `[batch*pos, ...]` (the layer reshapes the residual before
 `final_layer_norm`), so `mlp.in`, `mlp.post` and `mlp.out` have no `[batch, pos, ...]` tensor in
-the model and are not offered until a view can unflatten them (see `_MLP_POINTS`).
+the model; the `Tokens` view unflattens them with the batch and pos of the layer's input.
 Post-norm OPT (`do_layer_norm_before=False`, i.e. opt-350m) is refused: its residual stream is
 renormalised after each sublayer and it has no final norm."""
 
 from ..errors import SpliceError
-from ..views import Heads
+from ..views import Heads, Tokens
 from .base import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "model.decoder.layers.{l}"
@@ -34,13 +34,14 @@ def dims(config) -> Dims:
 def points(d: Dims) -> dict[str, Point]:
     attn = f"{LAYER}.self_attn"
     table = residual_stream_points(LAYER, attn, f"{LAYER}.fc1", "model.decoder.final_layer_norm")
-    for name in ("mlp.in", "mlp.out"):
-        del table[name]
     table.update({
         "attn.q": Point(f"{attn}.q_proj", "output", Heads(d.n_heads)),
         "attn.k": Point(f"{attn}.k_proj", "output", Heads(d.n_heads)),
         "attn.v": Point(f"{attn}.v_proj", "output", Heads(d.n_heads)),
         "attn.z": Point(f"{attn}.out_proj", "input", Heads(d.n_heads)),
+        "mlp.in": Point(f"{LAYER}.fc1", "input", Tokens()),
+        "mlp.post": Point(f"{LAYER}.fc2", "input", Tokens()),
+        "mlp.out": Point(f"{LAYER}.fc2", "output", Tokens()),
     })
     return table
 
