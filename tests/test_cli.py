@@ -1,5 +1,6 @@
 """`splice sites` on the embedded model, run as a user would."""
 
+import re
 import subprocess
 import sys
 
@@ -10,10 +11,47 @@ import pytest
 def test_sites_lists_names_and_shapes():
     out = subprocess.run([sys.executable, "-m", "splice.cli", "sites", "--filter", "blocks.29."], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "blocks.29.attn.k     [batch, pos, 3, 64]" in out.stdout
+    assert re.search(r"^blocks\.29\.attn\.k +\[batch, pos, 3, 64\]$", out.stdout, re.M)
+    assert re.search(r"^blocks\.29\.attn\.pattern +\[batch, 9, pos, k_pos\]$", out.stdout, re.M)
     assert "blocks.28." not in out.stdout
 
 
 def test_errors_are_reported_not_raised():
     out = subprocess.run([sys.executable, "-m", "splice.cli", "sites", "/nonexistent/model/dir"], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
+
+
+@pytest.mark.real
+def test_sweep_command_writes_table_and_heatmap(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    config = tmp_path / "ioi.yaml"
+    shutil.copy(Path(__file__).parent.parent / "examples" / "ioi_sweep.yaml", config)
+    out = subprocess.run([sys.executable, "-m", "splice.cli", "sweep", str(config)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "logit_diff: clean" in out.stdout and "kl_from_clean: clean" in out.stdout
+    table = pd.read_csv(tmp_path / "out" / "ioi_last_layers.csv")
+    assert len(table) == 2 * (4 * 9 + 1)
+    assert (tmp_path / "out" / "ioi_last_layers.jsonl").exists() and (tmp_path / "out" / "ioi_last_layers.png").stat().st_size > 1000
+    # Re-running resumes from the checkpoint: same table, nothing recomputed.
+    again = subprocess.run([sys.executable, "-m", "splice.cli", "sweep", str(config)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and pd.read_csv(tmp_path / "out" / "ioi_last_layers.csv").equals(table)
+
+
+def test_sweep_config_errors_are_clear(tmp_path):
+    from splice.config import load_config
+    from splice import SpliceError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z}\nmetrics: [logit_diff]\n")
+    with pytest.raises(SpliceError, match="interventions is required"):
+        load_config(bad)
+    bad.write_text("model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z, interventions: [{type: Zero}]}\nmetrics: [nope]\n")
+    with pytest.raises(SpliceError, match="unknown metric 'nope'"):
+        load_config(bad)
+    bad.write_text("!!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(Exception, match="constructor"):
+        load_config(bad)

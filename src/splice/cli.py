@@ -24,13 +24,18 @@ def _sweep(args) -> int:
     from pathlib import Path
 
     from .config import load_config
+    from .errors import SpliceError
     from .loading import load
     from .plot import sweep_heatmap
 
     config = load_config(args.config)
+    output = config.output
+    stem = Path(output.get("table", f"out/{config.sweep.name}.csv"))
+    checkpoint = config.run.get("checkpoint")
+    if checkpoint and Path(checkpoint).resolve() == stem.with_suffix(".jsonl").resolve():
+        raise SpliceError(f"run.checkpoint {checkpoint} is also where the table's JSONL copy goes; name it differently")
     model = load(config.model)
     table = config.sweep.run(model, config.data, **config.run)
-    output = config.output
     top = int(output.get("top", 10))
     for metric in table["metric"].unique():
         rows = table[(table["metric"] == metric) & (table["variant"] >= 0)]
@@ -38,7 +43,6 @@ def _sweep(args) -> int:
         print(f"\n{metric}: clean {clean:.4f}; the {top} variants with the largest effect")
         ranked = rows.reindex(rows["effect"].abs().sort_values(ascending=False).index).head(top)
         print(ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(index=False))
-    stem = Path(output.get("table", f"out/{config.sweep.name}.csv"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(stem.with_suffix(".csv"), index=False)
     table.to_json(stem.with_suffix(".jsonl"), orient="records", lines=True)
