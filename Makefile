@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(PY) examples/demo.py
+	$(PY) examples/ioi_head_sweep.py out
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -1,5 +1,6 @@
-"""Run every example in turn (what `make demo` runs). Each example asserts its own claims, so a
-failure stops the demo with the assertion that broke.
+"""A tour of the basics: run the recording, reconstruction, injection-board and steering examples in
+turn. Each asserts its own claims, so a failure stops the tour with the assertion that broke.
+(`make demo` runs the main job, examples/ioi_head_sweep.py.)
 
 The first run converts the embedded model to a safetensors cache (~25 s); later runs load it in
 a few seconds per example."""
