@@ -111,8 +111,9 @@ class Model:
             logits = self.forward(inputs, **kwargs)
         return logits, recording
 
-    def generate(self, inputs, edits=None, max_new_tokens: int = 20, **kwargs):
-        """Greedy (by default) generation under `edits`; returns the new text (a list for a batch)."""
+    def generate(self, inputs, edits=None, max_new_tokens: int = 20, return_tokens: bool = False, **kwargs):
+        """Greedy (by default) generation under `edits`; returns the new text (a list for a batch),
+        or with return_tokens=True the full token ids (prompt + generated, left-padded)."""
         batch = tok.encode(self.tokenizer, inputs, self.device)
         batch.pop("position_ids", None)  # generate derives positions from the attention mask
         if "attention_mask" not in batch:
@@ -121,6 +122,8 @@ class Model:
         kwargs.setdefault("pad_token_id", tok.pad_token_id(self.tokenizer) if self.tokenizer else 0)
         with self.edit(edits):
             ids = self.hf.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+        if return_tokens:
+            return ids
         new = ids[:, batch["input_ids"].shape[1]:]
         if self.tokenizer is None:
             return new

@@ -3,6 +3,8 @@ the embedding module, (1 + weight) RMS norms, tied lm_head."""
 
 from transformers import GemmaConfig, GemmaForCausalLM
 
+from .llama import hand_heads, hand_module, layers, mlp, norms  # noqa: F401  (same module tree as Llama)
+
 VOCAB = 97
 
 
@@ -13,35 +15,3 @@ def tiny():
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return GemmaForCausalLM(config)
-
-
-def layers(hf):
-    return hf.model.layers
-
-
-def norms(hf, layer):
-    block = hf.model.layers[layer]
-    return block.input_layernorm, block.post_attention_layernorm
-
-
-def mlp(hf, layer):
-    return hf.model.layers[layer].mlp
-
-
-def hand_module(hf, point, layer):
-    # GemmaDecoderLayer: r = x + self_attn(hidden_states=input_layernorm(x))[0];
-    # out = r + mlp(post_attention_layernorm(r)). Layer 0's input is embed_tokens(ids) * sqrt(d_model).
-    block = hf.model.layers[layer]
-    a = block.self_attn
-    return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.q_proj, "out"), "attn.k": (a.k_proj, "out"),
-        "attn.v": (a.v_proj, "out"), "attn.z": (a.o_proj, "in"), "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"),
-        "mlp.post": (block.mlp.down_proj, "in"), "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.model.norm, "out"), "logits": (hf.lm_head, "out"),
-    }[point]
-
-
-def hand_heads(hf, point):
-    c = hf.config
-    heads = c.num_attention_heads if point in ("attn.q", "attn.z") else c.num_key_value_heads
-    return (lambda t: t.reshape(*t.shape[:-1], heads, c.head_dim)), (lambda t, new: new.reshape(t.shape))

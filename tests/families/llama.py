@@ -40,4 +40,5 @@ def hand_module(hf, point, layer):
 def hand_heads(hf, point):
     c = hf.config
     heads = c.num_attention_heads if point in ("attn.q", "attn.z") else c.num_key_value_heads
-    return (lambda t: t.reshape(*t.shape[:-1], heads, c.head_dim)), (lambda t, new: new.reshape(t.shape))
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (lambda t: t.reshape(*t.shape[:-1], heads, d_head)), (lambda t, new: new.reshape(t.shape))

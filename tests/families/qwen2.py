@@ -2,6 +2,8 @@
 
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .llama import hand_heads, hand_module, layers, mlp, norms  # noqa: F401  (same module tree as Llama)
+
 VOCAB = 97
 
 
@@ -12,36 +14,3 @@ def tiny():
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return Qwen2ForCausalLM(config)
-
-
-def layers(hf):
-    return hf.model.layers
-
-
-def norms(hf, layer):
-    block = hf.model.layers[layer]
-    return block.input_layernorm, block.post_attention_layernorm
-
-
-def mlp(hf, layer):
-    return hf.model.layers[layer].mlp
-
-
-def hand_module(hf, point, layer):
-    # Qwen2DecoderLayer: r = x + self_attn(hidden_states=input_layernorm(x))[0];
-    # out = r + mlp(post_attention_layernorm(r)). q/k/v_proj carry a bias (in their output), o_proj none.
-    block = hf.model.layers[layer]
-    a = block.self_attn
-    return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.q_proj, "out"), "attn.k": (a.k_proj, "out"),
-        "attn.v": (a.v_proj, "out"), "attn.z": (a.o_proj, "in"), "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"),
-        "mlp.post": (block.mlp.down_proj, "in"), "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.model.norm, "out"), "logits": (hf.lm_head, "out"),
-    }[point]
-
-
-def hand_heads(hf, point):
-    c = hf.config
-    d_head = c.hidden_size // c.num_attention_heads
-    heads = c.num_attention_heads if point in ("attn.q", "attn.z") else c.num_key_value_heads
-    return (lambda t: t.reshape(*t.shape[:-1], heads, d_head)), (lambda t, new: new.reshape(t.shape))
