@@ -197,10 +197,10 @@ class Sweep:
         for b, batch in enumerate(batches):
             if all(store.has(v.id, b) for v in variants) and store.has(-1, b):
                 continue
-            trace = Trace(model, batch.kwargs)
+            trace = Trace(model, batch.kwargs, tail)
             if b == 0 and prefix_reuse:
                 trace.check()
-            clean = trace.logits if tail is None else trace.logits[:, -tail:]
+            clean = trace.logits
             if not store.has(-1, b):
                 store.add([self._record(-1, b, clean, clean, batch)])
                 bar.update(1)
