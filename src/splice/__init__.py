@@ -4,15 +4,16 @@ from .architectures import ARCHITECTURES, Layout
 from .architectures.base import Architecture, Dims, Point
 from .edits import Edits
 from .errors import SpliceError
+from .directional import Apply, Clamp, Project, ProjectOut
 from .interventions import Add, Intervention, Replace, Scale, Zero
 from .loading import embedded_model_dir, load, load_hf
 from .model import Model
 from .recording import Recording
 from .sweep import Sweep
-from . import metrics, plot, tokens
+from . import metrics, plot, steering, tokens
 
 __all__ = [
-    "ARCHITECTURES", "Add", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
-    "Recording", "Replace", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "plot", "embedded_model_dir", "load", "load_hf",
+    "ARCHITECTURES", "Add", "Apply", "Clamp", "Project", "ProjectOut", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
+    "Recording", "Replace", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "plot", "steering", "embedded_model_dir", "load", "load_hf",
 ]
 __version__ = "0.1.0"

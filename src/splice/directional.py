@@ -1,0 +1,211 @@
+"""Directional and functional interventions: project onto / out of directions, clamp, apply a function.
+
+`Project(directions)` keeps only the component of each selected vector that lies in the span of
+the directions; `ProjectOut(directions)` removes it (directional ablation, e.g. of a "refusal
+direction"). Directions act on the site's last axis (d_model, d_head, d_mlp, ...), the same way
+for every selected row, position and head. `directions` is one direction (`[d]`), several (`[k, d]`
+or a list of `[d]` tensors) that need not be orthogonal, normalised or even independent: an
+orthonormal basis of their span is computed once, in float64, when the intervention is built (the
+directions you passed are what is stored, shown and serialised). With no directions at all (`[]`
+or a `[0, d]` tensor) `ProjectOut` is an exact identity (the region comes back unchanged, bit for
+bit) and `Project` gives zeros (the span of nothing is {0}).
+
+`dims=` is refused with `Project`/`ProjectOut`: a projection mixes every coordinate of the last
+axis, so restricting it to some of them would quietly change what "the span of the directions"
+means. To act on a subspace of coordinates, use directions that are zero outside it.
+
+`Clamp(min=, max=)` bounds the selection elementwise (numbers, or tensors that broadcast to it).
+`Apply(fn)` is the escape hatch: `fn(region)` returns a tensor of the region's shape and dtype
+(checked by the dispatcher); it holds a Python function, so it cannot be serialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import SpliceError
+from . import interventions
+from .interventions import At, Intervention, as_value, broadcast_to_region
+
+_EMPTY_SHAPE = (0, 0)
+
+
+def _as_directions(value, kind: str) -> torch.Tensor:
+    """User directions as a floating [d] or [k, d] tensor ([0, 0] when there are none); refuses
+    anything ambiguous."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            return torch.zeros(_EMPTY_SHAPE)
+        if not all(isinstance(v, torch.Tensor) for v in value):
+            kinds = sorted({type(v).__name__ for v in value})
+            raise SpliceError(f"{kind} directions: a list must hold 1-D tensors (one direction each); got {', '.join(kinds)}")
+        widths = {tuple(v.shape) for v in value}
+        if any(v.dim() != 1 for v in value) or len(widths) > 1:
+            raise SpliceError(f"{kind} directions: a list must hold 1-D tensors of one width; got shapes {[list(v.shape) for v in value]}")
+        value = torch.stack([v.detach() for v in value])
+    if not isinstance(value, torch.Tensor):
+        raise SpliceError(f"{kind} directions must be a [d] or [k, d] tensor or a list of [d] tensors; got {type(value).__name__}")
+    value = value.detach()
+    if value.dim() not in (1, 2):
+        raise SpliceError(f"{kind} directions must be a [d] or [k, d] tensor; got shape {list(value.shape)}")
+    if value.numel() == 0 and (value.dim() == 1 or value.shape[0] == 0):
+        # One canonical empty form, so that an empty [0, d] survives a to_dict/from_dict round trip.
+        return torch.zeros(_EMPTY_SHAPE, dtype=value.dtype if value.is_floating_point() else torch.float32)
+    if not value.is_floating_point():
+        raise SpliceError(f"{kind} directions have dtype {value.dtype}; pass a floating-point tensor")
+    if not torch.isfinite(value).all():
+        raise SpliceError(f"{kind} directions contain NaN or infinite values")
+    norms = value.double().reshape(-1, value.shape[-1]).norm(dim=-1)
+    zero = [i for i, n in enumerate(norms.tolist()) if n == 0]
+    if zero:
+        raise SpliceError(f"{kind} direction(s) {zero} are all zeros: a zero vector spans no direction")
+    return value.clone()
+
+
+def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
+    """A float64 [r, d] orthonormal basis (rows) of the span of the rows of `directions` (by SVD,
+    which unlike QR also copes with dependent rows); r is their numerical rank at the precision of
+    their dtype, so dependent directions add nothing."""
+    a = directions.double().reshape(-1, directions.shape[-1])
+    if a.shape[0] == 1:
+        return a / a.norm()
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    # Singular values below the rounding of the dtype the directions came in are not directions.
+    tol = s.max() * max(a.shape) * torch.finfo(directions.dtype).eps
+    return vh[: int((s > tol).sum())].contiguous()
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _Directional(Intervention):
+    directions: Any
+
+    def __post_init__(self):
+        super().__post_init__()
+        kind = type(self).__name__
+        if self.dims is not None:
+            raise SpliceError(
+                f"{kind} does not take dims=: a projection acts on the whole last axis of the site. "
+                "To project within some coordinates only, use directions that are zero outside them"
+            )
+        directions = _as_directions(self.directions, kind)
+        object.__setattr__(self, "directions", directions)
+        object.__setattr__(self, "_basis", orthonormal_basis(directions) if directions.numel() else None)
+
+    @property
+    def width(self) -> int | None:
+        """Length of each direction (the site's last axis must match), None when there are none."""
+        return int(self.directions.shape[-1]) if self.directions.numel() else None
+
+    @property
+    def rank(self) -> int:
+        """Dimension of the span of the directions."""
+        return 0 if self._basis is None else int(self._basis.shape[0])
+
+    def values(self):
+        # One row stands for all of them: the static check compares its width with the site.
+        if self.width is None:
+            return {}
+        return {f"{type(self).__name__} direction": self.directions.reshape(-1, self.width)[0]}
+
+    def _projection(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        if region.shape[-1] != self.width:
+            raise SpliceError(
+                f"{type(self).__name__} directions at {at.site} have width {self.width}, but the site's last "
+                f"axis has size {region.shape[-1]} (selected region shape {list(region.shape)})"
+            )
+        work = torch.promote_types(region.dtype, torch.float32)
+        basis = self._basis.to(device=region.device, dtype=work)
+        x = region.to(work)
+        return ((x @ basis.T) @ basis).to(region.dtype)
+
+
+interventions._REGISTRY.pop(_Directional.__name__, None)  # a shared base, not an intervention of its own
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Project(_Directional):
+    """Keep only the component of the selected vectors in the span of `directions` (last axis)."""
+
+    def compute(self, region, at):
+        if self._basis is None:
+            return torch.zeros_like(region)  # the span of nothing is {0}
+        return self._projection(region, at)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ProjectOut(_Directional):
+    """Remove the component of the selected vectors in the span of `directions` (directional
+    ablation). No directions: the selection is returned unchanged, bit for bit."""
+
+    def compute(self, region, at):
+        if self._basis is None:
+            return region
+        return region - self._projection(region, at)
+
+
+def _bound(value, what: str):
+    if value is None or isinstance(value, torch.Tensor):
+        return value.detach() if isinstance(value, torch.Tensor) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise SpliceError(f"Clamp {what} must be a number, a tensor or None; got {type(value).__name__}")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Clamp(Intervention):
+    """Clamp the selection elementwise to [min, max] (either may be None; numbers or tensors that
+    broadcast to the selection). `Clamp()` changes nothing."""
+
+    min: Any = None
+    max: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        lo, hi = _bound(self.min, "min"), _bound(self.max, "max")
+        object.__setattr__(self, "min", lo)
+        object.__setattr__(self, "max", hi)
+        if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
+            raise SpliceError(f"Clamp min {lo} is greater than max {hi}")
+
+    def compute(self, region, at):
+        if self.min is None and self.max is None:
+            return region
+        lo = None if self.min is None else broadcast_to_region(as_value(self.min, region, "Clamp min", at.site), region, at, "Clamp min")
+        hi = None if self.max is None else broadcast_to_region(as_value(self.max, region, "Clamp max", at.site), region, at, "Clamp max")
+        return torch.clamp(region, min=lo, max=hi)
+
+    def values(self):
+        return {"Clamp min": self.min, "Clamp max": self.max}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Apply(Intervention):
+    """`fn(region)` gives the new values of the selection: any tensor of the region's shape and
+    dtype (checked, naming the site and both shapes). It must not modify `region` in place.
+    Not serialisable: `to_dict` refuses it."""
+
+    fn: Any = None
+
+    serialisable: ClassVar[bool] = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not callable(self.fn):
+            raise SpliceError(f"Apply needs a function region -> tensor; got {type(self.fn).__name__}")
+
+    def compute(self, region, at):
+        return self.fn(region)
+
+    def to_dict(self) -> dict:
+        raise SpliceError(
+            f"{self!r} holds a Python function and cannot be serialised (to_dict, Edits.save): "
+            "rebuild it in code, or express the edit with serialisable interventions"
+        )
+
+    def __repr__(self):
+        name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        inner = [name] + [f"{n}={v!r}" for n in ("pos", "heads", "dims", "rows") if (v := getattr(self, n)) is not None]
+        return f"Apply({', '.join(inner)})"
