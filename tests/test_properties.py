@@ -13,7 +13,7 @@ from families import FAMILIES
 from splice import strategies as sst
 
 BATCH, SEQ = 2, 8
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
