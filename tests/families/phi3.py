@@ -4,6 +4,8 @@ widths: [Q (6*8) | K (2*8) | V (2*8)]. Fused gate_up_proj; residual dropout modu
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from .llama import layers, mlp, norms  # noqa: F401  (same layer / norm / MLP paths as Llama)
+
 VOCAB = 97
 
 
@@ -14,19 +16,6 @@ def tiny():
         sliding_window=None, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return Phi3ForCausalLM(config)
-
-
-def layers(hf):
-    return hf.model.layers
-
-
-def norms(hf, layer):
-    block = hf.model.layers[layer]
-    return block.input_layernorm, block.post_attention_layernorm
-
-
-def mlp(hf, layer):
-    return hf.model.layers[layer].mlp
 
 
 def hand_module(hf, point, layer):
