@@ -77,3 +77,15 @@ def read_site(hf, family, site: str, tensor):
     """The site view of a module tensor, by hand."""
     point, _ = _split(site)
     return FAMILIES[family].hand_heads(hf, point)[0](tensor) if point in HEAD_POINTS else tensor
+
+
+def hand_and_splice(model, hf, family, site, intervention, hand, ids):
+    """(logits with the hand-written hook, logits with the splice edit) for the same input."""
+    handle = register(hf, family, site, hand)
+    try:
+        expected = hf(ids).logits
+    finally:
+        handle.remove()
+    with model.edit({site: intervention}):
+        got = hf(ids).logits
+    return expected, got

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import splice
-from handhooks import register
+from handhooks import hand_and_splice
 from splice.directional import Apply, Clamp, Project, ProjectOut
 from splice.interventions import Intervention
 
@@ -75,13 +75,7 @@ def test_directional_edits_match_hand_written_hooks(model, hf, family, ids, site
     with torch.no_grad():
         clean = hf(ids).logits
         for intervention, hand, exact in cases(shape[-1], n_heads):
-            handle = register(hf, family, site, hand)
-            try:
-                expected = hf(ids).logits
-            finally:
-                handle.remove()
-            with model.edit({site: intervention}):
-                got = hf(ids).logits
+            expected, got = hand_and_splice(model, hf, family, site, intervention, hand, ids)
             if exact:
                 assert torch.equal(got, expected), f"{site} {intervention!r}: max diff {(got - expected).abs().max():.3g}"
             else:  # float32 projection vs float64 projector: rounding only

@@ -5,7 +5,7 @@ import torch
 
 import splice
 from families import FAMILIES, after_mlp_proj, parallel
-from handhooks import register
+from handhooks import hand_and_splice, register
 
 
 def _set(index, fn):
@@ -74,13 +74,7 @@ def test_edit_matches_hand_written_hook(model, hf, family, ids, site):
     n_heads = shape[-2] if heads else 2
     for intervention, hand in cases(shape[-1], heads, n_heads):
         with torch.no_grad():
-            handle = register(hf, family, site, hand)
-            try:
-                expected = hf(ids).logits
-            finally:
-                handle.remove()
-            with model.edit({site: intervention}):
-                got = hf(ids).logits
+            expected, got = hand_and_splice(model, hf, family, site, intervention, hand, ids)
             clean = hf(ids).logits
         assert torch.equal(got, expected), f"{site} {intervention!r}: max diff {(got - expected).abs().max():.3g}"
         if not torch.equal(expected, clean):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..views import WHOLE, ResidualSum
+from ..views import WHOLE, InterleavedHeads, ResidualSum
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,8 @@ def residual_stream_points(layer: str, attn: str, mlp: str, final_norm: str, att
         "final_norm": Point(final_norm, "output"),
         "logits": Point("lm_head", "output"),
     }
+
+
+def interleaved_qkv_points(qkv: str, heads: int) -> dict[str, Point]:
+    """q/k/v of a fused projection laid out per head as [q k v] (GPT-NeoX, BLOOM, Falcon)."""
+    return {f"attn.{part}": Point(qkv, "output", InterleavedHeads(heads, 3, i)) for i, part in enumerate("qkv")}

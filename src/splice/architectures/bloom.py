@@ -10,8 +10,8 @@ sites do not add up) and `pretraining_tp > 1` with `slow_but_exact` (the project
 applied slice by slice, never called as modules)."""
 
 from ..errors import SpliceError
-from ..views import WHOLE, Heads, InterleavedHeads
-from .base import Architecture, Dims, Point, residual_stream_points
+from ..views import WHOLE, Heads
+from .base import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
 
 LAYER = "transformer.h.{l}"
 
@@ -31,10 +31,8 @@ def points(d: Dims) -> dict[str, Point]:
     attn, mlp = f"{LAYER}.self_attention", f"{LAYER}.mlp"
     qkv = f"{attn}.query_key_value"
     table = residual_stream_points(LAYER, attn, mlp, "transformer.ln_f")
+    table.update(interleaved_qkv_points(qkv, d.n_heads))
     table.update({
-        "attn.q": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 0)),
-        "attn.k": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 1)),
-        "attn.v": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 2)),
         "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
         "attn.out": Point(f"{attn}.dense", "output"),
         "resid_mid": Point(attn, "output", WHOLE),  # the attention module adds the residual itself

@@ -3,8 +3,8 @@
 axis), partial rotary after the split, and a parallel residual unless `use_parallel_residual` is
 false (then attention and MLP are sequential, as in GPT-2)."""
 
-from ..views import Heads, InterleavedHeads
-from .base import Architecture, Dims, Point, residual_stream_points
+from ..views import Heads
+from .base import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
 
 LAYER = "gpt_neox.layers.{l}"
 
@@ -19,10 +19,8 @@ def points(d: Dims) -> dict[str, Point]:
     attn = f"{LAYER}.attention"
     qkv = f"{attn}.query_key_value"
     table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "gpt_neox.final_layer_norm")
+    table.update(interleaved_qkv_points(qkv, d.n_heads))
     table.update({
-        "attn.q": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 0)),
-        "attn.k": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 1)),
-        "attn.v": Point(qkv, "output", InterleavedHeads(d.n_heads, 3, 2)),
         "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
         "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
     })
