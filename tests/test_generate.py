@@ -104,3 +104,23 @@ def test_negative_positions_are_refused_while_generating(gen):
     assert model.hook_count == 0
     with torch.no_grad(), model.edit({"blocks.0.resid_post": splice.Zero(pos=-1)}):
         hf(ids)  # fine in a plain forward: -1 is the last token
+
+
+def test_pattern_edits_cannot_reach_future_keys(gen):
+    """Regression (found by the property above): adding to a query's pattern row must leave its
+    future keys at 0, or uncached decoding would let early tokens read later ones."""
+    model, hf = gen
+    if "blocks.0.attn.pattern" not in model.sites:  # inline-attention families: asserted, not skipped
+        assert "attn.pattern" not in model.layout.points
+        return
+    ids = torch.randint(1, 90, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    edits = {"blocks.0.attn.pattern": splice.Add(1.0, pos=0, scale=2.0)}
+    with model.edit(edits):
+        cached = _generate(hf, ids, use_cache=True)
+        uncached = _generate(hf, ids, use_cache=False)
+        with model.record("blocks.0.attn.pattern") as rec, torch.no_grad():
+            hf(ids)
+    assert torch.equal(cached, uncached)
+    pattern = rec["blocks.0.attn.pattern"]
+    assert torch.all(pattern[:, :, 0, 0] == 3.0)  # query 0 attends only to key 0 (1.0), plus 2.0
+    assert torch.all(pattern.triu(1) == 0)  # what the recording shows is what the model used

@@ -59,13 +59,14 @@ def _attention_with_sites(manager, layer, module, query, key, value, attention_m
         scores = scores.masked_fill(blocked, lowest)
     action = manager.plan.get(f"blocks.{layer}.attn.scores")
     if action is not None:
-        edited = manager.process(action, scores, frame)
         # Masked pairs stay masked whatever the edit did (a scaled minimum would overflow).
-        scores = edited.masked_fill(blocked, lowest) if blocked is not None and edited is not scores else edited
+        scores = manager.process(action, scores, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, lowest))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     action = manager.plan.get(f"blocks.{layer}.attn.pattern")
     if action is not None:
-        pattern = manager.process(action, pattern, frame)
+        # Pairs the mask forbids stay at 0: an edit must not let a token attend to a future (or
+        # padding) key, which cached decoding could not reproduce.
+        pattern = manager.process(action, pattern, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, 0.0))
     weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, pattern

@@ -49,7 +49,7 @@ def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Fram
     if region is None:
         return x
     selected = x[region.index]
-    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing))
+    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing, axes))
     _check_same(name, selected, values, f"{type(edit).__name__} result")
     out = x.clone()
     out[region.index] = values
@@ -153,13 +153,18 @@ class HookManager:
             return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1)
         return self.frame
 
-    def process(self, action: Action, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        """Apply a site's edits in order, then hand the result to its recorders."""
+    def process(self, action: Action, x: torch.Tensor, frame: Frame, settle=None) -> torch.Tensor:
+        """Apply a site's edits in order, then hand the result to its recorders. `settle(x)`
+        restores invariants the edits may not break (e.g. masked attention pairs) before
+        recorders see the tensor the model will use."""
         name = action.site.name
         if action.edits:
             axes = self.layout.axes(action.site)
+            produced = x
             for edit in action.edits:
                 x = apply_edit(edit, x, name, axes, frame)
+            if settle is not None and x is not produced:
+                x = settle(x)
         for recording in action.recorders:
             recording._store(name, x)
         frame.fired.add(name)
