@@ -51,6 +51,25 @@ def test_identity_edits_leave_logits_bit_identical(setup, edits):
     assert model.hook_count == 0
 
 
+def _site_and_selection(model, batch):
+    return sst.sites(model, MODULE_POINTS).flatmap(lambda site: sst.selections(model, site, SEQ, batch).map(lambda sel: (site, sel)))
+
+
+@_given(lambda m: st.tuples(_site_and_selection(m, BATCH), _site_and_selection(m, 1)))
+def test_patching_a_run_with_itself_and_its_own_mean_are_bit_identical(setup, drawn):
+    model, hf, ids, clean = setup
+    (site, sel), (one_site, one_sel) = drawn
+    with torch.no_grad():
+        _, recording = model.run(ids, record=site)
+        with model.edit({site: splice.Patch(recording, **sel)}):
+            assert torch.equal(hf(ids).logits, clean), (site, sel)
+        one = ids[:1]
+        one_clean, reference = model.run(one, record=one_site, mode="accumulate")
+        with model.edit({one_site: splice.Mean(reference, per_position=True, **one_sel)}):
+            assert torch.equal(hf(one).logits, one_clean), (one_site, one_sel)
+    assert model.hook_count == 0
+
+
 def _attention_edits(model):
     if "blocks.0.attn.pattern" not in model.sites:  # inline-attention families: asserted, not skipped
         assert "attn.pattern" not in model.layout.points

@@ -6,14 +6,15 @@ from .edits import Edits
 from .errors import SpliceError
 from .directional import Apply, Clamp, Project, ProjectOut
 from .interventions import Add, Intervention, Replace, Scale, Zero
+from .sources import Mean, Patch, Resample
 from .loading import embedded_model_dir, load, load_hf
 from .model import Model
 from .recording import Recording
 from .sweep import Sweep
-from . import metrics, plot, steering, tokens
+from . import metrics, patching, plot, steering, tokens
 
 __all__ = [
     "ARCHITECTURES", "Add", "Apply", "Clamp", "Project", "ProjectOut", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
-    "Recording", "Replace", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "plot", "steering", "embedded_model_dir", "load", "load_hf",
+    "Mean", "Patch", "Recording", "Replace", "Resample", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "patching", "plot", "steering", "embedded_model_dir", "load", "load_hf",
 ]
 __version__ = "0.1.0"

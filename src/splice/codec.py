@@ -1,4 +1,4 @@
-"""JSON-safe encoding of intervention fields (tensors, slices, tuples) and back."""
+"""JSON-safe encoding of intervention fields (tensors, slices, tuples, site -> tensor mappings) and back."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def encode(value):
         return {"slice": [value.start, value.stop, value.step]}
     if isinstance(value, tuple):
         return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {"mapping": {str(k): encode(v) for k, v in value.items()}}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise SpliceError(f"cannot serialise {type(value).__name__} value {value!r}")
@@ -26,7 +28,9 @@ def decode(value):
             return torch.tensor(value["tensor"], dtype=dtype)
         if "slice" in value:
             return slice(*value["slice"])
-        raise SpliceError(f"cannot decode {value!r}: expected a tensor or slice record")
+        if "mapping" in value:
+            return {k: decode(v) for k, v in value["mapping"].items()}
+        raise SpliceError(f"cannot decode {value!r}: expected a tensor, slice or mapping record")
     if isinstance(value, list):
         return tuple(decode(v) for v in value)
     return value

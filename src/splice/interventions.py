@@ -26,6 +26,7 @@ class At(NamedTuple):
     full_shape: tuple
     masked: bool
     trailing: tuple = ()  # selectors of the axes after pos (heads, dims)
+    axes: tuple = ()  # the site's axis names, e.g. ("batch", "pos", "head", "d_head")
 
 
 _REGISTRY: dict[str, type["Intervention"]] = {}
@@ -37,10 +38,14 @@ def _describe(value) -> str:
         if value.numel() == 1:
             return f"tensor({value.item():.4g})"
         return f"<tensor {str(value.dtype).removeprefix('torch.')} {list(value.shape)}>"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
 def _same(a, b) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
     return a == b

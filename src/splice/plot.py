@@ -8,11 +8,12 @@ import torch
 
 
 def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "layer", cmap: str = "RdBu_r",
-            center: float | None = 0.0, colorbar: str = "", annotate_top: int = 0):
+            center: float | None = 0.0, colorbar: str = "", annotate_top: int = 0, xticklabels=None):
     """Save a [rows, cols] grid (tensor, array or DataFrame) as a heatmap PNG; returns the path.
 
     With `center`, the colour scale is symmetric around it (effects of ablations read as
-    blue = lower, red = higher); `annotate_top` writes the values of the k largest cells."""
+    blue = lower, red = higher); `annotate_top` writes the values of the k largest cells;
+    `xticklabels` names the columns (e.g. the prompt's tokens for a layer x position grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +35,7 @@ def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.set_xticks(range(cols), labels_x or range(cols), fontsize=7)
+    ax.set_xticks(range(cols), xticklabels or labels_x or range(cols), fontsize=7, rotation=90 if xticklabels else 0)
     ax.set_yticks(range(rows), labels_y or range(rows), fontsize=7)
     fig.colorbar(image, ax=ax, label=colorbar)
     if annotate_top:

@@ -71,6 +71,38 @@ class PromptBatch:
         return self._tokens[field]
 
 
+def source_batch(model, batch: PromptBatch, field: str) -> PromptBatch:
+    """The prompts of data field `field` (text or token ids) as a batch with the other fields."""
+    items = []
+    for item in batch.items:
+        if field not in item:
+            raise SpliceError(f"Patch({field!r}) reads the data field {field!r}, which the data does not have (fields: {batch.fields})")
+        value = item[field]
+        items.append({**item, **({"prompt": value} if isinstance(value, str) else {"input_ids": list(value)})})
+    return PromptBatch(model, items)
+
+
+def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
+    """Variants whose Patch names a data field, given that field's activations for this batch
+    (one clean forward per field, recording only the sites those variants patch)."""
+    from .sources import Patch
+
+    by_field: dict[str, set[str]] = {}
+    for v in variants:
+        if isinstance(v.intervention, Patch) and isinstance(v.intervention.source, str):
+            by_field.setdefault(v.intervention.source, set()).add(v.site)
+    recorded = {}
+    for field_name, sites in by_field.items():
+        with torch.no_grad(), model.record(sorted(sites)) as recording:
+            model.hf(**source_batch(model, batch, field_name).kwargs, use_cache=False)
+        recorded[field_name] = dict(recording)
+    return [
+        dataclasses.replace(v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source]))
+        if isinstance(v.intervention, Patch) and isinstance(v.intervention.source, str) else v
+        for v in variants
+    ]
+
+
 def _items(data) -> list[dict]:
     if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame
         data = data.to_dict("records")
@@ -204,7 +236,7 @@ class Sweep:
             if not store.has(-1, b):
                 store.add([self._record(-1, b, clean, clean, batch)])
                 bar.update(1)
-            todo = [v for v in variants if not store.has(v.id, b)]
+            todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
             run_chunk = self._batched if prefix_reuse else self._sequential
             for start, group in groupby(sorted(todo, key=lambda v: v.start_layer), key=lambda v: v.start_layer):
                 group = list(group)
@@ -243,32 +275,44 @@ class Sweep:
         return torch.cat(outs)
 
     def _table(self, variants, store, n_batches):
-        import pandas as pd
-
         def mean(variant_id, metric):
             values = [x for b in range(n_batches) for x in store.done[(variant_id, b)]["values"][metric]]
             return sum(values) / len(values)
 
-        rows = []
-        for metric in self.metrics:
-            clean = mean(-1, metric.name)
-            rows.append({"variant": -1, "site": "clean", "layer": None, "head": None, "pos": None,
-                         "intervention": "none", "metric": metric.name, "value": clean, "clean": clean,
-                         "effect": 0.0, "relative": 0.0})
-            for v in variants:
-                value = mean(v.id, metric.name)
-                rows.append({"variant": v.id, "site": v.site, "layer": v.layer, "head": v.head, "pos": v.pos,
-                             "intervention": repr(v.intervention), "metric": metric.name, "value": value,
-                             "clean": clean, "effect": value - clean,
-                             "relative": (value - clean) / abs(clean) if clean else float("nan")})
-        table = pd.DataFrame(rows)
-        for column in ("layer", "head", "pos"):
-            table[column] = table[column].astype("Int64")
-        return table
+        return tidy_table(self.metrics, variants, mean)
 
 
-def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30) -> int:
-    """Rows of one variant forward that fit a rough activation budget."""
+def tidy_table(metrics, variants, value_of, label=repr):
+    """One row per (variant, metric), after a baseline row (variant -1) per metric:
+    `value_of(variant_id, metric_name)` gives the mean metric value, -1 the unedited run's."""
+    import pandas as pd
+
+    rows = []
+    for metric in metrics:
+        clean = value_of(-1, metric.name)
+        rows.append({"variant": -1, "site": "clean", "layer": None, "head": None, "pos": None,
+                     "intervention": "none", "metric": metric.name, "value": clean, "clean": clean,
+                     "effect": 0.0, "relative": 0.0})
+        for v in variants:
+            value = value_of(v.id, metric.name)
+            rows.append({"variant": v.id, "site": v.site, "layer": v.layer, "head": v.head, "pos": v.pos,
+                         "intervention": label(v.intervention), "metric": metric.name, "value": value,
+                         "clean": clean, "effect": value - clean,
+                         "relative": (value - clean) / abs(clean) if clean else float("nan")})
+    table = pd.DataFrame(rows)
+    for column in ("layer", "head", "pos"):
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_tokens: int = 2048) -> int:
+    """Rows of one variant forward: what fits a rough activation budget, and on a CPU no more
+    than about `cpu_tokens` tokens, because there a forward whose activations stay in cache runs
+    faster per row (measured: 64 rows x 32 tokens of GPT-2 small ran ~10% faster per row than
+    192; see benchmarks/README.md). Accelerators take the whole budget."""
     d = model.dims
     per_row = seq * (16 * d.d_model + 4 * d.d_mlp + 2 * d.n_heads * seq) * 4 + (tail or seq) * d.vocab * 4 * 2
-    return max(1, int(budget_bytes // per_row))
+    rows = max(1, int(budget_bytes // per_row))
+    if model.device.type == "cpu":
+        rows = min(rows, max(1, cpu_tokens // seq))
+    return rows

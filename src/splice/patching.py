@@ -1,0 +1,166 @@
+"""Activation patching: exact patching sweeps, attribution patching, and reference means.
+
+Data rows hold the corrupted prompt in "prompt" (or "input_ids"), the clean prompt in another
+field ("clean" by default) and the metric's fields (e.g. answer tokens). `patch_sweep` patches
+every selected site / position / head from the clean run into the corrupted one, as a batched
+`Sweep`; `attribution` estimates the same table from one clean forward and one corrupted forward
+and backward (the first-order approximation (clean - corrupt) . d metric / d activation).
+Both report the normalised metric (patched - corrupt) / (clean - corrupt): 0 = no effect,
+1 = the patch restores the clean behaviour.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SpliceError
+from .frame import Frame
+from .interventions import Add
+from .metrics import Metric
+from .selection import locate
+from .sources import Patch, _site_axes
+from .sweep import PromptBatch, Sweep, _items, source_batch, tidy_table
+
+__all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
+
+
+def cache(model, inputs, sites="*"):
+    """One forward (no gradients) of `inputs`, recording `sites`: a source for Patch/Resample."""
+    with torch.no_grad():
+        return model.run(inputs, record=sites)[1]
+
+
+def mean_reference(model, prompts, sites, per_position: bool = False, batch_size: int = 16) -> dict:
+    """{site: mean activation} over `prompts`, counting real tokens only (padding is left out),
+    for `Mean(reference=...)`. With per_position=True every prompt must have one length."""
+    names = model.resolve(sites) if isinstance(sites, (str, tuple)) else [n for key in sites for n in model.resolve(key)]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for i in range(0, len(prompts), batch_size):
+        batch = PromptBatch(model, _items(prompts[i : i + batch_size]))
+        mask = batch.kwargs.get("attention_mask")
+        if per_position and mask is not None:
+            raise SpliceError("mean_reference(per_position=True) needs prompts of one length (these are padded)")
+        with torch.no_grad(), model.record(names) as recording:
+            model.hf(**batch.kwargs, use_cache=False)
+        for name in names:
+            x = recording[name].double()
+            p = _site_axes(name).index("pos")
+            if per_position:
+                total = x.sum(0, keepdim=True)
+            else:
+                if mask is not None:
+                    shape = [1] * x.dim()
+                    shape[0], shape[p] = mask.shape
+                    x = x * mask.view(shape).to(x)
+                total = x.sum((0, p), keepdim=True)
+            sums[name] = sums[name] + total if name in sums else total
+        real = len(batch) if per_position else int(mask.sum()) if mask is not None else batch.input_ids.numel()
+        count += real
+    return {name: (total / count).to(recording[name].dtype) for name, total in sums.items()}
+
+
+def _table(values, clean_values: dict[str, float]):
+    """A sweep table re-labelled for patching: its baseline is the corrupted run; adds the clean
+    run's metric and the normalised metric."""
+    table = values.rename(columns={"clean": "corrupt"}).drop(columns=["relative"])
+    table["clean"] = table["metric"].map(clean_values)
+    span = table["clean"] - table["corrupt"]
+    table["normalised"] = (table["value"] - table["corrupt"]) / span.where(span != 0)
+    table.loc[table.variant == -1, "site"] = "corrupt"
+    return table
+
+
+def _clean_metrics(model, items, metrics: list[Metric], source: str, batch_size: int) -> dict[str, float]:
+    """Mean metric values of the clean (source) prompts, unedited."""
+    per_metric: dict[str, list[float]] = {m.name: [] for m in metrics}
+    for i in range(0, len(items), batch_size):
+        batch = PromptBatch(model, items[i : i + batch_size])
+        clean = source_batch(model, batch, source)
+        with torch.no_grad():
+            logits = model.hf(**clean.kwargs, use_cache=False).logits
+        for m in metrics:
+            per_metric[m.name] += m(logits, logits, clean).tolist()
+    return {name: sum(v) / len(v) for name, v in per_metric.items()}
+
+
+def _sweep(sites, over, metrics, source) -> Sweep:
+    return Sweep(sites=sites, interventions=Patch(source), over=over, metrics=metrics, name="patching")
+
+
+def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(), source: str = "clean",
+                batch_size: int = 16, **run_kwargs):
+    """Exact activation patching from the `source` field's run into the corrupted prompts, one
+    variant per site x `over` (e.g. every (layer, pos) of resid_pre, or every head of attn.z),
+    run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=)."""
+    sweep = _sweep(sites, over, metrics, source)
+    items = _items(data)
+    raw = sweep.run(model, items, batch_size=batch_size, **run_kwargs)
+    return _table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+
+
+def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
+    site = model.layout.resolve(name)[0]
+    sizes = {"batch": batch, "pos": seq, "k_pos": seq}
+    return [sizes.get(a, s) for a, s in zip(model.layout.axes(site), model.layout.shape(site))]
+
+
+def _region_sums(delta: torch.Tensor, intervention, axes, frame: Frame, name: str) -> torch.Tensor:
+    """Per-row sums of `delta` over the region `intervention` selects (rows with nothing: 0)."""
+    region = locate(intervention.pos, intervention.heads, intervention.dims, None, tuple(delta.shape), axes, frame, name)
+    out = torch.zeros(delta.shape[0], dtype=delta.dtype)
+    if region is None:
+        return out
+    selected = delta[region.index]
+    if region.masked:
+        return out.index_add(0, region.index[0].reshape(-1), selected.reshape(selected.shape[0], -1).sum(-1))
+    rows = torch.arange(delta.shape[0])[region.index[0]] if isinstance(region.index[0], slice) else region.index[0].reshape(-1)
+    return out.index_copy(0, rows, selected.reshape(selected.shape[0], -1).sum(-1))
+
+
+def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(), source: str = "clean", batch_size: int = 16):
+    """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
+    same columns) from one clean forward and one corrupted forward + backward per prompt batch.
+    Gradients are taken with torch.autograd.grad, so no parameter's .grad is touched."""
+    sweep = _sweep(sites, over, metrics, source)
+    items = _items(data)
+    batches = [PromptBatch(model, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    shortest = min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1] for b in batches)
+    variants = sweep.variants(model, shortest)
+    names = sorted({v.site for v in variants})
+    per_variant = {(v.id, m.name): [] for v in variants for m in sweep.metrics}
+    baseline = {m.name: [] for m in sweep.metrics}
+    for batch in batches:
+        clean = source_batch(model, batch, source)
+        with torch.no_grad(), model.record(names) as clean_acts:
+            model.hf(**clean.kwargs, use_cache=False)
+        n, seq = batch.input_ids.shape
+        frame = Frame(n, seq, 0, batch.kwargs.get("attention_mask"), batch.kwargs.get("position_ids"))
+        for metric in sweep.metrics:
+            probes = {name: torch.zeros(_probe_shape(model, name, n, seq), device=model.device, requires_grad=True) for name in names}
+            with torch.enable_grad(), model.edit({name: Add(probe) for name, probe in probes.items()}), model.record(names) as corrupt_acts:
+                logits = model.hf(**batch.kwargs, use_cache=False).logits
+                values = metric(logits, logits.detach(), batch)
+                grads = torch.autograd.grad(values.sum(), [probes[name] for name in names], allow_unused=True)
+            baseline[metric.name] += values.tolist()
+            deltas = {name: ((clean_acts[name] - corrupt_acts[name]) * (0 if g is None else g)).detach().float() for name, g in zip(names, grads)}
+            for v in variants:
+                axes = model.layout.axes(model.layout.resolve(v.site)[0])
+                estimate = _region_sums(deltas[v.site], v.intervention, axes, frame, v.site)
+                per_variant[(v.id, metric.name)] += (values.detach() + estimate).tolist()
+    def mean(variant_id, metric):
+        values = baseline[metric] if variant_id == -1 else per_variant[(variant_id, metric)]
+        return sum(values) / len(values)
+
+    raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} (attribution)")
+    return _table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+
+
+def rank_correlation(a, b, column: str = "effect") -> float:
+    """Spearman rank correlation of `column` between two patching tables over their common
+    variants (e.g. attribution vs exact)."""
+    left = a[a.variant >= 0].set_index(["variant", "metric"])[column]
+    right = b[b.variant >= 0].set_index(["variant", "metric"])[column]
+    left, right = left.align(right, join="inner")
+    return float(left.rank().corr(right.rank()))

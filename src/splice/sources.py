@@ -1,0 +1,230 @@
+"""Interventions whose values come from other runs: `Patch`, `Mean` and `Resample`.
+
+Each holds activations recorded elsewhere (a `Recording`, a `{site: tensor}` dict, or one tensor
+for whatever site it is placed at) and, at every forward, picks out the part that lines up with
+the selected region. Lining up is done in one place, `aligned`, with these rules:
+
+- rows: a source with as many rows as the batch is used row for row; one row is broadcast; a
+  source of n rows in a batch of k*n rows is tiled (row r reads source row r mod n), which is how
+  a sweep stacks k variants of the same n prompts;
+- positions: the source must have as many positions as the forward, unless `source_pos=` names
+  the source positions that feed the selected `pos` (same count), e.g. to patch between prompts
+  of different lengths; a `Mean` over all positions has one position and is broadcast;
+- every other axis (heads, d_head, d_model, ...) must match the site's.
+
+In a sweep, `Patch("clean_prompt")` names a data field instead: the sweep records that field's
+prompts once per prompt batch and patches from them (see `splice.patching`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import SpliceError
+from .interventions import At, Intervention
+from .recording import Recording
+from .selection import _axis_selector, normalize_index
+from .sites import GLOBAL_POINTS, LAYER_POINTS, canonical_name
+
+
+def _site_axes(name: str) -> tuple[str, ...]:
+    point = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    return (LAYER_POINTS | GLOBAL_POINTS).get(point, ("batch", "pos"))
+
+
+def _as_source(value, kind: str, allow_field: bool = False):
+    """A user source as a detached tensor, a {canonical site: tensor or [tensors]} dict, or (in
+    sweeps) the name of a data field."""
+    if isinstance(value, str):
+        if allow_field:
+            return value
+        raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got the string {value!r}")
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Recording):
+        return {name: (v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in v]) for name, v in value.items()}
+    if isinstance(value, Mapping):
+        out = {}
+        for key, v in value.items():
+            entries = v if isinstance(v, (list, tuple)) else [v]
+            if not all(isinstance(e, torch.Tensor) for e in entries):
+                raise SpliceError(f"{kind} source for {key!r} must be a tensor (or a list of them); got {type(v).__name__}")
+            out[canonical_name(key)] = v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in v]
+        return out
+    raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}")
+
+
+def _for_site(source, at: At, kind: str):
+    if isinstance(source, str):
+        raise SpliceError(
+            f"{kind}({source!r}) names a data field; it only has values inside a sweep (which records that "
+            "field's prompts). Outside a sweep pass a Recording, e.g. from `model.run(prompts, record=...)`"
+        )
+    if isinstance(source, torch.Tensor):
+        return source
+    if at.site not in source:
+        raise SpliceError(f"{kind} has no activations for {at.site}; its source holds {', '.join(list(source)[:8]) or 'nothing'}")
+    return source[at.site]
+
+
+def _single(value, site: str, kind: str) -> torch.Tensor:
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise SpliceError(f"{kind} source for {site} holds {len(value)} accumulated forwards; pass one (e.g. recording.cat(site))")
+        return value[0]
+    return value
+
+
+def _count(selector, size: int) -> int:
+    return len(range(size)[selector]) if isinstance(selector, slice) else selector.numel()
+
+
+def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, source_pos=None, row_start: int | None = None) -> torch.Tensor:
+    """The part of `source` (a tensor with the site's axes) that lines up with the selected region.
+    `row_start`: source row 0 feeds the first selected row (instead of the tiling rule)."""
+    axes, full = at.axes, at.full_shape
+    p = axes.index("pos")
+    source = source.to(device=region.device, dtype=region.dtype)
+    named = ", ".join(f"{a}={s}" for a, s in zip(axes, full))
+    if source.dim() != len(full) or any(s not in (f, 1) for i, (s, f) in enumerate(zip(source.shape, full)) if i not in (0, p)):
+        raise SpliceError(f"{kind} source for {at.site} has shape {list(source.shape)}; the site is [{named}]")
+    index = list(at.index)
+    if source_pos is not None:
+        if at.masked:
+            raise SpliceError(f"{kind} at {at.site}: source_pos= cannot re-align per-row (padded) positions; pass prompts of one length")
+        chosen = _axis_selector(source_pos, source.shape[p], "source_pos", at.site)
+        chosen = torch.arange(source.shape[p])[chosen] if isinstance(chosen, slice) else chosen
+        target = index[p]
+        if chosen.numel() != _count(target, full[p]):
+            raise SpliceError(
+                f"{kind} at {at.site}: pos= selects {_count(target, full[p])} position(s) but source_pos= selects "
+                f"{chosen.numel()}; they must pair up one to one"
+            )
+        source = source.index_select(p, chosen.to(source.device))
+        index[p] = slice(None) if isinstance(target, slice) else torch.arange(chosen.numel()).view(target.shape)
+    elif source.shape[p] != full[p] and source.shape[p] != 1:
+        raise SpliceError(
+            f"{kind} source for {at.site} has {source.shape[p]} positions but this forward has {full[p]} "
+            f"(source shape {list(source.shape)}, site [{named}]); pass source_pos= to say which source "
+            "positions feed the selected ones"
+        )
+    rows, batch = source.shape[0], full[0]
+    if row_start is not None:
+        b = index[0]
+        index[0] = slice(b.start - row_start if b.start is not None else None, b.stop - row_start if b.stop is not None else None, b.step) if isinstance(b, slice) else b - row_start
+    elif rows not in (1, batch):
+        if batch % rows:
+            raise SpliceError(f"{kind} source for {at.site} has {rows} rows but the batch has {batch}: use as many rows, one, or a divisor (tiled prompts)")
+        b = index[0]
+        if isinstance(b, slice):
+            wanted = torch.arange(batch)[b] % rows
+            start = int(wanted[0])
+            if torch.equal(wanted, torch.arange(start, start + wanted.numel())):
+                index[0] = slice(start, start + wanted.numel())
+            else:
+                source, index[0] = source.index_select(0, wanted.to(source.device)), slice(None)
+        else:
+            index[0] = b % rows
+    shape = [s if i in (0, p) else f for i, (s, f) in enumerate(zip(source.shape, full))]
+    if rows == 1 and row_start is None:
+        shape[0] = batch
+    if source.shape[p] == 1 and source_pos is None:
+        shape[p] = full[p]
+    values = source.expand(shape)[tuple(index)]
+    if values.shape != region.shape:
+        raise SpliceError(f"{kind} at {at.site}: source values have shape {list(values.shape)}, the selection {list(region.shape)}")
+    return values
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Patch(Intervention):
+    """Replace the selection with the same site's activation from another run.
+
+    `source`: a Recording (overwrite mode), a {site: tensor} dict, or a tensor; in a sweep, the
+    name of a data field whose prompts are the source. `source_pos=` pairs source positions
+    with the selected `pos` when the two runs differ in length."""
+
+    source: Any = None
+    source_pos: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source is None:
+            raise SpliceError("Patch needs a source: a Recording, a {site: tensor} dict, a tensor, or (in a sweep) a data field name")
+        object.__setattr__(self, "source", _as_source(self.source, "Patch", allow_field=True))
+        object.__setattr__(self, "source_pos", normalize_index(self.source_pos, "source_pos"))
+
+    def compute(self, region, at):
+        source = _single(_for_site(self.source, at, "Patch"), at.site, "Patch")
+        return aligned(source, region, at, "Patch", self.source_pos)
+
+
+def _mean(entries: list[torch.Tensor], axes: tuple[str, ...], per_position: bool, site: str) -> torch.Tensor:
+    """Mean over rows (and positions unless per_position) of every entry, kept as size-1 axes."""
+    p = axes.index("pos") if "pos" in axes else 1
+    reduce = (0,) if per_position else (0, p)
+    if per_position and len({e.shape[p] for e in entries}) > 1:
+        raise SpliceError(f"Mean(per_position=True) at {site}: the reference forwards have different lengths {sorted({e.shape[p] for e in entries})}")
+    total = sum(e.double().sum(reduce, keepdim=True) for e in entries)
+    count = sum(e.shape[0] * (1 if per_position else e.shape[p]) for e in entries)
+    return (total / count).to(entries[0].dtype)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Mean(Intervention):
+    """Mean ablation: replace the selection with the site's mean over a reference dataset.
+
+    `reference`: a Recording (accumulate mode joins every recorded forward; see
+    `splice.patching.mean_reference` for padding-aware means of prompts), a {site: tensor} dict
+    or a tensor. The mean is over all rows and positions, or per position with
+    `per_position=True` (then the reference and the forward must have the same length). Only the
+    means are kept (and serialised), computed in float64 when the intervention is built."""
+
+    reference: Any = None
+    per_position: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reference is None:
+            raise SpliceError("Mean needs a reference: a Recording, a {site: tensor} dict, or a tensor")
+        reference = _as_source(self.reference, "Mean")
+        if isinstance(reference, torch.Tensor):
+            means = _mean([reference], ("batch", "pos"), self.per_position, "this site") if reference.dim() >= 2 else reference
+        else:
+            means = {name: _mean(v if isinstance(v, list) else [v], _site_axes(name), self.per_position, name) for name, v in reference.items()}
+        object.__setattr__(self, "reference", means)
+
+    def compute(self, region, at):
+        return aligned(_for_site(self.reference, at, "Mean"), region, at, "Mean")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Resample(Intervention):
+    """Resample ablation: each row of the batch gets the activation of a reference prompt drawn
+    at random (the same draw for all its positions), reproducibly from `seed`.
+
+    Draws depend only on the seed and a row's place among the selected rows, so a sweep's row
+    block v draws exactly what a one-variant run draws. The reference must have the forward's
+    number of positions."""
+
+    reference: Any = None
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reference is None:
+            raise SpliceError("Resample needs a reference: a Recording, a {site: tensor} dict, or a tensor")
+        object.__setattr__(self, "reference", _as_source(self.reference, "Resample"))
+
+    def compute(self, region, at):
+        reference = _single(_for_site(self.reference, at, "Resample"), at.site, "Resample")
+        b = at.index[0]
+        chosen = torch.arange(at.full_shape[0])[b] if isinstance(b, slice) else b.flatten()
+        first, last = int(chosen.min()), int(chosen.max())
+        generator = torch.Generator().manual_seed(self.seed)
+        draws = torch.randint(reference.shape[0], (last - first + 1,), generator=generator)
+        return aligned(reference.index_select(0, draws.to(reference.device)), region, at, "Resample", row_start=first)
