@@ -10,8 +10,8 @@ import pytest
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES_DIR.glob("*.py") if p.name != "tour.py")
-# The main job runs on fewer prompts here to keep the suite short; `make demo` runs it in full.
-ARGS = {"ioi_head_sweep.py": ["out", "--prompts", "6"]}
+# The sweeps on the real model run on fewer prompts here to keep the suite short.
+ARGS = {"ioi_head_sweep.py": ["out", "--prompts", "6"], "ioi_patching.py": ["out", "--prompts", "3"]}
 
 
 @pytest.mark.real

@@ -70,20 +70,31 @@ class Trace:
                 self.calls[i] = ((), rest)
         return hook
 
-    def replay(self, start: int, k: int, tail: int | None) -> torch.Tensor:
-        """Logits [k*n, tail, vocab] of k copies of the batch run from layer `start` on, with
-        whatever edits the model's hook manager holds (rows v*n..(v+1)*n are copy v)."""
+    def replay(self, starts: list[int], tail: int | None) -> torch.Tensor:
+        """Logits [k*n, tail, vocab] of k = len(starts) copies of the batch, copy v run from layer
+        starts[v] on (non-decreasing), with whatever edits the model's hook manager holds (rows
+        v*n..(v+1)*n are copy v). Copies join the batch at their own layer, so each computes
+        only its own suffix while every layer still runs as one large batch."""
+        if any(a > b for a, b in zip(starts, starts[1:])):
+            raise SpliceError(f"replay start layers must be non-decreasing; got {starts}")
         n, manager = self.n, self.model._hooks
         rows = {n, n * self.model.dims.n_heads} - {1}
         seq = self.inputs[0].shape[1]
-        mask = self.mask.repeat(k, 1) if self.mask is not None else None
-        manager.begin(Frame(n * k, seq, 0, mask))
+        fired: set[str] = set()
+        hidden, active = None, 0
         try:
-            hidden = self.inputs[start]
-            hidden = hidden.repeat(k, *([1] * (hidden.dim() - 1)))
-            for i in range(start, len(self.layers)):
+            for i in range(starts[0], len(self.layers)):
+                joining = starts.count(i)
+                if joining:
+                    new = self.inputs[i].repeat(joining, *([1] * (self.inputs[i].dim() - 1)))
+                    hidden = new if hidden is None else torch.cat([hidden, new])
+                    active += joining
+                    # The frame describes the rows present now; which edits fired carries over.
+                    mask = self.mask.repeat(active, 1) if self.mask is not None else None
+                    manager.begin(Frame(n * active, seq, 0, mask))
+                    manager.frame.fired = fired
                 args, kwargs = self.calls[i]
-                out = self.layers[i](hidden, *_tile(args, rows, k), **_tile(kwargs, rows, k))
+                out = self.layers[i](hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
                 hidden = out[0] if isinstance(out, tuple) else out
             hidden = self.final_norm(hidden)
             if tail is not None:
@@ -98,11 +109,13 @@ class Trace:
         return logits
 
     def check(self) -> None:
-        """A replay of the last two layers, tiled twice, must reproduce the model's own logits in
-        both copies (this catches call arguments that were tiled wrongly or not at all; two layers
-        cover families that alternate layer types)."""
+        """A replay of two copies, one joining at the second-to-last layer and one at the last,
+        must reproduce the model's own logits in both (this catches call arguments that were
+        tiled wrongly or not at all, and copies joining mid-replay; two layers cover families
+        that alternate layer types)."""
         with torch.no_grad():
-            again = self.replay(max(0, len(self.layers) - 2), 2, self.tail)
+            last = len(self.layers) - 1
+            again = self.replay([max(0, last - 1), last], self.tail)
         expected = self.logits.repeat(2, *([1] * (self.logits.dim() - 1)))
         if again.shape != expected.shape or not torch.allclose(again, expected, rtol=1e-4, atol=1e-4):
             raise SpliceError(

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from itertools import groupby, product
+from itertools import product
 
 import torch
 
@@ -237,16 +237,17 @@ class Sweep:
                 store.add([self._record(-1, b, clean, clean, batch)])
                 bar.update(1)
             todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
+            # Sorted by first edited layer, chunks hold consecutive variants that join the replay
+            # at their own layers (see Trace.replay).
+            todo.sort(key=lambda v: v.start_layer)
+            per_chunk = max(1, max_rows // len(batch)) if prefix_reuse else 1
             run_chunk = self._batched if prefix_reuse else self._sequential
-            for start, group in groupby(sorted(todo, key=lambda v: v.start_layer), key=lambda v: v.start_layer):
-                group = list(group)
-                per_chunk = max(1, max_rows // len(batch)) if prefix_reuse else 1
-                for i in range(0, len(group), per_chunk):
-                    chunk = group[i : i + per_chunk]
-                    logits = run_chunk(model, trace, batch, chunk, max(start, 0), tail)
-                    n = len(batch)
-                    store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
-                    bar.update(len(chunk))
+            for i in range(0, len(todo), per_chunk):
+                chunk = todo[i : i + per_chunk]
+                logits = run_chunk(model, trace, batch, chunk, tail)
+                n = len(batch)
+                store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
+                bar.update(len(chunk))
         bar.close()
         return self._table(variants, store, len(batches))
 
@@ -255,7 +256,7 @@ class Sweep:
         return {"variant": variant, "batch": batch_index, "values": values}
 
     @staticmethod
-    def _batched(model, trace, batch, chunk, start, tail):
+    def _batched(model, trace, batch, chunk, tail):
         n = len(batch)
         edits = Edits()
         for j, variant in enumerate(chunk):
@@ -263,10 +264,10 @@ class Sweep:
             existing = edits.get(variant.site)
             edits[variant.site] = ([existing] if isinstance(existing, Intervention) else list(existing or [])) + [placed]
         with torch.no_grad(), model.edit(edits):
-            return trace.replay(start, len(chunk), tail)
+            return trace.replay([max(v.start_layer, 0) for v in chunk], tail)
 
     @staticmethod
-    def _sequential(model, trace, batch, chunk, start, tail):
+    def _sequential(model, trace, batch, chunk, tail):
         outs = []
         for variant in chunk:
             with torch.no_grad(), model.edit({variant.site: variant.intervention}):
