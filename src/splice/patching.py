@@ -18,10 +18,14 @@ from .frame import Frame
 from .interventions import Add
 from .metrics import Metric
 from .selection import locate
-from .sources import Patch, _site_axes
+from .sources import Patch
 from .sweep import PromptBatch, Sweep, _items, source_batch, tidy_table
 
 __all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
+
+
+def _axes(model, name: str) -> tuple[str, ...]:
+    return model.layout.axes(model.layout.resolve(name)[0])
 
 
 def cache(model, inputs, sites="*"):
@@ -46,7 +50,7 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
             model.hf(**batch.kwargs, use_cache=False)
         for name in names:
             x = recording[name].double()
-            p = _site_axes(name).index("pos")
+            p = _axes(model, name).index("pos")
             if per_position:
                 total = x.sum(0, keepdim=True)
             else:
@@ -93,7 +97,10 @@ def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
                 batch_size: int = 16, **run_kwargs):
     """Exact activation patching from the `source` field's run into the corrupted prompts, one
     variant per site x `over` (e.g. every (layer, pos) of resid_pre, or every head of attn.z),
-    run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=)."""
+    run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=).
+    For the other direction (corrupt -> clean, "noising"), put the clean prompt in "prompt" and
+    name the corrupted field as `source`: `corrupt` then holds the unpatched (clean) run and
+    `clean` the source (corrupted) run, and `normalised` still reads 0 = unpatched, 1 = source."""
     sweep = _sweep(sites, over, metrics, source)
     items = _items(data)
     raw = sweep.run(model, items, batch_size=batch_size, **run_kwargs)
@@ -101,9 +108,8 @@ def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
 
 
 def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
-    site = model.layout.resolve(name)[0]
     sizes = {"batch": batch, "pos": seq, "k_pos": seq}
-    return [sizes.get(a, s) for a, s in zip(model.layout.axes(site), model.layout.shape(site))]
+    return [sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.resolve(name)[0]))]
 
 
 def _region_sums(delta: torch.Tensor, intervention, axes, frame: Frame, name: str) -> torch.Tensor:
@@ -146,8 +152,7 @@ def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
             baseline[metric.name] += values.tolist()
             deltas = {name: ((clean_acts[name] - corrupt_acts[name]) * (0 if g is None else g)).detach().float() for name, g in zip(names, grads)}
             for v in variants:
-                axes = model.layout.axes(model.layout.resolve(v.site)[0])
-                estimate = _region_sums(deltas[v.site], v.intervention, axes, frame, v.site)
+                estimate = _region_sums(deltas[v.site], v.intervention, _axes(model, v.site), frame, v.site)
                 per_variant[(v.id, metric.name)] += (values.detach() + estimate).tolist()
     def mean(variant_id, metric):
         values = baseline[metric] if variant_id == -1 else per_variant[(variant_id, metric)]
