@@ -3,6 +3,7 @@ edit-parity tests. Module paths and head reshapes come from tests/families/<fami
 
 from __future__ import annotations
 
+import torch
 from transformers.utils import ModelOutput
 
 from families import FAMILIES
@@ -89,3 +90,20 @@ def hand_and_splice(model, hf, family, site, intervention, hand, ids):
     with model.edit({site: intervention}):
         got = hf(ids).logits
     return expected, got
+
+
+def hand_record(hf, family, site, ids) -> torch.Tensor:
+    """The site tensor of a forward, captured by a hand-written hook (no splice involved)."""
+    seen = []
+
+    def keep(t):
+        seen.append(t.clone())
+        return t
+
+    handle = register(hf, family, site, keep)
+    try:
+        with torch.no_grad():
+            hf(ids)
+    finally:
+        handle.remove()
+    return seen[0]

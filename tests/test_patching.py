@@ -6,7 +6,7 @@ import torch
 
 import splice
 from conftest import CharTokenizer, build
-from handhooks import register
+from handhooks import hand_record, register
 from splice import Mean, Patch, Resample, metrics
 from splice.patching import attribution, patch_sweep, rank_correlation
 
@@ -44,6 +44,10 @@ def test_mean_and_resample_in_a_sweep_equal_one_variant_at_a_time(tmodel):
     _close(batched.value, sequential.value)
 
 
+def _ids(model, field):
+    return torch.stack([model.to_tokens(d[field])[0] for d in EVEN])
+
+
 def _logit_diff(logits, model):
     a, b = model.to_single_token("h"), model.to_single_token("b")
     return logits[:, -1, a] - logits[:, -1, b]
@@ -52,21 +56,16 @@ def _logit_diff(logits, model):
 def test_patching_table_matches_hand_written_patching(tmodel, family):
     hf = tmodel.hf
     table = patch_sweep(tmodel, EVEN, "blocks.*.resid_pre", "pos", [METRIC], progress=False)
-    clean_ids = torch.stack([tmodel.to_tokens(d["clean"])[0] for d in EVEN])
-    corrupt_ids = torch.stack([tmodel.to_tokens(d["prompt"])[0] for d in EVEN])
+    clean_ids, corrupt_ids = _ids(tmodel, "clean"), _ids(tmodel, "prompt")
     with torch.no_grad():
         clean_value = float(_logit_diff(hf(clean_ids).logits, tmodel).mean())
         corrupt_value = float(_logit_diff(hf(corrupt_ids).logits, tmodel).mean())
     for layer, pos in [(0, 3), (1, 3), (tmodel.dims.n_layers - 1, 6), (1, 0)]:
         site = f"blocks.{layer}.resid_pre"
-        seen = []
-        handle = register(hf, family, site, lambda t: (seen.append(t.clone()), t)[1])
-        with torch.no_grad():
-            hf(clean_ids)
-        handle.remove()
+        clean_site = hand_record(hf, family, site, clean_ids)
 
         def patch(t):
-            t[:, pos] = seen[0][:, pos]
+            t[:, pos] = clean_site[:, pos]
             return t
 
         handle = register(hf, family, site, patch)
@@ -84,15 +83,10 @@ def test_attribution_equals_gradients_taken_by_hand(family):
     tmodel = splice.Model(build(family), CharTokenizer())
     hf = tmodel.hf
     table = attribution(tmodel, EVEN, "blocks.*.resid_pre", "pos", [METRIC])
-    clean_ids = torch.stack([tmodel.to_tokens(d["clean"])[0] for d in EVEN])
-    corrupt_ids = torch.stack([tmodel.to_tokens(d["prompt"])[0] for d in EVEN])
+    clean_ids, corrupt_ids = _ids(tmodel, "clean"), _ids(tmodel, "prompt")
     for layer in (0, tmodel.dims.n_layers - 1):
         site = f"blocks.{layer}.resid_pre"
-        seen = []
-        handle = register(hf, family, site, lambda t: (seen.append(t.clone()), t)[1])
-        with torch.no_grad():
-            hf(clean_ids)
-        handle.remove()
+        clean_site = hand_record(hf, family, site, clean_ids)
         grabbed = []
 
         def leaf(t):
@@ -104,7 +98,7 @@ def test_attribution_equals_gradients_taken_by_hand(family):
         value = _logit_diff(hf(corrupt_ids).logits, tmodel)
         handle.remove()
         (grad,) = torch.autograd.grad(value.sum(), grabbed)
-        estimate = ((seen[0] - grabbed[0].detach()) * grad).sum(-1)  # [prompts, pos]
+        estimate = ((clean_site - grabbed[0].detach()) * grad).sum(-1)  # [prompts, pos]
         for pos in range(corrupt_ids.shape[1]):
             row = table[(table.layer == layer) & (table.pos == pos)].iloc[0]
             assert row.effect == pytest.approx(float(estimate[:, pos].mean()), abs=1e-5)

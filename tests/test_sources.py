@@ -6,7 +6,7 @@ import torch
 
 import splice
 from conftest import VOCAB
-from handhooks import hand_and_splice, register
+from handhooks import hand_and_splice, hand_record
 from splice import Mean, Patch, Resample
 from splice.interventions import Intervention
 from splice.patching import mean_reference
@@ -16,23 +16,6 @@ SITES = ["blocks.1.resid_pre", "blocks.0.attn.z", "blocks.1.mlp.post", "blocks.1
 
 def _ids(rows, seq, seed):
     return torch.randint(1, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def hand_record(hf, family, site, ids) -> torch.Tensor:
-    """The site tensor of a forward, captured by a hand-written hook (no splice involved)."""
-    seen = []
-
-    def keep(t):
-        seen.append(t.clone())
-        return t
-
-    handle = register(hf, family, site, keep)
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def _write(index, values):

@@ -58,6 +58,13 @@ def _as_source(value, kind: str, allow_field: bool = False):
     raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}")
 
 
+def _required(value, kind: str, allow_field: bool = False):
+    if value is None:
+        field_hint = ", or (in a sweep) a data field name" if allow_field else ""
+        raise SpliceError(f"{kind} needs a source: a Recording, a {{site: tensor}} dict or a tensor{field_hint}")
+    return _as_source(value, kind, allow_field)
+
+
 def _for_site(source, at: At, kind: str):
     if isinstance(source, str):
         raise SpliceError(
@@ -153,9 +160,7 @@ class Patch(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.source is None:
-            raise SpliceError("Patch needs a source: a Recording, a {site: tensor} dict, a tensor, or (in a sweep) a data field name")
-        object.__setattr__(self, "source", _as_source(self.source, "Patch", allow_field=True))
+        object.__setattr__(self, "source", _required(self.source, "Patch", allow_field=True))
         object.__setattr__(self, "source_pos", normalize_index(self.source_pos, "source_pos"))
 
     def compute(self, region, at):
@@ -189,9 +194,7 @@ class Mean(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reference is None:
-            raise SpliceError("Mean needs a reference: a Recording, a {site: tensor} dict, or a tensor")
-        reference = _as_source(self.reference, "Mean")
+        reference = _required(self.reference, "Mean")
         if isinstance(reference, torch.Tensor):
             means = _mean([reference], ("batch", "pos"), self.per_position, "this site") if reference.dim() >= 2 else reference
         else:
@@ -216,9 +219,7 @@ class Resample(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reference is None:
-            raise SpliceError("Resample needs a reference: a Recording, a {site: tensor} dict, or a tensor")
-        object.__setattr__(self, "reference", _as_source(self.reference, "Resample"))
+        object.__setattr__(self, "reference", _required(self.reference, "Resample"))
 
     def compute(self, region, at):
         reference = _single(_for_site(self.reference, at, "Resample"), at.site, "Resample")
