@@ -56,7 +56,7 @@ def _site_and_selection(model, batch):
 
 
 @_given(lambda m: st.tuples(_site_and_selection(m, BATCH), _site_and_selection(m, 1)))
-def test_patching_a_run_with_itself_and_its_own_mean_are_bit_identical(setup, drawn):
+def test_patching_a_run_with_itself_and_its_own_mean_or_resample_are_bit_identical(setup, drawn):
     model, hf, ids, clean = setup
     (site, sel), (one_site, one_sel) = drawn
     with torch.no_grad():
@@ -66,6 +66,8 @@ def test_patching_a_run_with_itself_and_its_own_mean_are_bit_identical(setup, dr
         one = ids[:1]
         one_clean, reference = model.run(one, record=one_site, mode="accumulate")
         with model.edit({one_site: splice.Mean(reference, per_position=True, **one_sel)}):
+            assert torch.equal(hf(one).logits, one_clean), (one_site, one_sel)
+        with model.edit({one_site: splice.Resample(reference, seed=len(str(one_sel)), **one_sel)}):  # one row to draw from: itself
             assert torch.equal(hf(one).logits, one_clean), (one_site, one_sel)
     assert model.hook_count == 0
 

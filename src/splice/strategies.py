@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from .directional import ProjectOut
+from .directional import Clamp, ProjectOut
 from .edits import Edits
 from .interventions import Add, Replace, Scale, Zero
 
@@ -70,7 +70,7 @@ def _vector(last: int):
 
 def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False, negative: bool = True):
     """Interventions valid at `site`. With identity=True, only ones that must change nothing
-    (Scale(1), Add(0), ProjectOut of no directions), for no-op properties."""
+    (Scale(1), Add(0), ProjectOut of no directions, an unbounded Clamp), for no-op properties."""
     last = model.sites[site][-1]
     # Per-key-position values change width as a sequence grows: scalars only there.
     vector = st.floats(-2, 2, width=32) if last == "k_pos" else _vector(last)
@@ -78,16 +78,20 @@ def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, iden
     def build(sel):
         if identity:
             zeros = 0.0 if last == "k_pos" else torch.zeros(last)
-            options = [Scale(1.0, **sel), Add(0.0, **sel), Add(zeros, scale=3.0, **sel)]
+            options = [Scale(1.0, **sel), Add(0.0, **sel), Add(zeros, scale=3.0, **sel), Clamp(**sel)]
             if sel["dims"] is None:  # projections act on the whole last axis and refuse dims=
                 options.append(ProjectOut([], **sel))
             return st.sampled_from(options)
-        return st.one_of(
+        options = [
             st.just(Zero(**sel)),
             st.floats(-4, 4, allow_nan=False, width=32).map(lambda f: Scale(f, **sel)),
             vector.map(lambda v: Add(v, scale=2.0, **sel)),
             st.one_of(st.floats(-3, 3, width=32), vector).map(lambda v: Replace(v, **sel)),
-        )
+            st.floats(0, 1, width=32).map(lambda b: Clamp(min=-b, max=b, **sel)),
+        ]
+        if last != "k_pos" and sel["dims"] is None:  # a direction spans the whole last axis
+            options.append(vector.filter(lambda v: bool(v.any())).map(lambda v: ProjectOut(v, **sel)))
+        return st.one_of(*options)
 
     return selections(model, site, seq, batch, min_pos, negative).flatmap(build)
 
