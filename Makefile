@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/sweep.py
+	PYTHON=$(PYTHON) bash benchmarks/peers/run.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
