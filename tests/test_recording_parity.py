@@ -127,3 +127,41 @@ def test_tl_aliases_and_tuples_name_the_same_tensor(model, ids):
     assert torch.equal(rec["blocks.1.resid_post"], rec["blocks.1.hook_resid_post"])
     assert torch.equal(rec[("z", 2)], rec["blocks.2.attn.z"])
     assert set(rec) == {"blocks.1.resid_post", "blocks.2.attn.z", "blocks.0.attn.q", "blocks.0.mlp.post"}
+
+
+def test_stop_after_record_equals_a_full_run_and_skips_the_rest(model, hf, ids):
+    """The stopped forward records the same tensors and never calls the later layers or the
+    final norm; the model is left exactly as it was, even inside an open edit context."""
+    layers = model.layout.points["resid_post"].module
+    calls = []
+    watched = [hf.get_submodule(layers.replace("{l}", "2")),
+               hf.get_submodule(model.layout.points["final_norm"].module)]
+    handles = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(watched)]
+    sites = ["blocks.0.attn.z", "blocks.1.resid_post"]
+    try:
+        with torch.no_grad():
+            _, full = model.run(ids, record=sites)
+            calls.clear()
+            logits, stopped = model.run(ids, record=sites, stop_after_record=True,
+                                        edits={"blocks.-1.mlp.out": splice.Zero()})  # never reached: no error
+        assert logits is None and calls == []
+        for site in sites:
+            assert torch.equal(stopped[site], full[site]), site
+        assert model.hook_count == 0
+        with torch.no_grad(), model.edit({"blocks.-1.mlp.out": splice.Scale(0.5)}):
+            model.run(ids, record="blocks.0.resid_post", stop_after_record=True)
+            edited = model(ids)  # the outer edit still runs and fires on the next full forward
+        assert model.hook_count == 0
+        with torch.no_grad():
+            ref = model.run(ids, edits={"blocks.-1.mlp.out": splice.Scale(0.5)})[0]
+        assert torch.equal(edited, ref)
+        with torch.no_grad():
+            assert torch.equal(model(ids), hf(ids).logits)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_stop_after_record_needs_a_recording(model, ids):
+    with pytest.raises(splice.SpliceError, match="needs record="):
+        model.run(ids, stop_after_record=True)

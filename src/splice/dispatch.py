@@ -22,6 +22,11 @@ from .selection import locate
 from .sites import Site
 
 
+class StopForward(Exception):
+    """Raised from a hook once a `stop_when_complete` recording has every site: the rest of the
+    forward (later layers, the unembedding) is not needed. `Model.run` catches it."""
+
+
 @dataclass
 class Action:
     """What happens at one site during a forward: edits in order, then recorders."""
@@ -147,6 +152,10 @@ class HookManager:
                 "called): the result would silently ignore them"
             )
 
+    def abort(self) -> None:
+        """Forget a forward that was stopped on purpose (its edits need not all have run)."""
+        self.frame = None
+
     def frame_for(self, full: torch.Tensor) -> Frame:
         """The current forward's frame; a bare one if a submodule was called directly."""
         if self.frame is None:
@@ -168,6 +177,8 @@ class HookManager:
         for recording in action.recorders:
             recording._store(name, x)
         frame.fired.add(name)
+        if any(recording.stop_when_complete and recording.complete() for recording in action.recorders):
+            raise StopForward(name)
         return x
 
     # -- sessions ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import tokens as tok
 from .architectures import Layout
-from .dispatch import HookManager
+from .dispatch import HookManager, StopForward
 from .edits import Edits, as_edits
 from .errors import SpliceError
 from .recording import Recording
@@ -102,13 +102,29 @@ class Model:
 
     __call__ = forward
 
-    def run(self, inputs, edits=None, record=None, mode: str = "overwrite", **kwargs):
-        """One forward with optional edits and recording: returns (logits, Recording or None)."""
+    def run(self, inputs, edits=None, record=None, mode: str = "overwrite", stop_after_record: bool = False,
+            **kwargs):
+        """One forward with optional edits and recording: returns (logits, Recording or None).
+
+        stop_after_record=True ends the forward once every recorded site is stored, skipping the
+        later layers and the unembedding (logits come back as None): caching layer 4 of a
+        12-layer model for a Patch costs a third of a forward."""
+        if stop_after_record and not record:
+            raise SpliceError("stop_after_record=True needs record=...: there is nothing to stop after")
         with ExitStack() as stack:
             if edits:
                 stack.enter_context(self.edit(edits))
             recording = stack.enter_context(self.record(record, mode)) if record else None
-            logits = self.forward(inputs, **kwargs)
+            if stop_after_record:
+                recording.stop_when_complete = True
+            try:
+                logits = self.forward(inputs, **kwargs)
+            except StopForward:
+                self._hooks.abort()
+                logits = None
+            finally:
+                if recording is not None:
+                    recording.stop_when_complete = False
         return logits, recording
 
     def generate(self, inputs, edits=None, max_new_tokens: int = 20, return_tokens: bool = False, **kwargs):

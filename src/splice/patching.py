@@ -29,9 +29,10 @@ def _axes(model, name: str) -> tuple[str, ...]:
 
 
 def cache(model, inputs, sites="*"):
-    """One forward (no gradients) of `inputs`, recording `sites`: a source for Patch/Resample."""
+    """One forward (no gradients) of `inputs`, recording `sites`: a source for Patch/Resample.
+    The forward stops after the last recorded site."""
     with torch.no_grad():
-        return model.run(inputs, record=sites)[1]
+        return model.run(inputs, record=sites, stop_after_record=True)[1]
 
 
 def mean_reference(model, prompts, sites, per_position: bool = False, batch_size: int = 16) -> dict:

@@ -24,6 +24,11 @@ class Recording(Mapping):
         self.sites = list(sites)
         self._resolve = resolve
         self._data: dict[str, object] = {}
+        self.stop_when_complete = False  # set by Model.run(stop_after_record=True)
+
+    def complete(self) -> bool:
+        """Every site has a value (in a fresh recording: this forward reached them all)."""
+        return len(self._data) == len(self.sites)
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         value = tensor.detach().clone()

@@ -93,8 +93,9 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
             by_field.setdefault(v.intervention.source, set()).add(v.site)
     recorded = {}
     for field_name, sites in by_field.items():
-        with torch.no_grad(), model.record(sorted(sites)) as recording:
-            model.hf(**source_batch(model, batch, field_name).kwargs, use_cache=False)
+        with torch.no_grad():
+            _, recording = model.run(source_batch(model, batch, field_name).kwargs, record=sorted(sites),
+                                     stop_after_record=True, use_cache=False)
         recorded[field_name] = dict(recording)
     return [
         dataclasses.replace(v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source]))
