@@ -164,7 +164,7 @@ class Splice(Library):
 
     def patch_pos(self, inp):
         site = f"blocks.{C.PATCH_LAYER}.resid_pre"
-        _, recording = self._run(inp.other, record=site)
+        _, recording = self.m.run(inp.other, record=site, stop_after_record=True)  # layers 0-3 only
         return self._run(inp.ids, {site: self.splice.Patch(recording, pos=C.PATCH_POS)})[0]
 
     def record_resid(self, inp):
@@ -215,7 +215,8 @@ class _TLBase(Library):
 
     def patch_pos(self, inp):
         name = f"blocks.{C.PATCH_LAYER}.hook_resid_pre"
-        _, cache = self.model.run_with_cache(inp.other, names_filter=name)
+        # TL's early stop is per block: hook_resid_pre of block 4 needs blocks 0-4
+        _, cache = self.model.run_with_cache(inp.other, names_filter=name, stop_at_layer=C.PATCH_LAYER + 1)
         source = cache[name]
 
         def hook(x, hook):

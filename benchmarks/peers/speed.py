@@ -116,7 +116,7 @@ def worker(peer: str, args) -> dict:
     meta.update(splice=splice_lib.version, version=peer_lib.version, digest=C.weights_digest(splice_lib.hf))
     inp = C.make_inputs(args.batch, args.seq, splice_lib.config.vocab_size, splice_lib.config.n_embd)
     variants, pairs, unexpressed = {"bare": lambda: splice_lib.hf(inp.ids)}, {}, {}
-    for edit in C.EDITS:
+    for edit in args.edits:
         variants[f"splice:{edit}"] = lambda f=splice_lib.call(edit): f(inp)
         try:
             fn = peer_lib.call(edit)
@@ -163,6 +163,10 @@ def worker(peer: str, args) -> dict:
                          if key != "splice" else f"bare forward {bare_s * 1e3:.0f} ms"})
     del splice_lib, peer_lib
     gc.collect()
+
+    meta["rows"] = rows
+    if args.no_tiny:
+        return meta
 
     # 3. fixed cost per call on the tiny model, 1 x 8, 1 thread
     torch.set_num_threads(1)
@@ -238,6 +242,8 @@ def markdown(table, reports) -> str:
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for edit in C.EDITS:
             s = big[(big.library == "splice") & (big.variant == edit)]
+            if not len(s):  # not timed in this run (--edits)
+                continue
             cells = [C.EDIT_LABELS[edit], fmt(s.ratio_to_bare.median())]
             for p in peers:
                 r = big[(big.process == p) & (big.library == p) & (big.variant == edit)]
@@ -285,12 +291,20 @@ def main() -> int:
     parser.add_argument("--sweep-prompts", type=int, default=16)
     parser.add_argument("--sweep-seq", type=int, default=32)
     parser.add_argument("--sweep-repeats", type=int, default=1)
+    parser.add_argument("--edits", nargs="*", default=None, help="edits timed at 8x64 (default: all five)")
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny-model per-call section")
     parser.add_argument("--tiny-rounds", type=int, default=30)
     parser.add_argument("--tiny-calls", type=int, default=50)
     parser.add_argument("--tiny-warmup", type=int, default=100)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 rounds, 1 warm-up, sweep of layer 11's 12 heads on 4 x 16, small tiny run")
     args = parser.parse_args()
+    import common as C
+
+    args.edits = list(C.EDITS) if args.edits is None else args.edits
+    unknown = set(args.edits) - set(C.EDITS)
+    if unknown:
+        parser.error(f"unknown edits {sorted(unknown)}; choose from {list(C.EDITS)}")
     if args.quick:
         args.rounds, args.warmup, args.sweep_layers, args.sweep_prompts, args.sweep_seq = 2, 1, [11], 4, 16
         args.tiny_rounds, args.tiny_calls, args.tiny_warmup = 3, 10, 10
