@@ -87,10 +87,14 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
     (one clean forward per field, recording only the sites those variants patch)."""
     from .sources import Patch
 
+    def field_of(v: Variant) -> str | None:
+        source = v.intervention.source if isinstance(v.intervention, Patch) else None
+        return source if isinstance(source, str) else None
+
     by_field: dict[str, set[str]] = {}
     for v in variants:
-        if isinstance(v.intervention, Patch) and isinstance(v.intervention.source, str):
-            by_field.setdefault(v.intervention.source, set()).add(v.site)
+        if field_of(v) is not None:
+            by_field.setdefault(field_of(v), set()).add(v.site)
     recorded = {}
     for field_name, sites in by_field.items():
         with torch.no_grad():
@@ -99,7 +103,7 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
         recorded[field_name] = dict(recording)
     return [
         dataclasses.replace(v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source]))
-        if isinstance(v.intervention, Patch) and isinstance(v.intervention.source, str) else v
+        if field_of(v) is not None else v
         for v in variants
     ]
 
@@ -311,7 +315,7 @@ def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_to
     """Rows of one variant forward: what fits a rough activation budget, and on a CPU no more
     than about `cpu_tokens` tokens, because there a forward whose activations stay in cache runs
     faster per row (measured: 64 rows x 32 tokens of GPT-2 small ran ~10% faster per row than
-    192; see benchmarks/README.md). Accelerators take the whole budget."""
+    192). Accelerators take the whole budget."""
     d = model.dims
     per_row = seq * (16 * d.d_model + 4 * d.d_mlp + 2 * d.n_heads * seq) * 4 + (tail or seq) * d.vocab * 4 * 2
     rows = max(1, int(budget_bytes // per_row))
