@@ -1,10 +1,12 @@
 """Hooks exist only inside contexts, the registry is live, and nothing survives an exception."""
 
+import copy
+
 import pytest
 import torch
 
 import splice
-from conftest import hook_total
+from conftest import build, hook_total
 from families import FAMILIES
 
 
@@ -133,3 +135,42 @@ def test_generate_under_edits_and_hooks_removed(model, hf, ids):
     assert not torch.equal(steered, clean)
     assert torch.equal(hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), clean)
     assert model.hook_count == 0
+
+
+def test_a_module_swapped_after_wrapping_is_the_one_hooked(family, ids):
+    """splice looks modules up afresh on every context (no stale cache): replacing a block's MLP
+    after wrapping (as resize_token_embeddings does for the embedding) edits the new module."""
+    hf = build(family)
+    model = splice.Model(hf)
+    with model.edit({"blocks.1.mlp.out": splice.Zero()}), torch.no_grad():
+        hf(ids)  # looked up once before the swap
+    mlp_path = model.layout.module_path(model.layout.resolve("blocks.1.mlp.out")[0])
+    parent_path, _, name = mlp_path.rpartition(".")
+    parent = hf.get_submodule(parent_path)
+    old = getattr(parent, name)
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.mul_(1.5)  # a different computation, so the swap shows in the logits
+    setattr(parent, name, new)
+
+    def zero(module, args, output):  # the same edit by hand, on the new module
+        return torch.zeros_like(output) if isinstance(output, torch.Tensor) else (torch.zeros_like(output[0]),) + output[1:]
+
+    with torch.no_grad():
+        handle = new.register_forward_hook(zero)
+        expected = hf(ids).logits
+        handle.remove()
+        unedited = hf(ids).logits
+        with model.edit({"blocks.1.mlp.out": splice.Zero()}):
+            got = hf(ids).logits
+    assert model.hook_count == 0 and not old._forward_hooks and not new._forward_hooks
+    assert torch.equal(got, expected) and not torch.equal(got, unedited)
+
+
+def test_run_with_a_bad_record_key_starts_no_edit_either(model, hf, ids):
+    clean = hf(ids).logits.detach()
+    with pytest.raises(splice.SpliceError, match="unknown site"):
+        model.run(ids, edits={"blocks.0.mlp.out": splice.Zero()}, record="blocks.0.nope")
+    assert model.hook_count == 0 and not model._hooks.sessions
+    assert torch.equal(hf(ids).logits, clean)

@@ -182,19 +182,25 @@ class HookManager:
         return x
 
     # -- sessions ------------------------------------------------------------------------------
-    def push(self, session) -> None:
-        self.sessions.append(session)
+    def push(self, *sessions) -> None:
+        """Start sessions together (one plan rebuild); on a bad key none of them starts."""
+        self.sessions.extend(sessions)
         try:
             self.refresh()
         except BaseException:
-            self.sessions.remove(session)
+            for session in sessions:
+                self.sessions.remove(session)
             self.refresh()
             raise
 
-    def pop(self, session) -> None:
-        if session in self.sessions:
-            self.sessions.remove(session)
-        self.refresh()
+    def pop(self, *sessions) -> None:
+        for session in sessions:
+            if session in self.sessions:
+                self.sessions.remove(session)
+        if self.sessions:
+            self.refresh()
+        else:
+            self.clear()
 
     def refresh(self) -> None:
         """Rebuild the plan from the active sessions and make the installed hooks match it.
@@ -205,28 +211,34 @@ class HookManager:
         self._install(plan)
         self.plan = plan
 
+    def clear(self) -> None:
+        """No session left: remove every hook without building an (empty) plan."""
+        self.plan = {}
+        for dispatcher in self.dispatchers.values():
+            dispatcher.remove()
+        self.dispatchers = {}
+        self.attention.deactivate()
+        self._remove_root()
+
     def _install(self, plan: dict[str, Action]) -> None:
         layout = self.layout
-        wanted: dict[tuple[str, str], list[tuple[Site, object]]] = {}
+        wanted: dict[tuple[str, str], None] = {}  # (module path, io) in plan order
         save_base: dict[tuple[str, str], int] = {}
         needs_attention = False
-        for name, action in plan.items():
-            site = action.site
-            point = layout.point(site)
-            if point.io == "attention":
+        for action in plan.values():
+            hook, base = layout.hooks_of(action.site)
+            if hook is None:
                 needs_attention = True
                 continue
-            wanted.setdefault((layout.module_path(site), point.io), [])
-            if point.needs_base:
-                layer_input = Site("resid_pre", site.layer)
-                key = (layout.module_path(layer_input), "input")
-                wanted.setdefault(key, [])
-                save_base[key] = site.layer
+            wanted[hook] = None
+            if base is not None:
+                wanted[base] = None
+                save_base[base] = action.site.layer
         for key in [k for k in self.dispatchers if k not in wanted]:
             self.dispatchers.pop(key).remove()
         for key in wanted:
             if key not in self.dispatchers:
-                self.dispatchers[key] = Dispatcher(self, layout.model.get_submodule(key[0]), key[1], layout.sites_at(key))
+                self.dispatchers[key] = Dispatcher(self, layout.module_at(key[0]), key[1], layout.sites_at(key))
             self.dispatchers[key].layer_input_of = save_base.get(key)
         if needs_attention:
             self.attention.activate()

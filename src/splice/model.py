@@ -5,7 +5,7 @@ and remove them on the way out, whatever happens inside."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -63,19 +63,18 @@ class Model:
     def edit(self, edits=None):
         """Apply `edits` (an `Edits` or a dict) to every forward inside, `generate` included.
         Yields the live registry: assigning to it changes the next forward."""
-        edits = as_edits(edits)
-        session = EditSession(edits)
-        self._hooks.push(session)
-        edits._listen(self._hooks.refresh)
-        try:
-            yield edits
-        finally:
-            edits._unlisten(self._hooks.refresh)
-            self._hooks.pop(session)
+        session = EditSession(as_edits(edits))
+        with self._active(session):
+            yield session.edits
 
     @contextmanager
     def record(self, sites="*", mode: str = "overwrite"):
         """Record `sites` (a key, glob, or list of them; default every site) into a Recording."""
+        session = self._record_session(sites, mode)
+        with self._active(session):
+            yield session.recording
+
+    def _record_session(self, sites, mode: str) -> RecordSession:
         keys = [sites] if isinstance(sites, (str, tuple)) else list(sites)
         if keys == ["*"]:
             keys = self.layout.site_names()
@@ -85,13 +84,20 @@ class Model:
                 if site.name not in seen:
                     seen.add(site.name)
                     resolved.append(site)
-        recording = Recording(self.layout.resolve, [s.name for s in resolved], mode)
-        session = RecordSession(recording, resolved)
-        self._hooks.push(session)
+        return RecordSession(Recording(self.layout.resolve, [s.name for s in resolved], mode), resolved)
+
+    @contextmanager
+    def _active(self, *sessions):
+        """Sessions on the hook plan for the body; off again (hooks removed) however it ends."""
+        self._hooks.push(*sessions)
         try:
-            yield recording
+            for session in sessions:
+                session.attach(self._hooks.refresh)
+            yield
         finally:
-            self._hooks.pop(session)
+            for session in sessions:
+                session.detach(self._hooks.refresh)
+            self._hooks.pop(*sessions)
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, inputs, **kwargs) -> torch.Tensor:
@@ -111,12 +117,13 @@ class Model:
         12-layer model for a Patch costs a third of a forward."""
         if stop_after_record and not record:
             raise SpliceError("stop_after_record=True needs record=...: there is nothing to stop after")
-        with ExitStack() as stack:
-            if edits:
-                stack.enter_context(self.edit(edits))
-            recording = stack.enter_context(self.record(record, mode)) if record else None
-            if stop_after_record:
-                recording.stop_when_complete = True
+        sessions = [EditSession(as_edits(edits))] if edits else []
+        recording = None
+        if record:
+            sessions.append(self._record_session(record, mode))
+            recording = sessions[-1].recording
+            recording.stop_when_complete = stop_after_record
+        with self._active(*sessions):  # one plan rebuild for edits and recording together
             try:
                 logits = self.forward(inputs, **kwargs)
             except StopForward:

@@ -60,6 +60,13 @@ class EditSession:
     def __init__(self, edits: Edits):
         self.edits = edits
 
+    def attach(self, refresh) -> None:
+        """Rebuild the plan whenever the live registry changes."""
+        self.edits._listen(refresh)
+
+    def detach(self, refresh) -> None:
+        self.edits._unlisten(refresh)
+
     def contribute(self, plan: dict[str, Action], layout: Layout) -> None:
         for key, edit in self.edits.items_flat():
             for site in layout.resolve(key):
@@ -73,6 +80,12 @@ class RecordSession:
     def __init__(self, recording: Recording, sites):
         self.recording = recording
         self.sites = sites
+
+    def attach(self, refresh) -> None:
+        """A recording's sites are fixed for its lifetime: nothing to listen to."""
+
+    def detach(self, refresh) -> None:
+        pass
 
     def contribute(self, plan: dict[str, Action], layout: Layout) -> None:
         for site in self.sites:

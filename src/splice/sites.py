@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import SpliceError, closest, valid_range
 
@@ -37,6 +38,7 @@ GLOBAL_POINTS: dict[str, tuple[str, ...]] = {
     "final_norm": ("batch", "pos", "d_model"),
     "logits": ("batch", "pos", "vocab"),
 }
+POINT_AXES: dict[str, tuple[str, ...]] = GLOBAL_POINTS | LAYER_POINTS
 
 # TransformerLens hook names that denote exactly the same tensor as a splice site. Names whose
 # TransformerLens tensor differs (hook_embed is the token embedding without positions,
@@ -72,7 +74,7 @@ class Site:
     point: str
     layer: int | None = None
 
-    @property
+    @cached_property  # read several times per hooked forward
     def name(self) -> str:
         return self.point if self.layer is None else f"blocks.{self.layer}.{self.point}"
 

@@ -28,12 +28,12 @@ from .errors import SpliceError
 from .interventions import At, Intervention
 from .recording import Recording
 from .selection import _axis_selector, normalize_index
-from .sites import GLOBAL_POINTS, LAYER_POINTS, canonical_name
+from .sites import POINT_AXES, canonical_name
 
 
 def _site_axes(name: str) -> tuple[str, ...]:
     point = name.split(".", 2)[2] if name.startswith("blocks.") else name
-    return (LAYER_POINTS | GLOBAL_POINTS).get(point, ("batch", "pos"))
+    return POINT_AXES.get(point, ("batch", "pos"))
 
 
 def _as_source(value, kind: str, allow_field: bool = False):
