@@ -174,3 +174,44 @@ def test_run_with_a_bad_record_key_starts_no_edit_either(model, hf, ids):
         model.run(ids, edits={"blocks.0.mlp.out": splice.Zero()}, record="blocks.0.nope")
     assert model.hook_count == 0 and not model._hooks.sessions
     assert torch.equal(hf(ids).logits, clean)
+
+
+def test_run_frames_its_forward_alone_and_inside_an_open_context(model, hf, ids):
+    """With no context open, Model.run begins and ends the forward's frame itself (no root hooks);
+    inside an open context the context's root hooks do it. Positions (here from a padding mask),
+    results and the outer context's recording must not depend on which."""
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 is left-padded: positions count from its first real token
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    edits = {"blocks.1.attn.z": splice.Zero(heads=1, pos=-1), "blocks.0.resid_post": splice.Scale(2.0, pos=[1, 3])}
+    with torch.no_grad():
+        with model.edit(edits):
+            expected = hf(**inputs).logits
+        alone, _ = model.run(inputs, edits=edits)
+        assert model.hook_count == 0 and model._hooks.frame is None
+        with model.record("blocks.1.resid_post") as outer:
+            inside, rec = model.run(inputs, edits=edits, record="blocks.1.resid_post")
+            assert model.hook_count > 0
+        assert model._hooks.frame is None
+    assert torch.equal(alone, expected) and torch.equal(inside, expected)
+    assert torch.equal(outer["blocks.1.resid_post"], rec["blocks.1.resid_post"])
+    clean = hf(**inputs).logits
+    assert not torch.equal(alone, clean)
+
+
+def test_run_alone_still_checks_that_every_edit_ran(model, hf, family, ids):
+    target = FAMILIES[family].hand_module(hf, "mlp.out", 2)[0]
+    path = next(name for name, mod in hf.named_modules() if mod is target)
+    parent_path, _, attr = path.rpartition(".")
+    parent = hf.get_submodule(parent_path)
+    embed = hf.get_input_embeddings()
+    # Swapped in mid-forward, after run has hooked `target`: the hooked module is never called.
+    handle = embed.register_forward_hook(lambda *_: setattr(parent, attr, _Bypass(target)))
+    try:
+        with pytest.raises(splice.SpliceError, match="blocks.2.mlp.out never ran"), torch.no_grad():
+            model.run(ids, edits={"blocks.2.mlp.out": splice.Zero()})
+    finally:
+        handle.remove()
+        setattr(parent, attr, target)
+    assert model.hook_count == 0 and model._hooks.frame is None and not model._hooks.bracketing
+    assert torch.equal(model.run(ids)[0], hf(ids).logits)

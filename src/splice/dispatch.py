@@ -127,6 +127,7 @@ class HookManager:
         self.dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self.root_handles: list = []
         self.frame: Frame | None = None
+        self.bracketing = False  # True while Model.run begins/ends the forward itself (no root hooks)
         self.attention = AttentionRouting(self)
 
     # -- frames --------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class HookManager:
         for recording in action.recorders:
             recording._store(name, x)
         frame.fired.add(name)
-        if any(recording.stop_when_complete and recording.complete() for recording in action.recorders):
+        if action.recorders and any(r.stop_when_complete and r.complete() for r in action.recorders):
             raise StopForward(name)
         return x
 
@@ -244,7 +245,7 @@ class HookManager:
             self.attention.activate()
         else:
             self.attention.deactivate()
-        if plan and not self.root_handles:
+        if plan and not self.root_handles and not self.bracketing:
             root = layout.model
             self.root_handles = [
                 root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),

@@ -79,7 +79,8 @@ class Edits(MutableMapping):
         self._listeners.append(callback)
 
     def _unlisten(self, callback):
-        self._listeners.remove(callback)
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

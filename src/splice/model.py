@@ -13,10 +13,37 @@ import torch.nn as nn
 from . import tokens as tok
 from .architectures import Layout
 from .dispatch import HookManager, StopForward
+from .frame import Frame
 from .edits import Edits, as_edits
 from .errors import SpliceError
 from .recording import Recording
 from .sessions import EditSession, RecordSession
+
+
+class _Active:
+    """Sessions on the hook plan for a `with` body; off again (hooks removed) however it ends.
+    A plain class rather than @contextmanager: `Model.run` enters one per call."""
+
+    __slots__ = ("hooks", "sessions")
+
+    def __init__(self, hooks: HookManager, sessions):
+        self.hooks, self.sessions = hooks, sessions
+
+    def __enter__(self):
+        self.hooks.push(*self.sessions)
+        try:
+            for session in self.sessions:
+                session.attach(self.hooks.refresh)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            for session in self.sessions:
+                session.detach(self.hooks.refresh)
+        finally:
+            self.hooks.pop(*self.sessions)
 
 
 class Model:
@@ -86,24 +113,17 @@ class Model:
                     resolved.append(site)
         return RecordSession(Recording(self.layout.resolve, [s.name for s in resolved], mode), resolved)
 
-    @contextmanager
-    def _active(self, *sessions):
-        """Sessions on the hook plan for the body; off again (hooks removed) however it ends."""
-        self._hooks.push(*sessions)
-        try:
-            for session in sessions:
-                session.attach(self._hooks.refresh)
-            yield
-        finally:
-            for session in sessions:
-                session.detach(self._hooks.refresh)
-            self._hooks.pop(*sessions)
+    def _active(self, *sessions) -> "_Active":
+        return _Active(self._hooks, sessions)
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, inputs, **kwargs) -> torch.Tensor:
         """Logits for a string, list of strings (left-padded), token ids or tokenizer output."""
         batch = tok.encode(self.tokenizer, inputs, self.device)
-        out = self.hf(**batch, **kwargs)
+        return self._logits(self.hf(**batch, **kwargs))
+
+    @staticmethod
+    def _logits(out) -> torch.Tensor:
         return out.logits if hasattr(out, "logits") else out[0]
 
     __call__ = forward
@@ -123,15 +143,31 @@ class Model:
             sessions.append(self._record_session(record, mode))
             recording = sessions[-1].recording
             recording.stop_when_complete = stop_after_record
-        with self._active(*sessions):  # one plan rebuild for edits and recording together
-            try:
-                logits = self.forward(inputs, **kwargs)
-            except StopForward:
-                self._hooks.abort()
-                logits = None
-            finally:
-                if recording is not None:
-                    recording.stop_when_complete = False
+        hooks = self._hooks
+        outer = hooks.bracketing
+        # With no context open around this call, run frames its one forward itself instead of
+        # putting two hooks on the root module (a fifth of the fixed cost of a call).
+        hooks.bracketing = bracket = not hooks.root_handles
+        try:
+            with self._active(*sessions):  # one plan rebuild for edits and recording together
+                batch = tok.encode(self.tokenizer, inputs, self.device)
+                if bracket:
+                    hooks.begin(Frame.from_call((), {**batch, **kwargs}))
+                try:
+                    logits = self._logits(self.hf(**batch, **kwargs))
+                    if bracket:
+                        hooks.end()
+                except StopForward:
+                    hooks.abort()
+                    logits = None
+                except BaseException:
+                    if bracket:
+                        hooks.abort()
+                    raise
+        finally:
+            hooks.bracketing = outer
+            if recording is not None:
+                recording.stop_when_complete = False
         return logits, recording
 
     def generate(self, inputs, edits=None, max_new_tokens: int = 20, return_tokens: bool = False, **kwargs):
