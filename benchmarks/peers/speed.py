@@ -296,6 +296,7 @@ def main() -> int:
     parser.add_argument("--tiny-rounds", type=int, default=30)
     parser.add_argument("--tiny-calls", type=int, default=50)
     parser.add_argument("--tiny-warmup", type=int, default=100)
+    parser.add_argument("--out", help="results CSV name under results/ (default speed.csv, speed-quick.csv with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 rounds, 1 warm-up, sweep of layer 11's 12 heads on 4 x 16, small tiny run")
     args = parser.parse_args()
@@ -316,6 +317,8 @@ def main() -> int:
     import torch
 
     argv = [a for a in sys.argv[1:] if a != "--peers" and a not in args.peers]
+    if args.out:
+        argv = [a for a in argv if a not in ("--out", args.out)]
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"1-minute load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
     reports = [run_worker(p, argv) for p in args.peers]
@@ -323,7 +326,7 @@ def main() -> int:
     table = pd.DataFrame(rows)
     if "note" not in table:
         table["note"] = None
-    out = HERE / "results" / ("speed-quick.csv" if args.quick else "speed.csv")
+    out = HERE / "results" / (args.out or ("speed-quick.csv" if args.quick else "speed.csv"))
     out.parent.mkdir(exist_ok=True)
     table.to_csv(out, index=False)
     if len(table):

@@ -13,9 +13,9 @@ import torch.nn as nn
 from . import tokens as tok
 from .architectures import Layout
 from .dispatch import HookManager, StopForward
-from .frame import Frame
-from .edits import Edits, as_edits
+from .edits import as_edits
 from .errors import SpliceError
+from .frame import Frame
 from .recording import Recording
 from .sessions import EditSession, RecordSession
 
@@ -144,31 +144,37 @@ class Model:
             recording = sessions[-1].recording
             recording.stop_when_complete = stop_after_record
         hooks = self._hooks
-        outer = hooks.bracketing
-        # With no context open around this call, run frames its one forward itself instead of
-        # putting two hooks on the root module (a fifth of the fixed cost of a call).
-        hooks.bracketing = bracket = not hooks.root_handles
+        # With no context open around the call, run opens and closes the forward's frame itself
+        # rather than adding and removing two root-module hooks (~0.05 ms of a tiny model's call).
+        outer, hooks.bracketing = hooks.bracketing, not hooks.root_handles
         try:
             with self._active(*sessions):  # one plan rebuild for edits and recording together
-                batch = tok.encode(self.tokenizer, inputs, self.device)
-                if bracket:
-                    hooks.begin(Frame.from_call((), {**batch, **kwargs}))
-                try:
-                    logits = self._logits(self.hf(**batch, **kwargs))
-                    if bracket:
-                        hooks.end()
-                except StopForward:
-                    hooks.abort()
-                    logits = None
-                except BaseException:
-                    if bracket:
-                        hooks.abort()
-                    raise
+                logits = self._framed_forward(inputs, kwargs, bracket=hooks.bracketing)
         finally:
             hooks.bracketing = outer
             if recording is not None:
                 recording.stop_when_complete = False
         return logits, recording
+
+    def _framed_forward(self, inputs, kwargs, bracket: bool):
+        """Logits of one forward, or None if a recording stopped it. `bracket`: no root hooks are
+        installed, so the forward's frame is begun and ended (every edit fired?) here."""
+        hooks = self._hooks
+        batch = tok.encode(self.tokenizer, inputs, self.device)
+        if bracket:
+            hooks.begin(Frame.from_call((), {**batch, **kwargs}))
+        try:
+            logits = self._logits(self.hf(**batch, **kwargs))
+        except StopForward:
+            hooks.abort()
+            return None
+        except BaseException:
+            if bracket:
+                hooks.abort()
+            raise
+        if bracket:
+            hooks.end()
+        return logits
 
     def generate(self, inputs, edits=None, max_new_tokens: int = 20, return_tokens: bool = False, **kwargs):
         """Greedy (by default) generation under `edits`; returns the new text (a list for a batch),
