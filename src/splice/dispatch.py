@@ -198,10 +198,7 @@ class HookManager:
         for session in sessions:
             if session in self.sessions:
                 self.sessions.remove(session)
-        if self.sessions:
-            self.refresh()
-        else:
-            self.clear()
+        self.refresh()
 
     def refresh(self) -> None:
         """Rebuild the plan from the active sessions and make the installed hooks match it.
@@ -211,15 +208,6 @@ class HookManager:
             session.contribute(plan, self.layout)
         self._install(plan)
         self.plan = plan
-
-    def clear(self) -> None:
-        """No session left: remove every hook without building an (empty) plan."""
-        self.plan = {}
-        for dispatcher in self.dispatchers.values():
-            dispatcher.remove()
-        self.dispatchers = {}
-        self.attention.deactivate()
-        self._remove_root()
 
     def _install(self, plan: dict[str, Action]) -> None:
         layout = self.layout
