@@ -149,17 +149,19 @@ class Model:
         outer, hooks.bracketing = hooks.bracketing, not hooks.root_handles
         try:
             with self._active(*sessions):  # one plan rebuild for edits and recording together
-                logits = self._framed_forward(inputs, kwargs, bracket=hooks.bracketing)
+                logits = self._framed_forward(inputs, kwargs)
         finally:
             hooks.bracketing = outer
             if recording is not None:
                 recording.stop_when_complete = False
         return logits, recording
 
-    def _framed_forward(self, inputs, kwargs, bracket: bool):
-        """Logits of one forward, or None if a recording stopped it. `bracket`: no root hooks are
-        installed, so the forward's frame is begun and ended (every edit fired?) here."""
+    def _framed_forward(self, inputs, kwargs):
+        """Logits of one forward, or None if a recording stopped it. While `run` is bracketing,
+        no root hooks are installed, so the forward's frame is begun and ended (every edit
+        fired?) here."""
         hooks = self._hooks
+        bracket = hooks.bracketing
         batch = tok.encode(self.tokenizer, inputs, self.device)
         if bracket:
             hooks.begin(Frame.from_call((), {**batch, **kwargs}))

@@ -93,8 +93,8 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
 
     by_field: dict[str, set[str]] = {}
     for v in variants:
-        if field_of(v) is not None:
-            by_field.setdefault(field_of(v), set()).add(v.site)
+        if (field_name := field_of(v)) is not None:
+            by_field.setdefault(field_name, set()).add(v.site)
     recorded = {}
     for field_name, sites in by_field.items():
         with torch.no_grad():
