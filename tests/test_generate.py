@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 import splice
 from conftest import build
+from splice.frame import Frame
+from transformers import Cache, DynamicCache
 from families import FAMILIES
 from splice import strategies as sst
 
@@ -124,3 +126,63 @@ def test_pattern_edits_cannot_reach_future_keys(gen):
     pattern = rec["blocks.0.attn.pattern"]
     assert torch.all(pattern[:, :, 0, 0] == 3.0)  # query 0 attends only to key 0 (1.0), plus 2.0
     assert torch.all(pattern.triu(1) == 0)  # what the recording shows is what the model used
+
+
+def _prefill_cache(hf, ids):
+    """The KV cache after a prompt, whichever name this transformers release returns it under."""
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    assert isinstance(cache, Cache) and cache.get_seq_length() == ids.shape[1]
+    return cache
+
+
+def test_generate_never_treats_a_decoding_step_as_position_0(gen):
+    """Regression (transformers 5.24 renamed the cache keyword and BLOOM's steps carry no
+    positions): an edit at pos=0 hits the prompt's first token once, and pos=PROMPT the first
+    generated one, never a decoding step's token by mistake."""
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(5))
+    first, step = torch.full((model.dims.d_model,), 0.5), torch.full((model.dims.d_model,), 0.75)
+    edits = {"blocks.0.resid_post": [splice.Replace(first, pos=0), splice.Replace(step, pos=PROMPT)]}
+    with model.edit(edits), model.record("blocks.0.resid_post", mode="accumulate") as rec:
+        _generate(hf, ids)
+    steps = rec["blocks.0.resid_post"]
+    assert len(steps) == NEW and torch.all(steps[0][:, 0] == 0.5) and not torch.any(steps[0][:, 1:] == 0.5)
+    assert torch.all(steps[1] == 0.75)
+    assert all(not torch.any(s == 0.5) and not torch.any(s == 0.75) for s in steps[2:])
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_a_decoding_step_carrying_only_the_cache_gets_its_absolute_position(gen, keyword):
+    """Both spellings of the cache keyword (`past_key_values` up to transformers 5.23, `cache`
+    from 5.24), with nothing else to go on: no position_ids, cache_position or attention mask."""
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+    marker = torch.full((model.dims.d_model,), 0.5)
+    for pos, hit in ((PROMPT, True), (0, False), (PROMPT - 1, False)):
+        cache = _prefill_cache(hf, ids)
+        with torch.no_grad(), model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=pos)}), \
+                model.record("blocks.1.resid_post") as rec:
+            hf(input_ids=ids[:, :1], use_cache=True, **{keyword: cache})  # the token at position PROMPT
+        assert bool(torch.all(rec["blocks.1.resid_post"] == 0.5)) is hit, (keyword, pos)
+
+
+def test_past_length_is_read_from_any_cache_object_or_refused():
+    cache = DynamicCache()
+    k = torch.zeros(1, 2, 4, 8)
+    cache.update(k, k, 0)
+    ids = torch.ones(1, 1, dtype=torch.long)
+    for kwargs, args in (({"cache": cache}, ()), ({"past_key_values": cache}, ()), ({"kv_state_2030": cache}, ()),
+                         ({}, (ids, cache))):
+        frame = Frame.from_call(args, {"input_ids": ids, **kwargs})
+        assert frame.past == 4 and frame.cached and int(frame.positions()[0][0, 0]) == 4
+    # A cache splice cannot read and nothing else to go on: refused, not assumed to start at 0.
+    legacy = ((k, k),)
+    with pytest.raises(splice.SpliceError, match=r"past_key_values.*cannot tell how many tokens came before"):
+        Frame.from_call((), {"input_ids": ids, "past_key_values": legacy})
+    assert Frame.from_call((), {"input_ids": ids, "past_key_values": legacy, "cache_position": torch.tensor([4])}).past == 4
+    mask = torch.ones(1, 5, dtype=torch.long)
+    assert Frame.from_call((), {"input_ids": ids, "cache": legacy, "attention_mask": mask}).past == 4
+    assert Frame.from_call((), {"input_ids": ids, "use_cache": True}).past == 0  # a plain forward

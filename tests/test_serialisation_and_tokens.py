@@ -1,6 +1,7 @@
 """Interventions and registries round-trip through JSON/YAML; token helpers behave like TransformerLens'."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,22 @@ def test_test_prompt_reports_rank(hf, capsys):
     with torch.no_grad():
         logits = model("abcd")[0, 2]
     assert answer["rank"] == int((logits > logits[model.to_single_token("d")]).sum())
+
+
+def test_an_untested_transformers_release_is_named_at_import():
+    from packaging.specifiers import SpecifierSet
+
+    from splice.compat import check_transformers, tested_transformers
+
+    spec = tested_transformers()
+    assert spec is not None
+    lower = [s.version for s in SpecifierSet(spec) if s.operator == ">="]
+    upper = [s.version for s in SpecifierSet(spec) if s.operator == "<"]
+    assert lower and upper  # both bounds are declared
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_transformers(lower[0])
+    with pytest.warns(splice.UntestedVersionWarning, match=r"tested with transformers.*this is transformers 99\.0\.0.*make test-latest"):
+        assert not check_transformers("99.0.0")
+    with pytest.warns(splice.UntestedVersionWarning):
+        assert not check_transformers(upper[0])

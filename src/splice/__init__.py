@@ -1,5 +1,9 @@
 """splice: declarative, exact activation editing for Hugging Face transformers."""
 
+import transformers as _transformers
+
+from .compat import UntestedVersionWarning, check_transformers
+
 from .architectures import ARCHITECTURES, Layout
 from .architectures.base import Architecture, Dims, Point
 from .edits import Edits
@@ -15,6 +19,7 @@ from . import metrics, patching, plot, steering, tokens
 
 __all__ = [
     "ARCHITECTURES", "Add", "Apply", "Clamp", "Project", "ProjectOut", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
-    "Mean", "Patch", "Recording", "Replace", "Resample", "Scale", "SpliceError", "Sweep", "Zero", "metrics", "patching", "plot", "steering", "embedded_model_dir", "load", "load_hf",
+    "Mean", "Patch", "Recording", "Replace", "Resample", "Scale", "SpliceError", "Sweep", "UntestedVersionWarning", "Zero", "metrics", "patching", "plot", "steering", "embedded_model_dir", "load", "load_hf",
 ]
 __version__ = "0.1.0"
+check_transformers(_transformers.__version__)

@@ -8,6 +8,9 @@ computed lazily: a forward whose edits select no positions pays nothing for it.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache
+
+from .errors import SpliceError
 
 
 class Frame:
@@ -25,22 +28,18 @@ class Frame:
 
     @classmethod
     def from_call(cls, args, kwargs) -> "Frame":
-        """Build a frame from the keyword arguments of a Hugging Face causal-LM forward."""
+        """Build a frame from the arguments of a Hugging Face causal-LM forward, whatever their
+        keywords (transformers renames them: the KV cache came as `past_key_values` up to 5.23
+        and as `cache` from 5.24)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         batch, seq = (ref.shape[0], ref.shape[1]) if ref is not None and ref.dim() >= 2 else (1, 1)
-        cache = kwargs.get("past_key_values")
-        cache_position = kwargs.get("cache_position")
-        if cache_position is not None and cache_position.numel():
-            past = int(cache_position[0])
-        elif cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        else:
-            past = 0
+        mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        has_cache, past = past_length(args, kwargs, seq, mask, position_ids)
         # generate() passes logits_to_keep to every step, cached or not; a plain forward does not.
-        cached = cache is not None or "logits_to_keep" in kwargs or past > 0
-        return cls(batch, seq, past, kwargs.get("attention_mask"), kwargs.get("position_ids"), cached)
+        cached = has_cache or "logits_to_keep" in kwargs or past > 0
+        return cls(batch, seq, past, mask, position_ids, cached)
 
     @property
     def uniform(self) -> bool:
@@ -86,3 +85,43 @@ class Frame:
         if self.uniform:
             return self.past + self.seq
         return int(self.positions()[2].max())
+
+
+def _looks_like_cache(name: str) -> bool:
+    return name != "use_cache" and ("cache" in name or "past" in name)
+
+
+def past_length(args, kwargs, seq: int, mask, position_ids) -> tuple[bool, int]:
+    """(is this a cached step?, tokens before this call's first one), from what the call carries.
+
+    Sources, most direct first: any `transformers` `Cache` object among the arguments, under any
+    keyword or position (`get_seq_length()`, which counts every token seen, also for sliding
+    windows); `cache_position`; `position_ids` (then `positions()` reads them row by row); an
+    attention mask wider than the input. A call that carries a cache but none of these is refused:
+    assuming 0 would silently move every position-selected edit to the wrong token."""
+    values = list(kwargs.items()) + [(f"argument {i}", v) for i, v in enumerate(args)]
+    caches = [(name, v) for name, v in values if isinstance(v, Cache)]
+    for name, cache in caches:
+        try:
+            return True, int(cache.get_seq_length())
+        except Exception:  # noqa: BLE001 - an unreadable cache falls through to the other sources
+            continue
+    cache_position = kwargs.get("cache_position")
+    carried = [name for name, v in values if v is not None and _looks_like_cache(name) and name != "cache_position"]
+    has_cache = bool(caches or carried)
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return has_cache, int(cache_position.reshape(-1)[0])
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        # positions() reads them row by row; a cached step's first one is the uniform case's past
+        return has_cache, int(position_ids.reshape(-1)[0]) if has_cache else 0
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > seq:
+        return has_cache, mask.shape[1] - seq
+    if has_cache:
+        what = ", ".join(name for name, _ in caches) or ", ".join(carried)
+        raise SpliceError(
+            f"this forward carries a KV cache ({what}) but splice cannot tell how many tokens came before "
+            "it: expected a transformers Cache object (get_seq_length), cache_position, position_ids or an "
+            "attention mask covering the past tokens; edits selected by position would land on the wrong "
+            "tokens, so nothing ran"
+        )
+    return False, 0
