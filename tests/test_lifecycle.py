@@ -61,10 +61,10 @@ def test_live_registry_changes_take_effect_without_reentering(model, hf, ids):
         live["blocks.0.mlp.out"] = splice.Zero()
         first = hf(ids).logits
         assert not torch.equal(first, clean)
-        handles = dict(model._hooks.dispatchers)
+        handles = model.engine.installed()
         live["blocks.0.mlp.out"] = splice.Scale(0.0)  # same module: no new hook needed
         assert torch.equal(hf(ids).logits, first)
-        assert dict(model._hooks.dispatchers) == handles
+        assert model.engine.installed() == handles
         del live["blocks.0.mlp.out"]
         assert torch.equal(hf(ids).logits, clean)
         with pytest.raises(splice.SpliceError, match="unknown site"):
@@ -80,8 +80,8 @@ def test_same_edits_on_two_models(family, ids):
     edits = splice.Edits({"blocks.0.mlp.out": splice.Zero()})
     with a.edit(edits), b.edit(edits):
         edits["blocks.1.mlp.out"] = splice.Zero()
-        assert {k[0] for k in a._hooks.dispatchers} >= {a.layout.module_path(a.layout.resolve("blocks.1.mlp.out")[0])}
-        assert len(b._hooks.dispatchers) == len(a._hooks.dispatchers)
+        assert {k[0] for k in a.engine.installed()} >= {a.layout.module_path(a.layout.sites_of("blocks.1.mlp.out")[0])}
+        assert len(b.engine.installed()) == len(a.engine.installed())
     assert a.hook_count == b.hook_count == 0
 
 
@@ -104,7 +104,7 @@ class _Bypass(torch.nn.Module):
 
 def test_every_edit_must_fire(model, hf, family, ids):
     # Calling the bare decoder skips lm_head: an edit at logits can never run.
-    base = getattr(hf, model.layout.arch.base)
+    base = getattr(hf, model.layout.arch.decoder)
     with model.edit({"logits": splice.Zero()}), torch.no_grad():
         hf(ids)  # fine through the wrapped model
         wrapped_over_base = splice.Model(base)
@@ -144,7 +144,7 @@ def test_a_module_swapped_after_wrapping_is_the_one_hooked(family, ids):
     model = splice.Model(hf)
     with model.edit({"blocks.1.mlp.out": splice.Zero()}), torch.no_grad():
         hf(ids)  # looked up once before the swap
-    mlp_path = model.layout.module_path(model.layout.resolve("blocks.1.mlp.out")[0])
+    mlp_path = model.layout.module_path(model.layout.sites_of("blocks.1.mlp.out")[0])
     parent_path, _, name = mlp_path.rpartition(".")
     parent = hf.get_submodule(parent_path)
     old = getattr(parent, name)
@@ -172,14 +172,13 @@ def test_run_with_a_bad_record_key_starts_no_edit_either(model, hf, ids):
     clean = hf(ids).logits.detach()
     with pytest.raises(splice.SpliceError, match="unknown site"):
         model.run(ids, edits={"blocks.0.mlp.out": splice.Zero()}, record="blocks.0.nope")
-    assert model.hook_count == 0 and not model._hooks.sessions
+    assert model.hook_count == 0 and not model.engine.active_here()
     assert torch.equal(hf(ids).logits, clean)
 
 
 def test_run_frames_its_forward_alone_and_inside_an_open_context(model, hf, ids):
-    """With no context open, Model.run begins and ends the forward's frame itself (no root hooks);
-    inside an open context the context's root hooks do it. Positions (here from a padding mask),
-    results and the outer context's recording must not depend on which."""
+    """Model.run alone and inside an open context: positions (here from a padding mask), results
+    and the outer context's recording must not depend on which."""
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded: positions count from its first real token
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -188,11 +187,11 @@ def test_run_frames_its_forward_alone_and_inside_an_open_context(model, hf, ids)
         with model.edit(edits):
             expected = hf(**inputs).logits
         alone, _ = model.run(inputs, edits=edits)
-        assert model.hook_count == 0 and model._hooks.frame is None
+        assert model.hook_count == 0 and not model.engine.active_here()
         with model.record("blocks.1.resid_post") as outer:
             inside, rec = model.run(inputs, edits=edits, record="blocks.1.resid_post")
             assert model.hook_count > 0
-        assert model._hooks.frame is None
+        assert not model.engine.active_here()
     assert torch.equal(alone, expected) and torch.equal(inside, expected)
     assert torch.equal(outer["blocks.1.resid_post"], rec["blocks.1.resid_post"])
     clean = hf(**inputs).logits
@@ -213,5 +212,5 @@ def test_run_alone_still_checks_that_every_edit_ran(model, hf, family, ids):
     finally:
         handle.remove()
         setattr(parent, attr, target)
-    assert model.hook_count == 0 and model._hooks.frame is None and not model._hooks.bracketing
+    assert model.hook_count == 0 and not model.engine.active_here()
     assert torch.equal(model.run(ids)[0], hf(ids).logits)

@@ -120,7 +120,7 @@ def test_the_tensor_the_model_produced_is_never_mutated(setup, edits):
         handles = []
         for key in edits:
             for name in model.resolve(key):
-                site = model.layout.resolve(name)[0]
+                site = model.layout.sites_of(name)[0]
                 module = model.layout.module(site)
                 if model.layout.point(site).io == "output":
                     handles.append(module.register_forward_hook(keep_out, prepend=True))

@@ -90,3 +90,25 @@ def test_attention_pattern_matches_hf_eager(smol, batch):
         pairs = mask[:, None, :, None] & mask[:, None, None, :]
         torch.testing.assert_close(got.masked_fill(~pairs, 0), want.masked_fill(~pairs, 0), rtol=0, atol=1e-5)
     assert smol.hf.config._attn_implementation == "sdpa" and smol.hook_count == 0
+
+
+def test_the_cache_is_keyed_by_content_and_a_complete_copy_is_reused(smol, tmp_path, monkeypatch):
+    """Several venvs share one cache (each installs the GGUF with its own mtime): a copy made from
+    the same file content is used as it is, never rebuilt or removed under another process."""
+    from transformers import AutoModelForCausalLM
+
+    from splice import loading
+
+    real = loading._embedded_cache()
+    monkeypatch.setenv("SPLICE_CACHE", str(tmp_path))
+    copy = tmp_path / real.name
+    copy.mkdir()
+    (copy / "splice-source.json").write_text((real / "splice-source.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a complete copy for this content exists: nothing may be converted")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    (loading.embedded_model_dir() / loading.GGUF_FILE).touch()  # a new mtime, same content
+    assert loading._embedded_cache() == copy
+    assert (copy / "splice-source.json").exists()

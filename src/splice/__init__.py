@@ -4,13 +4,14 @@ import transformers as _transformers
 
 from .compat import UntestedVersionWarning, check_transformers
 
-from .architectures import ARCHITECTURES, Layout
+from .architectures import ARCHITECTURES
 from .architectures.base import Architecture, Dims, Point
 from .edits import Edits
 from .errors import SpliceError
 from .directional import Apply, Clamp, Project, ProjectOut
 from .interventions import Add, Intervention, Replace, Scale, Zero
 from .sources import Mean, Patch, Resample
+from .layout import Layout
 from .loading import embedded_model_dir, load, load_hf
 from .model import Model
 from .recording import Recording

@@ -1,16 +1,18 @@
 """Attention scores and pattern sites, through transformers' own `AttentionInterface`.
 
-While a session touches `blocks.l.attn.scores` or `.attn.pattern`, the model's attention
+While a scope touches `blocks.l.attn.scores` or `.attn.pattern`, the model's attention
 implementation is switched from "sdpa" (or "eager") to "splice_sdpa" ("splice_eager"), and
-switched back when the last such session ends. Those functions look the calling attention module
+switched back when the last such scope closes. Those functions look the calling attention module
 up in `_ROUTES`: layers with no scores/pattern site in the plan run the original implementation
 unchanged (same kernel, same mask), the others run an eager computation that exposes the masked
-scores and the softmax pattern to the dispatcher. No module or forward is replaced.
+scores and the softmax pattern to the plan. No module or forward is replaced. The functions are
+registered with transformers the first time a model needs them, not when splice is imported.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 
 import torch
@@ -46,8 +48,7 @@ def _blocked(module, q_len: int, k_len: int, attention_mask, device):
     return ~mask if mask.dtype == torch.bool else mask < 0  # additive masks hold 0 or the dtype minimum
 
 
-def _attention_with_sites(manager, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs):
-    frame = manager.frame_for(query.transpose(1, 2))
+def _attention_with_sites(engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs):
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -57,16 +58,16 @@ def _attention_with_sites(manager, layer, module, query, key, value, attention_m
     lowest = torch.finfo(scores.dtype).min
     if blocked is not None:
         scores = scores.masked_fill(blocked, lowest)
-    action = manager.plan.get(f"blocks.{layer}.attn.scores")
+    action = frame.plan.get(f"blocks.{layer}.attn.scores")
     if action is not None:
         # Masked pairs stay masked whatever the edit did (a scaled minimum would overflow).
-        scores = manager.process(action, scores, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, lowest))
+        scores = engine.process(action, scores, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, lowest))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    action = manager.plan.get(f"blocks.{layer}.attn.pattern")
+    action = frame.plan.get(f"blocks.{layer}.attn.pattern")
     if action is not None:
         # Pairs the mask forbids stay at 0: an edit must not let a token attend to a future (or
         # padding) key, which cached decoding could not reproduce.
-        pattern = manager.process(action, pattern, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, 0.0))
+        pattern = engine.process(action, pattern, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, 0.0))
     weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, pattern
@@ -76,24 +77,35 @@ def _make(kind: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         route = _ROUTES.get(module)
         if route is not None:
-            manager, layer = route
-            if f"blocks.{layer}.attn.scores" in manager.plan or f"blocks.{layer}.attn.pattern" in manager.plan:
-                return _attention_with_sites(manager, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+            engine, layer = route
+            frame = engine.frame(query.transpose(1, 2))
+            if frame is not None and (f"blocks.{layer}.attn.scores" in frame.plan.actions
+                                      or f"blocks.{layer}.attn.pattern" in frame.plan.actions):
+                return _attention_with_sites(engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
         return _original(kind, module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     return attention
 
 
-for _kind, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
-    AttentionInterface.register(f"splice_{_kind}", _make(_kind))
-    AttentionMaskInterface.register(f"splice_{_kind}", _mask)
+_REGISTERED: set[str] = set()
+_REGISTER_LOCK = threading.Lock()
+
+
+def _register(kind: str) -> str:
+    """Register splice's attention function for `kind` with transformers (once per process)."""
+    with _REGISTER_LOCK:
+        if kind not in _REGISTERED:
+            AttentionInterface.register(f"splice_{kind}", _make(kind))
+            AttentionMaskInterface.register(f"splice_{kind}", sdpa_mask if kind == "sdpa" else eager_mask)
+            _REGISTERED.add(kind)
+    return f"splice_{kind}"
 
 
 class AttentionRouting:
     """Switches one model to the splice attention functions and back; owns its routes."""
 
-    def __init__(self, manager):
-        self.manager = manager
+    def __init__(self, engine):
+        self.engine = engine
         self.original: str | None = None
 
     @property
@@ -103,7 +115,7 @@ class AttentionRouting:
     def activate(self) -> None:
         if self.active:
             return
-        model, layout = self.manager.layout.model, self.manager.layout
+        model, layout = self.engine.layout.model, self.engine.layout
         current = model.config._attn_implementation
         if current not in SUPPORTED:
             raise SpliceError(
@@ -111,14 +123,14 @@ class AttentionRouting:
                 "(call model.set_attn_implementation('sdpa') first)"
             )
         for layer in range(layout.n_layers):
-            _ROUTES[layout.module(Site("attn.pattern", layer))] = (self.manager, layer)
-        model.set_attn_implementation(f"splice_{current}")
+            _ROUTES[layout.module(Site("attn.pattern", layer))] = (self.engine, layer)
+        model.set_attn_implementation(_register(current))
         self.original = current
 
     def deactivate(self) -> None:
         if not self.active:
             return
-        layout = self.manager.layout
+        layout = self.engine.layout
         try:
             layout.model.set_attn_implementation(self.original)
         finally:

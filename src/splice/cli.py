@@ -4,18 +4,29 @@ CONFIG.yaml` runs a sweep and writes its table (CSV + JSONL) and heatmap."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 
 
+def matches_filter(name: str, pattern: str) -> bool:
+    """`--filter`: a glob (`*`, `?`, `[...]`) matches whole names, as site globs do everywhere in
+    splice (`blocks.*.attn.q`); plain text matches names containing it (`blocks.3.`)."""
+    from .sites import is_pattern
+
+    return fnmatch.fnmatchcase(name, pattern) if is_pattern(pattern) else pattern in name
+
+
 def _sites(args) -> int:
+    from .errors import SpliceError
     from .loading import load
 
     model = load(args.model)
+    shown = {name: shape for name, shape in model.sites.items() if matches_filter(name, args.filter)}
+    if not shown:
+        raise SpliceError(f"no site of this model matches --filter {args.filter!r} (a glob like 'blocks.*.attn.q' or text like 'attn.')")
     print(model)
-    width = max(len(n) for n in model.sites)
-    for name, shape in model.sites.items():
-        if args.filter and args.filter not in name:
-            continue
+    width = max(len(n) for n in shown)
+    for name, shape in shown.items():
         print(f"{name:<{width}}  [{', '.join(str(s) for s in shape)}]")
     return 0
 
@@ -58,7 +69,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     sites = commands.add_parser("sites", help="list every site of a model with its shape")
     sites.add_argument("model", nargs="?", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M)")
-    sites.add_argument("--filter", default="", help="only names containing this text, e.g. 'blocks.3.'")
+    sites.add_argument("--filter", default="", help="only names containing this text ('blocks.3.') or matching this glob ('blocks.*.attn.q')")
     sites.set_defaults(run=_sites)
     sweep = commands.add_parser("sweep", help="run a sweep described in a YAML file; writes a table and a heatmap")
     sweep.add_argument("config", help="YAML sweep config (see splice.config)")
@@ -69,7 +80,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except SpliceError as error:
-        print(f"splice: {error}", file=sys.stderr)
+        print(f"splice: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         return 2
 
 

@@ -21,11 +21,19 @@ def encode(value):
     raise SpliceError(f"cannot serialise {type(value).__name__} value {value!r}")
 
 
+def _dtype(name) -> torch.dtype:
+    """A dtype named in a saved record ("float32", "bool", ...); refuses anything else, e.g. a
+    hand-edited "Tensor" or "Size", which getattr(torch, name) would turn into a class (or a crash)."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise SpliceError(f"cannot decode a tensor with dtype {name!r}: expected a torch dtype name such as 'float32', 'bfloat16' or 'bool'")
+    return dtype
+
+
 def decode(value):
     if isinstance(value, dict):
         if "tensor" in value:
-            dtype = getattr(torch, value.get("dtype", "float32"))
-            return torch.tensor(value["tensor"], dtype=dtype)
+            return torch.tensor(value["tensor"], dtype=_dtype(value.get("dtype", "float32")))
         if "slice" in value:
             return slice(*value["slice"])
         if "mapping" in value:

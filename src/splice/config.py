@@ -14,17 +14,23 @@
 
 from __future__ import annotations
 
-import json
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
 from . import metrics as metric_fns
 from .errors import SpliceError
-from .interventions import Intervention
 from .sweep import Sweep
 
 METRICS = {"logit_diff": metric_fns.logit_diff, "answer_logprob": metric_fns.answer_logprob,
            "loss": metric_fns.loss, "kl_from_clean": metric_fns.kl_from_clean}
+CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.config)"
+KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")
+RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress")
+OUTPUT_KEYS = ("table", "heatmap", "top")
+ROW = "a prompt string or a mapping with 'prompt' (or 'input_ids') and the metrics' answer fields"
+ROWS = "a list of data rows, each " + ROW
 
 
 @dataclass
@@ -36,53 +42,112 @@ class SweepConfig:
     output: dict = field(default_factory=dict)
 
 
-def _data(value, base: Path) -> list:
-    if isinstance(value, list):
-        return value
-    if isinstance(value, str):
-        path = (base / value) if not Path(value).is_absolute() else Path(value)
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if path.suffix == ".json":
-            return json.loads(text)
-        if path.suffix == ".csv":
-            import pandas as pd
-
-            return pd.read_csv(path).to_dict("records")
-        return [line for line in text.splitlines() if line.strip()]
-    raise SpliceError(f"data: expected a list or a file path (.jsonl, .json, .csv, .txt); got {type(value).__name__}")
+def load_config(path) -> SweepConfig:
+    """Read a sweep config; every mistake in it (or in its data file) is a SpliceError naming the
+    file, the line and what was expected."""
+    doc = files.load_yaml(path, CONFIG)
+    raw = doc.data
+    if not isinstance(raw, dict):
+        raise doc.error((), "a sweep config is a mapping with model, data, sweep, metrics")
+    _known(doc, (), raw, KEYS)
+    sweep = _sweep(doc, raw)
+    run, output = _section(doc, raw, "run", RUN_KEYS), _section(doc, raw, "output", OUTPUT_KEYS)
+    return SweepConfig(raw.get("model"), _data(doc, raw.get("data")), sweep, run, output)
 
 
-def _metric(entry):
+def _known(doc, keys: tuple, mapping: dict, allowed) -> None:
+    unknown = sorted(set(mapping) - set(allowed), key=str)
+    if unknown:
+        raise doc.error((*keys, unknown[0]), f"unknown keys {unknown}; expected {', '.join(allowed)}")
+
+
+def _section(doc, raw: dict, key: str, allowed) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise doc.error((key,), f"expected a mapping with {', '.join(allowed)}; got {type(value).__name__}")
+    _known(doc, (key,), value, allowed)
+    return value
+
+
+def _sweep(doc, raw: dict) -> Sweep:
+    spec = raw.get("sweep") or {}
+    if not isinstance(spec, dict):
+        raise doc.error(("sweep",), f"expected a mapping with sites, interventions, over; got {type(spec).__name__}")
+    _known(doc, ("sweep",), spec, ("sites", "interventions", "over"))
+    records = spec.get("interventions")
+    if records is None:
+        raise doc.error(("sweep",), "sweep.interventions is required, e.g. [{type: Zero}]")
+    interventions = [files.intervention(doc, k, r) for k, r in files.items_at(("sweep", "interventions"), records)]
+    metrics = _metrics(doc, raw.get("metrics"))
+    try:
+        return Sweep(sites=spec.get("sites"), interventions=interventions, over=spec.get("over"),
+                     metrics=metrics, name=raw.get("name", doc.path.stem))
+    except (SpliceError, TypeError) as error:
+        raise doc.error(("sweep",), str(error)) from None
+
+
+def _metrics(doc, entries) -> list:
+    if not entries:
+        raise doc.error(("metrics",), f"at least one metric is required; known: {', '.join(METRICS)}")
+    return [_metric(doc, k, e) for k, e in files.items_at(("metrics",), entries)]
+
+
+def _metric(doc, keys: tuple, entry):
     if isinstance(entry, str):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise SpliceError(f"each metric is a name or a {{name: {{arguments}}}} mapping; got {entry!r}")
+        raise doc.error(keys, f"each metric is a name or a {{name: {{arguments}}}} mapping; got {entry!r}")
     (name, arguments), = entry.items()
     if name not in METRICS:
-        raise SpliceError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
-    return METRICS[name](**(arguments or {}))
+        raise doc.error(keys, f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    if not isinstance(arguments or {}, dict):
+        raise doc.error(keys, f"the arguments of {name} are a mapping, e.g. {{{name}: {{positions: 2}}}}; got {arguments!r}")
+    try:
+        return METRICS[name](**(arguments or {}))
+    except (SpliceError, TypeError) as error:
+        raise doc.error(keys, f"{name}: {error}") from None
 
 
-def load_config(path) -> SweepConfig:
-    import yaml
+# -- data -----------------------------------------------------------------------------------------
+def _data(doc, value) -> list:
+    if isinstance(value, list):
+        return _rows(value, lambda i: doc.where(("data", i)))
+    if isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else doc.path.parent / value
+        return _data_file(path)
+    raise doc.error(("data",), f"expected a list of rows or a file path (.jsonl, .json, .csv, .txt); got {type(value).__name__}")
 
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise SpliceError(f"{path}: a sweep config is a mapping with model, data, sweep, metrics")
-    unknown = set(raw) - {"model", "data", "sweep", "metrics", "run", "output", "name"}
-    if unknown:
-        raise SpliceError(f"{path}: unknown keys {sorted(unknown)}")
-    spec = dict(raw.get("sweep") or {})
-    records = spec.pop("interventions", None)
-    if records is None:
-        raise SpliceError(f"{path}: sweep.interventions is required, e.g. [{{type: Zero}}]")
-    records = records if isinstance(records, list) else [records]
-    interventions = [Intervention.from_dict(r) for r in records]
-    sweep = Sweep(sites=spec.pop("sites", None), interventions=interventions, over=spec.pop("over", None),
-                  metrics=[_metric(m) for m in raw.get("metrics") or []], name=raw.get("name", path.stem))
-    if spec:
-        raise SpliceError(f"{path}: unknown sweep keys {sorted(spec)}")
-    return SweepConfig(raw.get("model"), _data(raw.get("data"), path.parent), sweep, raw.get("run") or {}, raw.get("output") or {})
+
+def _data_file(path: Path) -> list:
+    """Rows of a data file by its suffix; any other suffix is one prompt per non-empty line."""
+    if path.suffix == ".json":
+        doc = files.load_json(path, ROWS)
+        if not isinstance(doc.data, list):
+            raise doc.error((), f"expected {ROWS}; got {type(doc.data).__name__}")
+        return _rows(doc.data, lambda i: doc.where((i,)))
+    text = files.read_text(path, f"a data file of {ROWS}")
+    if path.suffix == ".jsonl":
+        numbered = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        rows = [files.parse_json(line, str(path), ROW, line=n) for n, line in numbered]
+        return _rows(rows, lambda i: f"{path} line {numbered[i][0]}")
+    if path.suffix == ".csv":
+        return _rows(_csv(path, text), lambda i: f"{path} row {i + 1}")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _csv(path: Path, text: str) -> list:
+    import pandas as pd
+
+    try:
+        return pd.read_csv(io.StringIO(text)).to_dict("records")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise SpliceError(f"{path}: unreadable CSV ({' '.join(str(error).split())}); expected a header row with a 'prompt' column") from None
+
+
+def _rows(rows: list, where) -> list:
+    """`rows` if each is a prompt or a mapping with one; `where(i)` names row i in errors."""
+    for i, row in enumerate(rows):
+        if isinstance(row, str) or (isinstance(row, dict) and ({"prompt", "input_ids"} & set(row))):
+            continue
+        raise SpliceError(f"{where(i)}: expected {ROW}; got {' '.join(repr(row).split())[:80]}")
+    return rows

@@ -28,7 +28,7 @@ import torch
 
 from .errors import SpliceError
 from . import interventions
-from .interventions import At, Intervention, as_value, broadcast_to_region
+from .interventions import At, Intervention, ValueField, as_value, broadcast_to_region, own, refuse_non_finite
 
 _EMPTY_SHAPE = (0, 0)
 
@@ -56,13 +56,12 @@ def _as_directions(value, kind: str) -> torch.Tensor:
         return torch.zeros(_EMPTY_SHAPE, dtype=value.dtype if value.is_floating_point() else torch.float32)
     if not value.is_floating_point():
         raise SpliceError(f"{kind} directions have dtype {value.dtype}; pass a floating-point tensor")
-    if not torch.isfinite(value).all():
-        raise SpliceError(f"{kind} directions contain NaN or infinite values")
+    refuse_non_finite(value, f"{kind} directions")
     norms = value.double().reshape(-1, value.shape[-1]).norm(dim=-1)
     zero = [i for i, n in enumerate(norms.tolist()) if n == 0]
     if zero:
         raise SpliceError(f"{kind} direction(s) {zero} are all zeros: a zero vector spans no direction")
-    return value.clone()
+    return own(value)
 
 
 def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
@@ -146,29 +145,47 @@ class ProjectOut(_Directional):
         return region - self._projection(region, at)
 
 
-def _bound(value, what: str):
-    if value is None or isinstance(value, torch.Tensor):
-        return value.detach() if isinstance(value, torch.Tensor) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise SpliceError(f"Clamp {what} must be a number, a tensor or None; got {type(value).__name__}")
+def _refuse_crossed_bounds(lo, hi) -> None:
+    """min > max anywhere would make torch.clamp return max there, silently: refused, elementwise
+    for tensor bounds (bounds that do not broadcast together are left to the shape checks)."""
+    if lo is None or hi is None:
+        return
+    lo_t, hi_t = torch.as_tensor(lo).detach(), torch.as_tensor(hi).detach()
+    try:
+        crossed = lo_t > hi_t
+    except RuntimeError:
+        return
+    if not bool(crossed.any()):
+        return
+    if crossed.dim() == 0:
+        raise SpliceError(f"Clamp min {lo} is greater than max {hi}")
+    at = tuple(crossed.nonzero()[0].tolist())
+    lo_at, hi_at = lo_t.expand_as(crossed)[at], hi_t.expand_as(crossed)[at]
+    raise SpliceError(
+        f"Clamp min is greater than max at {int(crossed.sum())} of {crossed.numel()} element(s), first at index {at} "
+        f"(min {float(lo_at):.4g} > max {float(hi_at):.4g}); every min must be <= its max"
+    )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Clamp(Intervention):
     """Clamp the selection elementwise to [min, max] (either may be None; numbers or tensors that
-    broadcast to the selection). `Clamp()` changes nothing."""
+    broadcast to the selection; +/-inf means no bound on that side). `Clamp()` changes nothing."""
 
     min: Any = None
     max: Any = None
 
+    value_fields: ClassVar = {
+        "min": ValueField("Clamp min", infinite_ok=True, optional=True),
+        "max": ValueField("Clamp max", infinite_ok=True, optional=True),
+    }
+
     def __post_init__(self):
         super().__post_init__()
-        lo, hi = _bound(self.min, "min"), _bound(self.max, "max")
-        object.__setattr__(self, "min", lo)
-        object.__setattr__(self, "max", hi)
-        if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
-            raise SpliceError(f"Clamp min {lo} is greater than max {hi}")
+        for name in ("min", "max"):
+            if not isinstance(getattr(self, name), (torch.Tensor, type(None))):
+                object.__setattr__(self, name, float(getattr(self, name)))
+        _refuse_crossed_bounds(self.min, self.max)
 
     def compute(self, region, at):
         if self.min is None and self.max is None:
@@ -176,9 +193,6 @@ class Clamp(Intervention):
         lo = None if self.min is None else broadcast_to_region(as_value(self.min, region, "Clamp min", at.site), region, at, "Clamp min")
         hi = None if self.max is None else broadcast_to_region(as_value(self.max, region, "Clamp max", at.site), region, at, "Clamp max")
         return torch.clamp(region, min=lo, max=hi)
-
-    def values(self):
-        return {"Clamp min": self.min, "Clamp max": self.max}
 
 
 @dataclass(frozen=True, eq=False, repr=False)

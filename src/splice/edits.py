@@ -11,9 +11,12 @@ import json
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
+from . import files
 from .errors import SpliceError
 from .interventions import Intervention
 from .sites import canonical_name
+
+EDITS_FILE = "an edits file: a mapping of site -> intervention record(s), as Edits.save writes"
 
 
 def _as_list(key, value) -> tuple[Intervention, ...]:
@@ -30,7 +33,8 @@ class Edits(MutableMapping):
 
     def __init__(self, mapping=None, /, **kwargs):
         self._items: dict[str, tuple[Intervention, ...]] = {}
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[["Edits"], None]] = []
+        self.version = 0  # bumped by every change: a forward's plan is rebuilt when it moves
         for key, value in dict(mapping or {}, **kwargs).items():
             self._items[canonical_name(key)] = _as_list(key, value)
 
@@ -64,21 +68,26 @@ class Edits(MutableMapping):
 
     # -- live updates --------------------------------------------------------------------------
     def _change(self, mutate):
+        """Apply `mutate`, then tell every listening model; if one refuses the result (a key that
+        names no site of it), undo the change and tell them again."""
         before = dict(self._items)
         mutate()
+        self.version += 1
         try:
             for listener in list(self._listeners):
-                listener()
+                listener(self)
         except Exception:
             self._items = before
+            self.version += 1
             for listener in list(self._listeners):
-                listener()
+                listener(self)
             raise
 
-    def _listen(self, callback):
+    def subscribe(self, callback) -> None:
+        """Call `callback(edits)` after every change (a model with this registry open does)."""
         self._listeners.append(callback)
 
-    def _unlisten(self, callback):
+    def unsubscribe(self, callback) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
@@ -88,34 +97,35 @@ class Edits(MutableMapping):
 
     @classmethod
     def from_dict(cls, record: dict) -> "Edits":
-        if not isinstance(record, dict):
-            raise SpliceError(f"an edits file holds a mapping of site -> intervention(s); got {type(record).__name__}")
+        """The inverse of `to_dict`; a bad record is named by its key path."""
+        return cls._from_document(files.Document(record))
+
+    @classmethod
+    def _from_document(cls, doc: files.Document) -> "Edits":
+        if not isinstance(doc.data, dict):
+            raise doc.error((), f"expected a mapping of site -> intervention record(s); got {type(doc.data).__name__}")
         out = cls()
-        for key, value in record.items():
-            values = value if isinstance(value, list) else [value]
-            out._items[canonical_name(key)] = tuple(Intervention.from_dict(v) for v in values)
+        for key, value in doc.data.items():
+            try:
+                name = canonical_name(key)
+            except SpliceError as error:
+                raise doc.error((key,), str(error)) from None
+            out._items[name] = tuple(files.intervention(doc, k, r) for k, r in files.items_at((key,), value))
         return out
 
     def save(self, path) -> None:
-        """Write JSON (`.json`) or YAML (`.yaml`/`.yml`)."""
+        """Write JSON (`.json`) or YAML (`.yaml`/`.yml`), whole or not at all. YAML is written
+        without aliases, which `load` refuses."""
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            path.write_text(json.dumps(self.to_dict(), indent=1))
+        record = self.to_dict()
+        text = files.dump_yaml(record) if path.suffix in files.YAML_SUFFIXES else json.dumps(record, indent=1)
+        files.write_atomic(path, text.encode())
 
     @classmethod
     def load(cls, path) -> "Edits":
-        """Read a file written by `save` (YAML through the safe loader only)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return cls.from_dict(yaml.safe_load(text))
-        return cls.from_dict(json.loads(text))
+        """Read a file written by `save` (YAML through the safe loader, without aliases); any
+        mistake is an error naming the file, line and key."""
+        return cls._from_document(files.load_document(path, EDITS_FILE))
 
 
 def as_edits(value) -> Edits:

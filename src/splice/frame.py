@@ -14,17 +14,30 @@ from .errors import SpliceError
 
 
 class Frame:
-    """Per-forward state shared by all dispatchers: positions, fired sites, saved layer inputs."""
+    """One forward pass, as every hook of it sees it: positions, the plan it runs (fixed when it
+    began), the sites that fired, and the layer inputs saved for views that need them. Owned by
+    the execution context that runs the forward; never shared between threads."""
 
-    def __init__(self, batch: int, seq: int, past: int = 0, attention_mask=None, position_ids=None, cached: bool = False):
+    def __init__(self, batch: int, seq: int, past: int = 0, attention_mask=None, position_ids=None,
+                 cached: bool = False, plan=None):
         self.batch, self.seq, self.past = batch, seq, past
         self.cached = cached  # part of a generation (KV cache or generate's logits_to_keep): later forwards reach further positions
         self._mask = attention_mask
         self._position_ids = position_ids
         self._uniform = None
         self._positions = None
+        self.plan = plan
+        self.outer: Frame | None = None  # the forward this one runs inside of, if any
+        self.from_root = False  # begun by the root module's hook (so ended by it)
         self.fired: set[str] = set()
-        self.base: dict[int, torch.Tensor] = {}
+        self.layer_inputs: dict[int, torch.Tensor] = {}
+
+    def resized(self, batch: int, attention_mask=None) -> "Frame":
+        """The same forward (plan, fired sites, outer forward) over a different number of rows, as
+        when a sweep's replay lets more variants join."""
+        frame = Frame(batch, self.seq, self.past, attention_mask, None, self.cached, self.plan)
+        frame.outer, frame.fired = self.outer, self.fired
+        return frame
 
     @classmethod
     def from_call(cls, args, kwargs) -> "Frame":

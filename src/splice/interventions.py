@@ -8,6 +8,8 @@ the tensor the model produced is never mutated and autograd stays valid.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -51,6 +53,68 @@ def _same(a, b) -> bool:
     return a == b
 
 
+class ValueField(NamedTuple):
+    """How an intervention's value field is checked when it is built (see `Intervention`)."""
+
+    label: str  # how messages name it, e.g. "Add vector"
+    infinite_ok: bool = False  # +/-inf is meaningful here (Replace: -inf masks a score; Clamp: no bound)
+    optional: bool = False  # None is allowed (Clamp's unset bounds)
+
+
+# Copies made by `own`, by id (weakly: an entry goes when its tensor does).
+_OWNED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def own(tensor: torch.Tensor) -> torch.Tensor:
+    """The intervention's own copy of a user tensor, so that changing the user's tensor in place
+    later cannot change the edit. `clone` keeps autograd: gradients still reach the user's tensor
+    through the copy. A tensor that already is such a copy (an intervention rebuilt with
+    `dataclasses.replace`, as sweeps do per variant) is kept, not copied again."""
+    if _OWNED.get(id(tensor)) is tensor:
+        return tensor
+    copy = tensor.clone()
+    _OWNED[id(copy)] = copy
+    return copy
+
+
+def refuse_non_finite(value: torch.Tensor, what: str, infinite_ok: bool = False) -> None:
+    """The one non-finite policy, applied when an intervention is built: NaN is refused in every
+    value; +/-inf only where `infinite_ok` (Replace values, Clamp bounds)."""
+    if not (value.is_floating_point() or value.is_complex()):
+        return
+    v = value.detach()
+    nan = torch.isnan(v)
+    bad = nan if infinite_ok else ~torch.isfinite(v)
+    if not bool(bad.any()):
+        return
+    kind = "NaN" if bool(nan.any()) else "+/-inf"
+    where = f"{what} is {kind}" if v.dim() == 0 else (
+        f"{what} contains {kind} ({int(bad.sum())} of {v.numel()} values, first at index {tuple(bad.nonzero()[0].tolist())})"
+    )
+    if kind == "NaN":
+        raise SpliceError(f"{where}: NaN is refused in every intervention value, since it would spread through every later activation")
+    raise SpliceError(
+        f"{where}: infinite values are accepted only by Replace (e.g. Replace(float('-inf'), dims=k) at "
+        "attn.scores masks key k) and as Clamp bounds; pass finite values"
+    )
+
+
+def owned_value(value, spec: ValueField):
+    """A value field as the intervention keeps it: a number (checked) or its own copy of a tensor
+    (checked); anything else is refused here rather than in the middle of a forward."""
+    if value is None and spec.optional:
+        return None
+    if isinstance(value, torch.Tensor):
+        refuse_non_finite(value, spec.label, spec.infinite_ok)
+        return own(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = value if isinstance(value, (int, float)) else float(value)  # NumPy scalars -> float
+        refuse_non_finite(torch.tensor(float(value)), spec.label, spec.infinite_ok)
+        return value
+    expected = "a number, a tensor or None" if spec.optional else "a number or a tensor"
+    raise SpliceError(f"{spec.label} must be {expected}; got {type(value).__name__} {value!r}")
+
+
 def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
     """A user value as a tensor on `like`'s device and dtype; refuses non-float tensors."""
     if isinstance(value, torch.Tensor):
@@ -85,7 +149,23 @@ def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Intervention:
-    """Base class. Subclasses implement `compute(region, at)`; selection fields are shared."""
+    """Base class. Subclasses implement `compute(region, at)`; selection fields are shared.
+
+    Everything is checked when the intervention is built, so a bad value fails at its own line:
+
+    - Selections: `heads`/`dims`/`rows`/`pos` lists may not repeat an index (`heads=[1, 1]`
+      would edit head 1 once, not twice); slices have int bounds, step forward and select
+      something. What needs the site's shape is checked when it is known: repeats that only
+      show then (`pos=[1, -8]` on 9 tokens), slices reaching beyond a head/dim/row axis, and a
+      `pos` mask narrower than the sequence (pad it with False).
+    - Values are owned: every tensor a subclass declares in `value_fields` is copied (with
+      `clone`, which keeps autograd, so gradients still reach your tensor), so changing your
+      tensor in place afterwards does not change the edit. Build a new intervention to change it.
+    - Non-finite values: NaN is refused in every value. +/-inf is refused too, except where it
+      means something: a `Replace` value (`Replace(float('-inf'), dims=k)` at `attn.scores`
+      masks key k) and `Clamp` bounds (no bound on that side). `Patch`/`Mean`/`Resample` take
+      activations, which are written as recorded (see `splice.sources`).
+    """
 
     pos: Any = field(default=None, kw_only=True)
     heads: Any = field(default=None, kw_only=True)
@@ -93,6 +173,7 @@ class Intervention:
     rows: Any = field(default=None, kw_only=True)  # batch rows (per-row variants in one batch)
 
     serialisable: ClassVar[bool] = True
+    value_fields: ClassVar[dict[str, ValueField]] = {}  # field name -> how it is checked and named
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -103,6 +184,8 @@ class Intervention:
         object.__setattr__(self, "heads", normalize_index(self.heads, "heads"))
         object.__setattr__(self, "dims", normalize_index(self.dims, "dims"))
         object.__setattr__(self, "rows", normalize_index(self.rows, "rows"))
+        for name, spec in self.value_fields.items():
+            object.__setattr__(self, name, owned_value(getattr(self, name), spec))
 
     # -- behaviour ---------------------------------------------------------------------------
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
@@ -110,8 +193,8 @@ class Intervention:
         raise NotImplementedError
 
     def values(self) -> dict[str, Any]:
-        """Non-selection fields that hold user values, for static shape checks."""
-        return {}
+        """Non-selection fields that hold user values, by label, for static shape checks."""
+        return {spec.label: getattr(self, name) for name, spec in self.value_fields.items()}
 
     # -- description -------------------------------------------------------------------------
     def _fields(self):
@@ -165,25 +248,24 @@ class Scale(Intervention):
 
     factor: Any = 1.0
 
+    value_fields: ClassVar = {"factor": ValueField("Scale factor")}
+
     def compute(self, region, at):
         factor = broadcast_to_region(as_value(self.factor, region, "Scale factor", at.site), region, at, "Scale factor")
         return region * factor
 
-    def values(self):
-        return {"Scale factor": self.factor}
-
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Replace(Intervention):
-    """Overwrite the selection with `value` (broadcast to the selection, or a full-site tensor)."""
+    """Overwrite the selection with `value` (broadcast to the selection, or a full-site tensor).
+    Unlike other values it may be +/-inf: `Replace(float('-inf'), dims=k)` at `attn.scores` masks key k."""
 
     value: Any = 0.0
 
+    value_fields: ClassVar = {"value": ValueField("Replace value", infinite_ok=True)}
+
     def compute(self, region, at):
         return broadcast_to_region(as_value(self.value, region, "Replace value", at.site), region, at, "Replace value").clone()
-
-    def values(self):
-        return {"Replace value": self.value}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -193,12 +275,11 @@ class Add(Intervention):
     vector: Any = 0.0
     scale: float = 1.0
 
+    value_fields: ClassVar = {"vector": ValueField("Add vector"), "scale": ValueField("Add scale")}
+
     def compute(self, region, at):
         vector = broadcast_to_region(as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector")
-        return region + vector * self.scale if self.scale != 1 else region + vector
-
-    def values(self):
-        return {"Add vector": self.vector}
+        return region + vector * self.scale if isinstance(self.scale, torch.Tensor) or self.scale != 1 else region + vector
 
 
 def registered_types() -> dict[str, type[Intervention]]:

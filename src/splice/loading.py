@@ -7,6 +7,7 @@ takes ~20 s, so the first load converts it once to safetensors in a cache folder
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -38,12 +39,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPLICE_CACHE", Path.home() / ".cache" / "splice"))
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _embedded_cache() -> Path:
-    """Safetensors copy of the embedded model, made on first use and keyed by the GGUF file."""
+    """Safetensors copy of the embedded model, made on first use, in a folder named by the GGUF
+    file's content. Several venvs or processes may share the cache: a copy is built in a staging
+    folder and renamed into place only if none is there yet, and a complete copy is never removed,
+    so a process reading it cannot lose it."""
     gguf = embedded_model_dir() / GGUF_FILE
-    stat = gguf.stat()
-    key = {"file": GGUF_FILE, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    target = cache_root() / "SmolLM2-135M-Instruct-Q4_1"
+    key = {"file": GGUF_FILE, "sha256": _file_digest(gguf)}
+    target = cache_root() / f"SmolLM2-135M-Instruct-Q4_1-{key['sha256'][:12]}"
     marker = target / "splice-source.json"
     if marker.exists() and json.loads(marker.read_text()) == key:
         return target
@@ -65,8 +76,12 @@ def _embedded_cache() -> Path:
     save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(staging)
     (staging / "splice-source.json").write_text(json.dumps(key))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    if target.exists() and not marker.exists():  # left half-built by a process killed before 0.2
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process put a complete copy there first
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -6,14 +6,13 @@ Each metric says how many final positions it reads (`tail`), so a sweep unembeds
 
 from __future__ import annotations
 
-import hashlib
-import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .errors import SpliceError
+from .fingerprint import fingerprint
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,7 @@ class Metric:
     name: str
     fn: Callable
     tail: int | None = 1  # final positions needed; None = all
-    spec: tuple = ()  # what identifies the metric in a checkpoint's spec hash
+    spec: Iterable = ()  # what identifies the metric in a checkpoint's spec hash (iterated when it is made)
 
     def __call__(self, logits, clean_logits, batch) -> torch.Tensor:
         value = self.fn(logits, clean_logits, batch)
@@ -78,12 +77,38 @@ def kl_from_clean(positions: int = 1) -> Metric:
     return Metric("kl_from_clean", fn, positions, ("kl", positions))
 
 
-def custom(fn: Callable, name: str | None = None, tail: int | None = None) -> Metric:
+class CustomIdentity:
+    """A custom metric's part of a checkpoint's spec hash. It is worked out when a sweep with a
+    checkpoint hashes its spec, so the values the function reads at run time are the ones that
+    count, and a function without a fingerprint is refused only when a checkpoint needs one."""
+
+    def __init__(self, name: str, fn: Callable, tail: int | None, identity: str | None):
+        self.name, self.fn, self.tail, self.identity = name, fn, tail, identity
+
+    def __iter__(self):
+        if self.identity is not None:
+            return iter(("custom", self.name, self.tail, "identity", self.identity))
+        try:
+            digest = fingerprint(self.fn)
+        except SpliceError as error:
+            raise SpliceError(
+                f"custom metric {self.name!r} cannot be checkpointed: {error}, so a resumed sweep could not tell "
+                "whether it still computes the same thing. Pass metrics.custom(..., identity='...'), a string "
+                "naming everything that determines its result (change it whenever that changes)") from None
+        return iter(("custom", self.name, self.tail, digest))
+
+    def __repr__(self):
+        return f"CustomIdentity({self.name!r}, identity={self.identity!r})"
+
+
+def custom(fn: Callable, name: str | None = None, tail: int | None = None, identity: str | None = None) -> Metric:
     """Any function (logits, clean_logits, batch) -> [prompts] or scalar. `tail` = final positions
-    it reads (None: all). Its source text goes into the checkpoint hash."""
-    try:
-        source = inspect.getsource(fn)
-    except (OSError, TypeError):
-        source = repr(fn)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return Metric(name or getattr(fn, "__name__", "custom"), fn, tail, ("custom", digest))
+    it reads (None: all). A checkpoint knows it by a fingerprint of its code and of every value it
+    reads (defaults, closure, globals); where that is impossible (it reads an arbitrary object),
+    pass `identity=`, a string you change whenever what determines the result changes."""
+    if not callable(fn):
+        raise SpliceError(f"metrics.custom needs a function (logits, clean_logits, batch) -> values; got {type(fn).__name__}")
+    if identity is not None and (not isinstance(identity, str) or not identity):
+        raise SpliceError(f"identity= is a non-empty string naming what determines the metric's result; got {identity!r}")
+    name = name or getattr(fn, "__name__", "custom")
+    return Metric(name, fn, tail, CustomIdentity(name, fn, tail, identity))

@@ -11,39 +11,12 @@ import torch
 import torch.nn as nn
 
 from . import tokens as tok
-from .architectures import Layout
-from .dispatch import HookManager, StopForward
 from .edits import as_edits
 from .errors import SpliceError
-from .frame import Frame
+from .hooks import Opened, engine_for
+from .plan import EditScope, RecordScope, StopForward
 from .recording import Recording
-from .sessions import EditSession, RecordSession
-
-
-class _Active:
-    """Sessions on the hook plan for a `with` body; off again (hooks removed) however it ends.
-    A plain class rather than @contextmanager: `Model.run` enters one per call."""
-
-    __slots__ = ("hooks", "sessions")
-
-    def __init__(self, hooks: HookManager, sessions):
-        self.hooks, self.sessions = hooks, sessions
-
-    def __enter__(self):
-        self.hooks.push(*self.sessions)
-        try:
-            for session in self.sessions:
-                session.attach(self.hooks.refresh)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-
-    def __exit__(self, *exc):
-        try:
-            for session in self.sessions:
-                session.detach(self.hooks.refresh)
-        finally:
-            self.hooks.pop(*self.sessions)
+from .selection import positions_needed
 
 
 class Model:
@@ -54,9 +27,9 @@ class Model:
             raise SpliceError(f"splice.Model wraps a torch/Hugging Face model; got {type(hf_model).__name__}")
         self.hf = hf_model
         self.tokenizer = tokenizer
-        self.layout = Layout(hf_model)
+        self.engine = engine_for(hf_model)
+        self.layout = self.engine.layout
         self.dims = self.layout.dims
-        self._hooks = HookManager(self.layout)
 
     def __repr__(self):
         d = self.dims
@@ -72,49 +45,46 @@ class Model:
         """Every valid site with its shape ('batch' and 'pos' vary per forward)."""
         out = {}
         for name in self.layout.site_names():
-            site = self.layout.resolve(name)[0]
+            site = self.layout.sites_of(name)[0]
             out[name] = tuple(a if s is None else s for a, s in zip(self.layout.axes(site), self.layout.shape(site)))
         return out
 
     def resolve(self, key) -> list[str]:
         """Canonical site names for a name, alias, tuple or glob (raises on unknown ones)."""
-        return [site.name for site in self.layout.resolve(key)]
+        return [site.name for site in self.layout.sites_of(key)]
 
     @property
     def hook_count(self) -> int:
-        """Hooks splice currently has on the model (0 outside every context)."""
-        return self._hooks.hook_count
+        """Hooks splice currently has on the model (0 outside every context, in every thread)."""
+        return self.engine.hook_count
 
     # -- contexts ------------------------------------------------------------------------------
     @contextmanager
     def edit(self, edits=None):
-        """Apply `edits` (an `Edits` or a dict) to every forward inside, `generate` included.
-        Yields the live registry: assigning to it changes the next forward."""
-        session = EditSession(as_edits(edits))
-        with self._active(session):
-            yield session.edits
+        """Apply `edits` (an `Edits` or a dict) to every forward inside, `generate` included, in
+        this thread (or asyncio task) only. Yields the live registry: assigning to it changes the
+        next forward."""
+        scope = EditScope(as_edits(edits))
+        with Opened(self.engine, (scope,)):
+            yield scope.edits
 
     @contextmanager
     def record(self, sites="*", mode: str = "overwrite"):
         """Record `sites` (a key, glob, or list of them; default every site) into a Recording."""
-        session = self._record_session(sites, mode)
-        with self._active(session):
-            yield session.recording
+        scope = self._record_scope(sites, mode)
+        with Opened(self.engine, (scope,)):
+            yield scope.recording
 
-    def _record_session(self, sites, mode: str) -> RecordSession:
+    def _record_scope(self, sites, mode: str, stop_when_complete: bool = False) -> RecordScope:
         keys = [sites] if isinstance(sites, (str, tuple)) else list(sites)
         if keys == ["*"]:
             keys = self.layout.site_names()
-        resolved, seen = [], set()
+        resolved = {}
         for key in keys:
-            for site in self.layout.resolve(key):
-                if site.name not in seen:
-                    seen.add(site.name)
-                    resolved.append(site)
-        return RecordSession(Recording(self.layout.resolve, [s.name for s in resolved], mode), resolved)
-
-    def _active(self, *sessions) -> "_Active":
-        return _Active(self._hooks, sessions)
+            for site in self.layout.sites_of(key):
+                resolved.setdefault(site.name, site)
+        recording = Recording(self.layout.sites_of, list(resolved), mode)
+        return RecordScope(recording, tuple(resolved.values()), stop_when_complete)
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, inputs, **kwargs) -> torch.Tensor:
@@ -137,52 +107,34 @@ class Model:
         12-layer model for a Patch costs a third of a forward."""
         if stop_after_record and not record:
             raise SpliceError("stop_after_record=True needs record=...: there is nothing to stop after")
-        sessions = [EditSession(as_edits(edits))] if edits else []
+        scopes = [EditScope(as_edits(edits))] if edits else []
         recording = None
         if record:
-            sessions.append(self._record_session(record, mode))
-            recording = sessions[-1].recording
-            recording.stop_when_complete = stop_after_record
-        hooks = self._hooks
-        # With no context open around the call, run opens and closes the forward's frame itself
-        # rather than adding and removing two root-module hooks (~0.05 ms of a tiny model's call).
-        outer, hooks.bracketing = hooks.bracketing, not hooks.root_handles
-        try:
-            with self._active(*sessions):  # one plan rebuild for edits and recording together
-                logits = self._framed_forward(inputs, kwargs)
-        finally:
-            hooks.bracketing = outer
-            if recording is not None:
-                recording.stop_when_complete = False
-        return logits, recording
-
-    def _framed_forward(self, inputs, kwargs):
-        """Logits of one forward, or None if a recording stopped it. While `run` is bracketing,
-        no root hooks are installed, so the forward's frame is begun and ended (every edit
-        fired?) here."""
-        hooks = self._hooks
-        bracket = hooks.bracketing
+            scopes.append(self._record_scope(record, mode, stop_when_complete=stop_after_record))
+            recording = scopes[-1].recording
         batch = tok.encode(self.tokenizer, inputs, self.device)
-        if bracket:
-            hooks.begin(Frame.from_call((), {**batch, **kwargs}))
-        try:
-            logits = self._logits(self.hf(**batch, **kwargs))
-        except StopForward:
-            hooks.abort()
-            return None
-        except BaseException:
-            if bracket:
-                hooks.abort()
-            raise
-        if bracket:
-            hooks.end()
-        return logits
+        with Opened(self.engine, tuple(scopes)):  # one plan build for edits and recording together
+            try:
+                logits = self._logits(self.hf(**batch, **kwargs))
+            except StopForward:
+                logits = None
+        return logits, recording
 
     def generate(self, inputs, edits=None, max_new_tokens: int = 20, return_tokens: bool = False, **kwargs):
         """Greedy (by default) generation under `edits`; returns the new text (a list for a batch),
         or with return_tokens=True the full token ids (prompt + generated, left-padded)."""
         batch = tok.encode(self.tokenizer, inputs, self.device)
         batch.pop("position_ids", None)  # generate derives positions from the attention mask
+        edits = as_edits(edits)
+        total = batch["input_ids"].shape[1] + max_new_tokens
+        for key, edit in edits.items_flat():
+            needed = positions_needed(edit.pos)
+            if needed is not None and needed > total:
+                raise SpliceError(
+                    f"edits[{key!r}] = {edit!r} selects position {needed - 1}, but this generation ends at "
+                    f"position {total - 1} ({batch['input_ids'].shape[1]} prompt tokens + max_new_tokens="
+                    f"{max_new_tokens}): it would never run"
+                )
         if "attention_mask" not in batch:
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         kwargs.setdefault("do_sample", False)

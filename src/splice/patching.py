@@ -19,13 +19,15 @@ from .interventions import Add
 from .metrics import Metric
 from .selection import locate
 from .sources import Patch
-from .sweep import PromptBatch, Sweep, _items, source_batch, tidy_table
+from .sweep import Sweep
+from .sweep_data import PromptBatch, as_items, batches_of, source_batch
+from .tables import patching_table, tidy_table
 
 __all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
 
 
 def _axes(model, name: str) -> tuple[str, ...]:
-    return model.layout.axes(model.layout.resolve(name)[0])
+    return model.layout.axes(model.layout.sites_of(name)[0])
 
 
 def cache(model, inputs, sites="*"):
@@ -43,7 +45,7 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for i in range(0, len(prompts), batch_size):
-        batch = PromptBatch(model, _items(prompts[i : i + batch_size]))
+        batch = PromptBatch(model, as_items(prompts[i : i + batch_size]))
         mask = batch.kwargs.get("attention_mask")
         if per_position and mask is not None:
             raise SpliceError("mean_reference(per_position=True) needs prompts of one length (these are padded)")
@@ -66,22 +68,10 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
     return {name: (total / count).to(recording[name].dtype) for name, total in sums.items()}
 
 
-def _table(values, clean_values: dict[str, float]):
-    """A sweep table re-labelled for patching: its baseline is the corrupted run; adds the clean
-    run's metric and the normalised metric."""
-    table = values.rename(columns={"clean": "corrupt"}).drop(columns=["relative"])
-    table["clean"] = table["metric"].map(clean_values)
-    span = table["clean"] - table["corrupt"]
-    table["normalised"] = (table["value"] - table["corrupt"]) / span.where(span != 0)
-    table.loc[table.variant == -1, "site"] = "corrupt"
-    return table
-
-
 def _clean_metrics(model, items, metrics: list[Metric], source: str, batch_size: int) -> dict[str, float]:
     """Mean metric values of the clean (source) prompts, unedited."""
     per_metric: dict[str, list[float]] = {m.name: [] for m in metrics}
-    for i in range(0, len(items), batch_size):
-        batch = PromptBatch(model, items[i : i + batch_size])
+    for batch in batches_of(model, items, batch_size):
         clean = source_batch(model, batch, source)
         with torch.no_grad():
             logits = model.hf(**clean.kwargs, use_cache=False).logits
@@ -103,14 +93,14 @@ def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
     name the corrupted field as `source`: `corrupt` then holds the unpatched (clean) run and
     `clean` the source (corrupted) run, and `normalised` still reads 0 = unpatched, 1 = source."""
     sweep = _sweep(sites, over, metrics, source)
-    items = _items(data)
+    items = as_items(data)
     raw = sweep.run(model, items, batch_size=batch_size, **run_kwargs)
-    return _table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+    return patching_table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
 
 
 def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
     sizes = {"batch": batch, "pos": seq, "k_pos": seq}
-    return [sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.resolve(name)[0]))]
+    return [sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))]
 
 
 def _region_sums(delta: torch.Tensor, intervention, axes, frame: Frame, name: str) -> torch.Tensor:
@@ -131,8 +121,8 @@ def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
     same columns) from one clean forward and one corrupted forward + backward per prompt batch.
     Gradients are taken with torch.autograd.grad, so no parameter's .grad is touched."""
     sweep = _sweep(sites, over, metrics, source)
-    items = _items(data)
-    batches = [PromptBatch(model, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    items = as_items(data)
+    batches = batches_of(model, items, batch_size)
     shortest = min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1] for b in batches)
     variants = sweep.variants(model, shortest)
     names = sorted({v.site for v in variants})
@@ -160,7 +150,7 @@ def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
         return sum(values) / len(values)
 
     raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} (attribution)")
-    return _table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+    return patching_table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:

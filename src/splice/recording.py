@@ -24,13 +24,13 @@ class Recording(Mapping):
         self.sites = list(sites)
         self._resolve = resolve
         self._data: dict[str, object] = {}
-        self.stop_when_complete = False  # set by Model.run(stop_after_record=True)
 
     def complete(self) -> bool:
         """Every site has a value (in a fresh recording: this forward reached them all)."""
         return len(self._data) == len(self.sites)
 
-    def _store(self, name: str, tensor: torch.Tensor) -> None:
+    def store(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a detached copy of `tensor` as site `name` (called by the hook engine)."""
         value = tensor.detach().clone()
         if self.mode == "overwrite":
             self._data[name] = value

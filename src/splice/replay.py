@@ -31,24 +31,25 @@ def _tile(value, rows: set[int], k: int):
     return value
 
 
-class Trace:
-    """A clean forward of one prompt batch: each layer's input and call arguments, and the
-    clean logits."""
+class PrefixReplay:
+    """A clean forward of one prompt batch, kept so that its layers can be run again from any
+    layer on: each layer's input and call arguments, and the clean logits."""
 
     def __init__(self, model, batch: dict, tail: int | None = None):
         self.model = model
         layout = model.layout
         self.layers = [layout.module(Site("resid_pre", i)) for i in range(layout.n_layers)]
+        self.layer_arg = layout.points["resid_pre"].arg
         self.final_norm = layout.module(Site("final_norm"))
         self.unembed = model.hf.get_output_embeddings()
-        self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
+        self.logits_transform = layout.logits_transform
         self.inputs: list[torch.Tensor] = [None] * len(self.layers)
         self.calls: list[tuple] = [None] * len(self.layers)
         self.batch_kwargs = batch
         handles = [layer.register_forward_pre_hook(self._grab(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         # Unembed only the positions the metrics read (outside splice contexts, where generate's
         # logits_to_keep argument would otherwise mark the forward as a generation step).
-        keep = {"logits_to_keep": tail} if tail and not model._hooks.sessions else {}
+        keep = {"logits_to_keep": tail} if tail and not model.engine.active_here() else {}
         try:
             with torch.no_grad():
                 out = model.hf(**batch, use_cache=False, **keep)
@@ -66,23 +67,22 @@ class Trace:
                 self.inputs[i], self.calls[i] = args[0], (tuple(args[1:]), dict(kwargs))
             else:
                 rest = dict(kwargs)
-                self.inputs[i] = rest.pop("hidden_states")
+                self.inputs[i] = rest.pop(self.layer_arg)
                 self.calls[i] = ((), rest)
         return hook
 
     def replay(self, starts: list[int], tail: int | None) -> torch.Tensor:
         """Logits [k*n, tail, vocab] of k = len(starts) copies of the batch, copy v run from layer
-        starts[v] on (non-decreasing), with whatever edits the model's hook manager holds (rows
+        starts[v] on (non-decreasing), under whatever this context has open (rows
         v*n..(v+1)*n are copy v). Copies join the batch at their own layer, so each computes
         only its own suffix while every layer still runs as one large batch."""
         if any(a > b for a, b in zip(starts, starts[1:])):
             raise SpliceError(f"replay start layers must be non-decreasing; got {starts}")
-        n, manager = self.n, self.model._hooks
+        n = self.n
         rows = {n, n * self.model.dims.n_heads} - {1}
         seq = self.inputs[0].shape[1]
-        fired: set[str] = set()
         hidden, active = None, 0
-        try:
+        with self.model.engine.forward(Frame(n * starts.count(starts[0]), seq, 0)) as forward:
             for i in range(starts[0], len(self.layers)):
                 joining = starts.count(i)
                 if joining:
@@ -90,9 +90,7 @@ class Trace:
                     hidden = new if hidden is None else torch.cat([hidden, new])
                     active += joining
                     # The frame describes the rows present now; which edits fired carries over.
-                    mask = self.mask.repeat(active, 1) if self.mask is not None else None
-                    manager.begin(Frame(n * active, seq, 0, mask))
-                    manager.frame.fired = fired
+                    forward.retarget(n * active, self.mask.repeat(active, 1) if self.mask is not None else None)
                 args, kwargs = self.calls[i]
                 out = self.layers[i](hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
                 hidden = out[0] if isinstance(out, tuple) else out
@@ -100,12 +98,8 @@ class Trace:
             if tail is not None:
                 hidden = hidden[:, -tail:]
             logits = self.unembed(hidden)
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-        except BaseException:
-            manager.frame = None
-            raise
-        manager.end()
+            if self.logits_transform is not None:
+                logits = self.logits_transform(logits)
         return logits
 
     def check(self) -> None:

@@ -1,6 +1,8 @@
 """Selections: which positions, heads and dims of a site an intervention touches.
 
-`normalize_*` turn user input into frozen, JSON-friendly values at construction time;
+`normalize_*` turn user input into frozen, JSON-friendly values at construction time, refusing
+what would otherwise edit something other than what was written (a repeated index, which would be
+edited once; float or bool indices; slices that step backwards or select nothing on any axis);
 `locate` turns a selection into an index into the site tensor of one forward pass. The index is
 plain slicing when it can be (cheap, a view) and broadcast index tensors otherwise, so that the
 selected region always keeps the axis order of the site: [batch, pos, (head), last] for outer
@@ -9,6 +11,7 @@ selections, [n_selected_tokens, (head), last] for per-row (masked) ones.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +20,76 @@ from .errors import SpliceError, valid_range
 from .frame import Frame
 
 
-def normalize_index(value, what: str):
-    """heads/dims: None, int, slice, or a tuple of ints."""
-    if value is None or isinstance(value, slice):
-        return value
-    if isinstance(value, bool):
-        raise SpliceError(f"{what} must be an int, slice or list of ints, not a bool")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.Tensor) and value.dim() <= 1 and not value.is_floating_point():
-        value = value.tolist()
-    if isinstance(value, (list, tuple, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+def _integer(value) -> bool:
+    """An index: a Python or NumPy integer, never a bool (True would silently mean 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_slice(value: slice, what: str) -> slice:
+    """A slice of int bounds stepping forward that selects something on an axis of some size.
+
+    Float bounds and step 0 would fail deep inside torch; a negative step would reverse the
+    pairing of per-element values with the selection; stop <= start (same sign) selects nothing
+    on any axis, which would make the edit a silent no-op."""
+    for name in ("start", "stop", "step"):
+        bound = getattr(value, name)
+        if bound is not None and not _integer(bound):
+            raise SpliceError(f"{what} {value}: the slice {name} must be an int or None; got {bound!r}")
+    start, stop, step = (None if b is None else int(b) for b in (value.start, value.stop, value.step))
+    if step is not None and step < 1:
+        raise SpliceError(f"{what} {value}: slices must step forward (step >= 1); got step {step}")
+    first = 0 if start is None else start
+    if stop is not None and (first >= 0) == (stop >= 0) and stop <= first:
+        raise SpliceError(f"{what} {value} selects nothing on any axis (stop <= start); a selection must name at least one index")
+    return slice(start, stop, step)
+
+
+def _first_repeat(values):
+    """The first value that occurs twice in `values`, or None."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
+
+
+def normalize_index(value, what: str, unique: bool = True):
+    """heads/dims/rows (and source_pos, with unique=False): None, int, slice, or a tuple of ints.
+
+    `unique`: a repeated index is refused, since the edit would touch it once however often it
+    is listed (an Add listed twice is applied once)."""
+    if value is None:
+        return None
+    if isinstance(value, slice):
+        return _checked_slice(value, what)
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool:
+            raise SpliceError(f"{what} got a bool tensor {list(value.shape)}: {what} takes indices; a [batch, pos] bool mask is only for pos=")
+        if value.is_floating_point() or value.is_complex() or value.dim() > 1:
+            raise SpliceError(f"{what} must be an int, slice or list of ints; got a {value.dtype} tensor of shape {list(value.shape)}")
+        return normalize_index(value.tolist(), what, unique)
+    if _integer(value):
+        return int(value)
+    if isinstance(value, (list, tuple, range)):
         if len(value) == 0:
             raise SpliceError(f"{what} is an empty list: it would select nothing")
-        return tuple(value)
-    raise SpliceError(f"{what} must be an int, slice or list of ints; got {value!r}")
+        bad = [v for v in value if not _integer(v)]
+        if bad:
+            raise SpliceError(f"{what} must be an int, slice or list of ints; {list(value)!r} holds {bad[0]!r} ({type(bad[0]).__name__})")
+        value = tuple(int(v) for v in value)
+        repeat = _first_repeat(value) if unique else None
+        if repeat is not None:
+            raise SpliceError(
+                f"{what} {list(value)} lists {repeat} twice: a selected element is edited once however often it "
+                "is listed (an Add would be applied once, not twice); list each index once"
+            )
+        return value
+    raise SpliceError(f"{what} must be an int, slice or list of ints; got {value!r} ({type(value).__name__})")
 
 
 def normalize_pos(value):
-    """pos: what normalize_index takes, or a [batch, pos] bool mask."""
+    """pos: what normalize_index takes, or a [batch, pos] bool mask (copied: the edit owns it)."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
         if value.dim() != 2:
             raise SpliceError(f"a pos mask must be a [batch, pos] bool tensor; got shape {list(value.shape)}")
@@ -43,11 +97,26 @@ def normalize_pos(value):
     return normalize_index(value, "pos")
 
 
-def _axis_selector(sel, size: int, what: str, site: str, growing: bool = False):
+def _refuse_repeat(what: str, given, resolved, site: str, axis: str) -> None:
+    """Indices that differ as written but name one element (1 and -8 of 9): refused like a literal repeat."""
+    seen = {}
+    for g, r in zip(given, resolved):
+        if r in seen:
+            raise SpliceError(
+                f"{what} {list(given)} at {site} names one element twice: {seen[r]} and {g} both mean index {r} "
+                f"of {axis}, which would be edited once, not twice. List each index once"
+            )
+        seen[r] = g
+
+
+def axis_selector(sel, size: int, what: str, site: str, growing: bool = False, unique: bool = True, clamp: bool = False):
     """A slice or a LongTensor selecting along one axis of known size, with range checks.
 
     `growing`: the axis grows as generation goes on (key positions); indices beyond it select
-    nothing yet (None is returned when nothing is left) instead of raising."""
+    nothing yet (None is returned when nothing is left) instead of raising. `clamp`: a token
+    axis, where slice bounds beyond the current length are clipped like Python's (on a fixed
+    axis, heads or dims, they are refused: `dims=slice(0, 128)` on 64 dims edits half of what
+    was meant). `unique=False` allows an index twice (source_pos pairs with pos)."""
     if sel is None:
         return slice(None)
     if growing and _negative(sel):
@@ -60,6 +129,12 @@ def _axis_selector(sel, size: int, what: str, site: str, growing: bool = False):
         sel %= size
         return slice(sel, sel + 1)
     if isinstance(sel, slice):
+        beyond = [b for b in (sel.start, sel.stop) if b is not None and not -size <= b <= size]
+        if beyond and not (growing or clamp):
+            raise SpliceError(
+                f"{what} {sel} reaches beyond the axis at {site}: it has size {size}, so slice bounds must lie "
+                f"in -{size}..{size} (indices {valid_range(size)})"
+            )
         if len(range(size)[sel]) == 0:
             if growing:
                 return None
@@ -72,7 +147,10 @@ def _axis_selector(sel, size: int, what: str, site: str, growing: bool = False):
     bad = [i for i in sel if not -size <= i < size]
     if bad:
         raise SpliceError(f"{what} {bad} out of range at {site}: valid {valid_range(size)}")
-    return torch.tensor([i % size for i in sel])
+    resolved = [i % size for i in sel]
+    if unique:
+        _refuse_repeat(what, sel, resolved, site, f"an axis of size {size}")
+    return torch.tensor(resolved)
 
 
 @dataclass
@@ -107,8 +185,10 @@ def _pos_outer(pos, frame: Frame, site: str):
             return slice(lo - past, hi - past) if lo < hi else None
         local = [p - past for p in absolute if past <= p < total]
     else:
-        local = sorted({check(p) - past for p in pos})
-        local = [p for p in local if 0 <= p < seq]
+        # In the order given, so that per-position values and source_pos pair up as written.
+        absolute = [check(p) for p in pos]
+        _refuse_repeat("pos", pos, absolute, site, f"a {total}-token sequence")
+        local = [p - past for p in absolute if past <= p < total]
     return torch.tensor(local) if local else None
 
 
@@ -118,7 +198,13 @@ def _pos_mask(pos, frame: Frame, site: str):
     if isinstance(pos, torch.Tensor):
         if pos.shape[0] not in (1, frame.batch):
             raise SpliceError(f"pos mask at {site} has {pos.shape[0]} rows; the batch has {frame.batch}")
-        width = pos.shape[1]
+        width, longest = pos.shape[1], int(lengths.max())
+        if width < longest:
+            raise SpliceError(
+                f"pos mask at {site} has {width} columns but the sequence has {longest} tokens: positions "
+                f"{width}..{longest - 1} would silently stay unedited. Pad the mask with False to at least "
+                f"{longest} columns (when generating, to the prompt length plus the new tokens)"
+            )
         inside = positions < width
         gathered = pos.to(positions.device).expand(frame.batch, width).gather(1, positions.clamp(max=width - 1))
         return gathered & inside & valid
@@ -134,13 +220,33 @@ def _pos_mask(pos, frame: Frame, site: str):
         mask = (positions >= start_t[..., None]) & (positions < stop_t[..., None]) & ((positions - start_t[..., None]) % step == 0)
         return mask & valid
     wanted = [pos] if isinstance(pos, int) else list(pos)
+    # Only a list mixing signs can name one token twice in some row (literal repeats are refused
+    # at construction): check overlaps then, and only then.
+    mixed = any(p < 0 for p in wanted) and any(p >= 0 for p in wanted)
     mask = torch.zeros_like(valid)
-    for p in wanted:
+    for i, p in enumerate(wanted):
         if not frame.cached and not -longest <= p < longest:
             raise SpliceError(f"pos {p} is out of range at {site}: the longest row has {longest} tokens, valid {valid_range(longest)}")
         target = lengths + p if p < 0 else torch.full_like(lengths, p)
-        mask |= positions == target[:, None]
-    return mask & valid
+        hit = (positions == target[:, None]) & valid
+        if mixed and bool((hit & mask).any()):
+            row = int((hit & mask).any(-1).nonzero()[0])
+            n = int(lengths[row])
+            _refuse_repeat("pos", wanted[: i + 1], [q % n if q < 0 else q for q in wanted[: i + 1]], site, f"row {row} ({n} tokens)")
+        mask |= hit
+    return mask
+
+
+def positions_needed(pos) -> int | None:
+    """How many tokens a sequence must have for every position `pos` names to exist (None: no
+    fixed number, e.g. all positions or a mask). `generate` refuses edits it could never reach."""
+    if isinstance(pos, int):
+        return pos + 1 if pos >= 0 else None
+    if isinstance(pos, slice):
+        return pos.start + 1 if pos.start is not None and pos.start >= 0 else None
+    if isinstance(pos, tuple) and pos and all(p >= 0 for p in pos):
+        return max(pos) + 1
+    return None
 
 
 def _negative(pos) -> bool:
@@ -164,11 +270,12 @@ def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Regi
     selectors = []
     for axis, size in zip(axes, shape):
         if axis == "batch":
-            selectors.append(_axis_selector(rows, size, "row", site))
+            selectors.append(axis_selector(rows, size, "row", site))
         elif axis in ("head", "kv_head"):
-            selectors.append(_axis_selector(heads, size, "head", site))
+            selectors.append(axis_selector(heads, size, "head", site))
         elif axis == axes[-1]:
-            selectors.append(_axis_selector(dims, size, "dim", site, growing=axis == "k_pos" and frame.cached))
+            keys = axis == "k_pos"  # a token axis: slices are clipped to the keys there are
+            selectors.append(axis_selector(dims, size, "dim", site, growing=keys and frame.cached, clamp=keys))
         else:
             selectors.append(slice(None))
     if any(s is None for s in selectors):

@@ -14,6 +14,22 @@ the selected region. Lining up is done in one place, `aligned`, with these rules
 
 In a sweep, `Patch("clean_prompt")` names a data field instead: the sweep records that field's
 prompts once per prompt batch and patches from them (see `splice.patching`).
+
+What an intervention holds, and why (the "values are owned" rule of `Intervention`): a source
+given as one tensor is copied, like any other value. A Recording or a {site: tensor} dict is
+*not* copied: it can hold every site of a model, and a sweep builds one Patch per variant from
+the same recording, so copies would multiply its memory by the number of variants. Instead the
+intervention notes each tensor's version counter when it is built and refuses to run if a source
+tensor was changed in place since (`rec[site][:, 3] = 0`, an optimizer step, ...): never a silent
+change, at the cost of an integer comparison per use. (Writes that bypass autograd's version
+counter, through `.data` or a NumPy view, are not seen: do not do that.) `Mean` keeps only the
+means it computed, which are its own.
+
+Empty sources are refused when the intervention is built (or, for a sweep's data field, when the
+sweep binds it): no sites, no recorded forwards, or a tensor with no rows or no positions, whose
+mean would be NaN and which has nothing to patch from. Sources are activations: they are written
+as recorded, +/-inf and NaN included (masked `attn.scores` hold -inf); the non-finite policy of
+`Intervention` is for the values you write by hand.
 """
 
 from __future__ import annotations
@@ -25,9 +41,9 @@ from typing import Any
 import torch
 
 from .errors import SpliceError
-from .interventions import At, Intervention
+from .interventions import At, Intervention, own
 from .recording import Recording
-from .selection import _axis_selector, normalize_index
+from .selection import axis_selector, normalize_index
 from .sites import POINT_AXES, canonical_name
 
 
@@ -36,26 +52,50 @@ def _site_axes(name: str) -> tuple[str, ...]:
     return POINT_AXES.get(point, ("batch", "pos"))
 
 
+def _refuse_empty(entries, kind: str, site: str) -> None:
+    """A source with nothing in it: its mean would be NaN, and it has nothing to patch from."""
+    if not entries:
+        raise SpliceError(f"{kind} source for {site} holds no forwards (an accumulate-mode recording that never ran?): record at least one")
+    empty = [list(e.shape) for e in entries if e.numel() == 0]
+    if empty:
+        raise SpliceError(f"{kind} source for {site} is empty (shape {empty[0]}): with no rows or no positions there is nothing to take values from (its mean would be NaN)")
+
+
 def _as_source(value, kind: str, allow_field: bool = False):
-    """A user source as a detached tensor, a {canonical site: tensor or [tensors]} dict, or (in
-    sweeps) the name of a data field."""
+    """A user source as a detached tensor, a {canonical site: tensor or [tensors]} dict of the
+    given tensors (detached, not copied: see the module docstring), or (in sweeps) the name of a
+    data field."""
     if isinstance(value, str):
         if allow_field:
             return value
         raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got the string {value!r}")
     if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, Recording):
-        return {name: (v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in v]) for name, v in value.items()}
-    if isinstance(value, Mapping):
-        out = {}
-        for key, v in value.items():
-            entries = v if isinstance(v, (list, tuple)) else [v]
-            if not all(isinstance(e, torch.Tensor) for e in entries):
-                raise SpliceError(f"{kind} source for {key!r} must be a tensor (or a list of them); got {type(v).__name__}")
-            out[canonical_name(key)] = v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in v]
-        return out
-    raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}")
+        _refuse_empty([value], kind, "this site")
+        return value.detach() if value.requires_grad else value  # no new object: `own` knows its own copies
+    if not isinstance(value, Mapping):
+        raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}")
+    if not value:
+        raise SpliceError(f"{kind} source holds no sites (an empty Recording or dict): record the reference prompts first")
+    out = {}
+    for key, v in value.items():
+        entries = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not all(isinstance(e, torch.Tensor) for e in entries):
+            raise SpliceError(f"{kind} source for {key!r} must be a tensor (or a list of them); got {type(v).__name__}")
+        name = key if isinstance(value, Recording) else canonical_name(key)
+        _refuse_empty(entries, kind, name)
+        out[name] = v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in entries]
+    return out
+
+
+def _versions(source) -> dict | None:
+    """Version counters of a shared (dict) source's tensors, to detect in-place changes later."""
+    if not isinstance(source, dict):
+        return None
+    return {name: _version_of(v) for name, v in source.items()}
+
+
+def _version_of(value) -> tuple[int, ...]:
+    return tuple(e._version for e in (value if isinstance(value, list) else [value]))
 
 
 def _required(value, kind: str, allow_field: bool = False):
@@ -65,7 +105,15 @@ def _required(value, kind: str, allow_field: bool = False):
     return _as_source(value, kind, allow_field)
 
 
-def _for_site(source, at: At, kind: str):
+def _hold(intervention: Intervention, name: str, kind: str, allow_field: bool = False) -> None:
+    """Check and store the source in field `name`: a tensor as the intervention's own copy, a
+    dict shared, with the versions of its tensors noted (see the module docstring)."""
+    source = _required(getattr(intervention, name), kind, allow_field)
+    object.__setattr__(intervention, name, own(source) if isinstance(source, torch.Tensor) else source)
+    object.__setattr__(intervention, "_versions", _versions(source))
+
+
+def _for_site(source, at: At, kind: str, versions: dict | None = None):
     if isinstance(source, str):
         raise SpliceError(
             f"{kind}({source!r}) names a data field; it only has values inside a sweep (which records that "
@@ -75,7 +123,13 @@ def _for_site(source, at: At, kind: str):
         return source
     if at.site not in source:
         raise SpliceError(f"{kind} has no activations for {at.site}; its source holds {', '.join(list(source)[:8]) or 'nothing'}")
-    return source[at.site]
+    value = source[at.site]
+    if versions is not None and _version_of(value) != versions[at.site]:
+        raise SpliceError(
+            f"{kind} source for {at.site} was changed in place after the {kind} was built; the edit would no "
+            f"longer write what it was built with. Build a new {kind} from the changed source (or record again)"
+        )
+    return value
 
 
 def _single(value, site: str, kind: str) -> torch.Tensor:
@@ -90,9 +144,12 @@ def _count(selector, size: int) -> int:
     return len(range(size)[selector]) if isinstance(selector, slice) else selector.numel()
 
 
-def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, source_pos=None, row_start: int | None = None) -> torch.Tensor:
+def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, source_pos=None, row_start: int | None = None,
+            broadcast_pos: bool = False) -> torch.Tensor:
     """The part of `source` (a tensor with the site's axes) that lines up with the selected region.
-    `row_start`: source row 0 feeds the first selected row (instead of the tiling rule)."""
+    `row_start`: source row 0 feeds the first selected row (instead of the tiling rule).
+    `broadcast_pos`: a one-position source stands for every position (a Mean over positions);
+    otherwise it is a run of another length, refused like any other length mismatch."""
     axes, full = at.axes, at.full_shape
     p = axes.index("pos")
     source = source.to(device=region.device, dtype=region.dtype)
@@ -103,7 +160,7 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
     if source_pos is not None:
         if at.masked:
             raise SpliceError(f"{kind} at {at.site}: source_pos= cannot re-align per-row (padded) positions; pass prompts of one length")
-        chosen = _axis_selector(source_pos, source.shape[p], "source_pos", at.site)
+        chosen = axis_selector(source_pos, source.shape[p], "source_pos", at.site, unique=False)
         chosen = torch.arange(source.shape[p])[chosen] if isinstance(chosen, slice) else chosen
         target = index[p]
         if chosen.numel() != _count(target, full[p]):
@@ -113,7 +170,7 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
             )
         source = source.index_select(p, chosen.to(source.device))
         index[p] = slice(None) if isinstance(target, slice) else torch.arange(chosen.numel()).view(target.shape)
-    elif source.shape[p] != full[p] and source.shape[p] != 1:
+    elif source.shape[p] != full[p] and not (broadcast_pos and source.shape[p] == 1):
         raise SpliceError(
             f"{kind} source for {at.site} has {source.shape[p]} positions but this forward has {full[p]} "
             f"(source shape {list(source.shape)}, site [{named}]); pass source_pos= to say which source "
@@ -152,7 +209,8 @@ class Patch(Intervention):
     """Replace the selection with the same site's activation from another run.
 
     `source`: a Recording (overwrite mode), a {site: tensor} dict, or a tensor; in a sweep, the
-    name of a data field whose prompts are the source. `source_pos=` pairs source positions
+    name of a data field whose prompts are the source. A tensor is copied; a Recording or dict is
+    shared, and refused at use if changed in place since (see the module docstring). `source_pos=` pairs source positions
     with the selected `pos` when the two runs differ in length."""
 
     source: Any = None
@@ -160,11 +218,14 @@ class Patch(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "source", _required(self.source, "Patch", allow_field=True))
-        object.__setattr__(self, "source_pos", normalize_index(self.source_pos, "source_pos"))
+        _hold(self, "source", "Patch", allow_field=True)
+        # A source position may feed several target positions: repeats are allowed here.
+        object.__setattr__(self, "source_pos", normalize_index(self.source_pos, "source_pos", unique=False))
+        if self.source_pos is not None and isinstance(self.pos, torch.Tensor):
+            raise SpliceError("Patch: source_pos= pairs source positions with a list or slice of pos=, not with a bool mask (per-row positions)")
 
     def compute(self, region, at):
-        source = _single(_for_site(self.source, at, "Patch"), at.site, "Patch")
+        source = _single(_for_site(self.source, at, "Patch", self._versions), at.site, "Patch")
         return aligned(source, region, at, "Patch", self.source_pos)
 
 
@@ -195,14 +256,14 @@ class Mean(Intervention):
     def __post_init__(self):
         super().__post_init__()
         reference = _required(self.reference, "Mean")
-        if isinstance(reference, torch.Tensor):
-            means = _mean([reference], ("batch", "pos"), self.per_position, "this site") if reference.dim() >= 2 else reference
+        if isinstance(reference, torch.Tensor):  # means are new tensors; a ready-made mean is copied
+            means = _mean([reference], ("batch", "pos"), self.per_position, "this site") if reference.dim() >= 2 else own(reference)
         else:
             means = {name: _mean(v if isinstance(v, list) else [v], _site_axes(name), self.per_position, name) for name, v in reference.items()}
         object.__setattr__(self, "reference", means)
 
     def compute(self, region, at):
-        return aligned(_for_site(self.reference, at, "Mean"), region, at, "Mean")
+        return aligned(_for_site(self.reference, at, "Mean"), region, at, "Mean", broadcast_pos=not self.per_position)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -219,10 +280,10 @@ class Resample(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "reference", _required(self.reference, "Resample"))
+        _hold(self, "reference", "Resample")
 
     def compute(self, region, at):
-        reference = _single(_for_site(self.reference, at, "Resample"), at.site, "Resample")
+        reference = _single(_for_site(self.reference, at, "Resample", self._versions), at.site, "Resample")
         b = at.index[0]
         chosen = torch.arange(at.full_shape[0])[b] if isinstance(b, slice) else b.flatten()
         first, last = int(chosen.min()), int(chosen.max())

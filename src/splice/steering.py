@@ -206,7 +206,7 @@ def contrastive(model, positive_prompts, negative_prompts, site, positions="last
     if len(names) != 1:
         raise SpliceError(f"{site!r} names {len(names)} sites; a steering vector lives at one site")
     name = names[0]
-    resolved = model.layout.resolve(name)[0]
+    resolved = model.layout.sites_of(name)[0]
     axes, shape = model.layout.axes(resolved), model.layout.shape(resolved)
     if axes[:2] != ("batch", "pos") or any(s is None for s in shape[2:]):
         raise SpliceError(f"{name} has axes [{', '.join(axes)}]; a steering vector needs a [batch, pos, ...] site of fixed width")

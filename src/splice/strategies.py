@@ -55,7 +55,7 @@ def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
 
 def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negative: bool = True):
     """dict(pos=, heads=, dims=, rows=) valid for `site` on a [batch, seq] input."""
-    sizes = dict(zip(model.layout.axes(model.layout.resolve(site)[0]), model.sites[site]))
+    sizes = dict(zip(model.layout.axes(model.layout.sites_of(site)[0]), model.sites[site]))
     head = sizes.get("head", sizes.get("kv_head"))
     last = list(sizes.values())[-1]
     heads = st.none() if head is None else _axis(head)

@@ -14,13 +14,14 @@ from itertools import product
 
 import torch
 
-from . import tokens as tok
 from .checkpoint import Checkpoint
 from .edits import Edits
 from .errors import SpliceError
 from .interventions import Intervention
 from .metrics import Metric
-from .replay import Trace
+from .replay import PrefixReplay
+from .sweep_data import PromptBatch, as_items, batches_of, shortest_length, source_batch
+from .tables import tidy_table
 
 OVER = ("heads", "pos")
 
@@ -40,46 +41,6 @@ class Variant:
     def start_layer(self) -> int:
         """First layer whose computation the variant changes (its replay starts there)."""
         return 0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
-
-
-class PromptBatch:
-    """The prompts of one forward, as metrics see them: `len(batch)`, `batch.items` (the data
-    rows), `batch.input_ids`, and `batch.token_ids(field)` for single-token answer fields."""
-
-    def __init__(self, model, items: list[dict]):
-        self.items = items
-        self.fields = sorted({k for item in items for k in item})
-        if all("input_ids" in item for item in items):  # pre-tokenized data
-            pad = tok.pad_token_id(model.tokenizer) if model.tokenizer is not None else 0
-            self.kwargs = tok.left_pad([list(item["input_ids"]) for item in items], pad, model.device)
-        else:
-            self.kwargs = tok.encode(model.tokenizer, [item["prompt"] for item in items], model.device)
-        self.input_ids = self.kwargs["input_ids"]
-        self._model = model
-        self._tokens: dict[str, torch.Tensor] = {}
-
-    def __len__(self):
-        return len(self.items)
-
-    def token_ids(self, field: str) -> torch.Tensor:
-        if field not in self._tokens:
-            ids = []
-            for item in self.items:
-                value = item[field]
-                ids.append(value if isinstance(value, int) else self._model.to_single_token(value))
-            self._tokens[field] = torch.tensor(ids, device=self.input_ids.device)
-        return self._tokens[field]
-
-
-def source_batch(model, batch: PromptBatch, field: str) -> PromptBatch:
-    """The prompts of data field `field` (text or token ids) as a batch with the other fields."""
-    items = []
-    for item in batch.items:
-        if field not in item:
-            raise SpliceError(f"Patch({field!r}) reads the data field {field!r}, which the data does not have (fields: {batch.fields})")
-        value = item[field]
-        items.append({**item, **({"prompt": value} if isinstance(value, str) else {"input_ids": list(value)})})
-    return PromptBatch(model, items)
 
 
 def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
@@ -106,21 +67,6 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
         if field_of(v) is not None else v
         for v in variants
     ]
-
-
-def _items(data) -> list[dict]:
-    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame
-        data = data.to_dict("records")
-    items = [{"prompt": d} if isinstance(d, str) else dict(d) for d in data]
-    if not items:
-        raise SpliceError("a sweep needs at least one prompt")
-    missing = [i for i, item in enumerate(items) if "prompt" not in item and "input_ids" not in item]
-    if missing:
-        raise SpliceError(f"data rows {missing[:5]} have neither a 'prompt' nor an 'input_ids' field")
-    for item in items:
-        if isinstance(item.get("input_ids"), torch.Tensor):
-            item["input_ids"] = item["input_ids"].tolist()
-    return items
 
 
 def _fingerprint(model) -> str:
@@ -162,10 +108,10 @@ class Sweep:
         pairs = []
         if self.explicit is not None:
             for key, intervention in self.explicit:
-                pairs += [(site, intervention, None, None) for site in model.layout.resolve(key)]
+                pairs += [(site, intervention, None, None) for site in model.layout.sites_of(key)]
         else:
             for key in self.sites:
-                for site in model.layout.resolve(key):
+                for site in model.layout.sites_of(key):
                     for intervention in self.interventions:
                         pairs += self._expand(model, site, intervention, seq)
         out = []
@@ -219,12 +165,10 @@ class Sweep:
         `prefix_reuse=False` runs each variant as its own full forward (the reference path)."""
         from tqdm.auto import tqdm
 
-        items = _items(data)
-        batches = [PromptBatch(model, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-        # over="pos" ranges over positions every prompt has (0 .. shortest length - 1).
-        shortest = min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1] for b in batches)
+        items = as_items(data)
+        batches = batches_of(model, items, batch_size)
         seq = max(b.input_ids.shape[1] for b in batches)
-        variants = self.variants(model, shortest)
+        variants = self.variants(model, shortest_length(batches))  # over="pos": positions every prompt has
         tail = None if any(m.tail is None for m in self.metrics) else max(m.tail for m in self.metrics)
         max_rows = max_rows or _default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
@@ -234,22 +178,22 @@ class Sweep:
         for b, batch in enumerate(batches):
             if all(store.has(v.id, b) for v in variants) and store.has(-1, b):
                 continue
-            trace = Trace(model, batch.kwargs, tail)
+            prefix = PrefixReplay(model, batch.kwargs, tail)
             if b == 0 and prefix_reuse:
-                trace.check()
-            clean = trace.logits
+                prefix.check()
+            clean = prefix.logits
             if not store.has(-1, b):
                 store.add([self._record(-1, b, clean, clean, batch)])
                 bar.update(1)
             todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
             # Sorted by first edited layer, chunks hold consecutive variants that join the replay
-            # at their own layers (see Trace.replay).
+            # at their own layers (see PrefixReplay.replay).
             todo.sort(key=lambda v: v.start_layer)
             per_chunk = max(1, max_rows // len(batch)) if prefix_reuse else 1
             run_chunk = self._batched if prefix_reuse else self._sequential
             for i in range(0, len(todo), per_chunk):
                 chunk = todo[i : i + per_chunk]
-                logits = run_chunk(model, trace, batch, chunk, tail)
+                logits = run_chunk(model, prefix, batch, chunk, tail)
                 n = len(batch)
                 store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
                 bar.update(len(chunk))
@@ -261,7 +205,7 @@ class Sweep:
         return {"variant": variant, "batch": batch_index, "values": values}
 
     @staticmethod
-    def _batched(model, trace, batch, chunk, tail):
+    def _batched(model, prefix, batch, chunk, tail):
         n = len(batch)
         edits = Edits()
         for j, variant in enumerate(chunk):
@@ -269,10 +213,10 @@ class Sweep:
             existing = edits.get(variant.site)
             edits[variant.site] = ([existing] if isinstance(existing, Intervention) else list(existing or [])) + [placed]
         with torch.no_grad(), model.edit(edits):
-            return trace.replay([max(v.start_layer, 0) for v in chunk], tail)
+            return prefix.replay([max(v.start_layer, 0) for v in chunk], tail)
 
     @staticmethod
-    def _sequential(model, trace, batch, chunk, tail):
+    def _sequential(model, prefix, batch, chunk, tail):
         outs = []
         for variant in chunk:
             with torch.no_grad(), model.edit({variant.site: variant.intervention}):
@@ -286,29 +230,6 @@ class Sweep:
             return sum(values) / len(values)
 
         return tidy_table(self.metrics, variants, mean)
-
-
-def tidy_table(metrics, variants, value_of, label=repr):
-    """One row per (variant, metric), after a baseline row (variant -1) per metric:
-    `value_of(variant_id, metric_name)` gives the mean metric value, -1 the unedited run's."""
-    import pandas as pd
-
-    rows = []
-    for metric in metrics:
-        clean = value_of(-1, metric.name)
-        rows.append({"variant": -1, "site": "clean", "layer": None, "head": None, "pos": None,
-                     "intervention": "none", "metric": metric.name, "value": clean, "clean": clean,
-                     "effect": 0.0, "relative": 0.0})
-        for v in variants:
-            value = value_of(v.id, metric.name)
-            rows.append({"variant": v.id, "site": v.site, "layer": v.layer, "head": v.head, "pos": v.pos,
-                         "intervention": label(v.intervention), "metric": metric.name, "value": value,
-                         "clean": clean, "effect": value - clean,
-                         "relative": (value - clean) / abs(clean) if clean else float("nan")})
-    table = pd.DataFrame(rows)
-    for column in ("layer", "head", "pos"):
-        table[column] = table[column].astype("Int64")
-    return table
 
 
 def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_tokens: int = 2048) -> int:

@@ -1,7 +1,7 @@
 """The adapter table format: an architecture is data (module paths and views), not code paths.
 
-To add a family, write a module with one `Architecture(...)` and register it in
-`splice/architectures/__init__.py`; the dispatcher needs nothing new.
+To add a family, write a module of this package that defines `ARCHITECTURE = Architecture(...)`;
+it is registered by being there, and the hook engine needs nothing new.
 """
 
 from __future__ import annotations
@@ -38,29 +38,35 @@ class Point:
 
     `arg` is the keyword under which the module receives its input when it is called by keyword
     (Llama's `self_attn(hidden_states=...)`); otherwise the first positional argument is used.
-    For outputs that are tuples (attention modules), element 0 is the tensor."""
+    `field` is where the tensor sits in an output that is not a tensor: an index into a tuple
+    (attention modules return `(output, weights)`) or a key of a `ModelOutput` (Gemma2's
+    soft-capped `logits` exist only in the model's own output)."""
 
     module: str
     io: str  # "input" | "output" | "attention" (inside the attention function, see splice.attention)
     view: object = WHOLE
     arg: str = "hidden_states"
+    field: int | str = 0
 
     @property
-    def needs_base(self) -> bool:
-        return getattr(self.view, "needs_base", False)
+    def needs_layer_input(self) -> bool:
+        return getattr(self.view, "needs_layer_input", False)
 
 
 @dataclass(frozen=True)
 class Architecture:
     """One model family: which HF `model_type`s it covers, where its decoder lives, its sizes, and
-    a function from sizes to its site table (point name -> Point)."""
+    a function from sizes to its site table (point name -> Point). `logits_transform(config)`
+    gives what the model applies to `lm_head`'s output outside any module (Gemma2's soft-cap), or
+    None: a sweep that unembeds by hand applies it too."""
 
     name: str
     model_types: tuple[str, ...]
-    base: str  # attribute of the *ForCausalLM that holds the decoder stack
+    decoder: str  # attribute of the *ForCausalLM that holds the decoder stack
     dims: Callable[[object], Dims]
     points: Callable[[Dims], dict[str, Point]]
     parallel_residual: Callable[[object], bool] = field(default=lambda config: False)
+    logits_transform: Callable[[object], Callable | None] = field(default=lambda config: None)
 
 
 def residual_stream_points(layer: str, attn: str, mlp: str, final_norm: str, attn_out: str | None = None) -> dict[str, Point]:

@@ -1,0 +1,363 @@
+"""The hook engine: one per Hugging Face model, shared by every `splice.Model` wrapping it.
+
+What is *installed* is shared: at most one dispatcher hook per touched (module, input|output),
+the root hooks that frame each forward, and the attention routing, kept to the union of what
+every open scope, in any thread, needs, and removed when the last scope closes. What is *active*
+belongs to the execution context (`contextvars`): each thread and each asyncio task sees only the
+scopes it opened, and each forward reads the plan fixed when it began. So two threads editing one
+model never see each other's edits, and a thread with nothing open pays one lookup per hooked
+module. A forward started from inside an intervention (an `Apply` calling the model) runs with a
+context of its own: only what it opens itself, and its own positions.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextvars import ContextVar
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .layout import Layout
+from .attention import AttentionRouting
+from .errors import SpliceError
+from .frame import Frame
+from .plan import EMPTY, EditScope, Plan, apply_action, build_plan, check_same, hook_points
+
+
+class ScopeStack:
+    """The scopes one context has open, in opening order, and the plan they make (rebuilt when a
+    live registry in it changes). Created anew on every open/close, never shared across opens."""
+
+    __slots__ = ("scopes", "_versions", "_plan")
+
+    def __init__(self, scopes: tuple = ()):
+        self.scopes = scopes
+        self._versions = None
+        self._plan = EMPTY
+
+    def plan(self, layout) -> Plan:
+        versions = tuple(scope.version for scope in self.scopes)
+        if versions != self._versions:
+            self._plan = build_plan(self.scopes, layout)
+            self._versions = versions
+        return self._plan
+
+
+class State(NamedTuple):
+    """One engine's state in one execution context."""
+
+    stack: ScopeStack
+    frame: Frame | None = None
+
+
+# Engine -> State, per execution context. Replaced, never mutated, so a copied context (a new
+# asyncio task) cannot change its parent's.
+_STATE: ContextVar[dict] = ContextVar("splice_state", default={})
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(model: nn.Module) -> "Engine":
+    """The engine of an HF model, created on first use: two wrappers of one model share it."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(model)
+        if engine is None:
+            engine = _ENGINES[model] = Engine(Layout(model))
+        return engine
+
+
+def _set_state(engine: "Engine", state: State | None):
+    states = dict(_STATE.get())
+    if state is None:
+        states.pop(engine, None)
+    else:
+        states[engine] = state
+    return _STATE.set(states)
+
+
+class isolated:
+    """Run user code (an intervention's compute) in a context with nothing open, so a forward it
+    starts is a forward of its own: no outer edits (no recursion into the same `Apply`), its own
+    positions. Restored however the code ends."""
+
+    __slots__ = ("token",)
+
+    def __enter__(self):
+        self.token = _STATE.set({})
+
+    def __exit__(self, *exc):
+        _STATE.reset(self.token)
+
+
+class Opened:
+    """Scopes open for one `with` block (a class, not @contextmanager: `Model.run` opens one per
+    call). Closing removes them from this context and uninstalls what nobody needs any more."""
+
+    __slots__ = ("engine", "scopes")
+
+    def __init__(self, engine: "Engine", scopes: tuple):
+        self.engine, self.scopes = engine, scopes
+
+    def __enter__(self):
+        self.engine.open(self.scopes)
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.close(self.scopes)
+
+
+class Dispatcher:
+    """The single hook on one (module, io): every site living there, in forward order."""
+
+    __slots__ = ("engine", "entries", "arg", "field", "layer_input_of", "handle")
+
+    def __init__(self, engine: "Engine", module: nn.Module, io: str, entries: list):
+        self.engine, self.entries = engine, entries
+        point = entries[0][1]
+        self.arg, self.field = point.arg, point.field
+        self.layer_input_of = None  # layer whose residual input this hook saves, if any
+        if io == "input":
+            self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
+        else:
+            self.handle = module.register_forward_hook(self._post, prepend=True)
+
+    def _pre(self, module, args, kwargs):
+        positional = bool(args)
+        full = args[0] if positional else kwargs.get(self.arg)
+        frame = self.engine.frame(full)
+        if frame is None:
+            return None
+        new = self._run(full, frame)
+        if new is full:
+            return None
+        if positional:
+            return (new,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, self.arg: new}
+
+    def _post(self, module, args, output):
+        full = output if isinstance(output, torch.Tensor) else output[self.field]
+        frame = self.engine.frame(full)
+        if frame is None:
+            return None
+        new = self._run(full, frame)
+        if new is full:
+            return None
+        if isinstance(output, torch.Tensor):
+            return new
+        if isinstance(output, tuple):
+            return output[: self.field] + (new,) + output[self.field + 1 :]
+        return type(output)(**{**output, self.field: new})  # a ModelOutput, e.g. Gemma2's soft-capped logits
+
+    def _run(self, full: torch.Tensor, frame: Frame) -> torch.Tensor:
+        plan = frame.plan
+        for site, point in self.entries:
+            action = plan.get(site.name)
+            if action is None:
+                continue
+            layer_input = frame.layer_inputs.get(site.layer) if point.needs_layer_input else None
+            x = point.view.read(full, layer_input)
+            edited = self.engine.process(action, x, frame)
+            if edited is not x:
+                new_full = point.view.write(full, edited, layer_input)
+                check_same(site.name, full, new_full, "edited tensor")
+                full = new_full
+        if self.layer_input_of is not None:
+            frame.layer_inputs[self.layer_input_of] = full
+        return full
+
+
+class Forward:
+    """A forward the engine frames itself (a sweep replaying layers, which never calls the root
+    module): the frame is current inside the block; a normal exit checks every edit ran."""
+
+    __slots__ = ("engine", "frame")
+
+    def __init__(self, engine: "Engine", frame: Frame):
+        self.engine, self.frame = engine, frame
+
+    def __enter__(self) -> "Forward":
+        self.engine.begin(self.frame)
+        return self
+
+    def retarget(self, batch: int, attention_mask=None) -> Frame:
+        """Rows joined the forward: the same forward (plan, fired sites) over a new batch."""
+        self.frame = self.frame.resized(batch, attention_mask)
+        self.engine.swap(self.frame)
+        return self.frame
+
+    def __exit__(self, kind, error, trace):
+        self.engine.end(self.frame, check=kind is None)
+
+
+class Engine:
+    """Every hook splice puts on one model, and the per-context plans they read."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._lock = threading.RLock()
+        self._open: dict[int, object] = {}  # id -> scope, every scope open in any context
+        self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
+        self._root: list = []
+        self.attention = AttentionRouting(self)
+
+    # -- the calling context -------------------------------------------------------------------
+    def state(self) -> State | None:
+        return _STATE.get().get(self)
+
+    def active_here(self) -> bool:
+        """Whether this execution context has anything open on this model."""
+        return self.state() is not None
+
+    def frame(self, full: torch.Tensor) -> Frame | None:
+        """The current forward's frame in this context; a bare one (from the tensor's batch and
+        sequence length) if a submodule was called directly while scopes are open; None if this
+        context has nothing open."""
+        state = _STATE.get().get(self)
+        if state is None:
+            return None
+        if state.frame is not None:
+            return state.frame
+        plan = state.stack.plan(self.layout)
+        if not plan:
+            return None
+        return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1, plan=plan)
+
+    def process(self, action, x: torch.Tensor, frame: Frame, settle=None) -> torch.Tensor:
+        """Apply one site's action (see `splice.plan.apply_action`), user code isolated."""
+        axes = self.layout.axes(action.site)
+        if not action.edits:
+            return apply_action(action, x, frame, axes, settle)
+        with isolated():
+            return apply_action(action, x, frame, axes, settle)
+
+    # -- scopes --------------------------------------------------------------------------------
+    def open(self, scopes: tuple) -> None:
+        """Make `scopes` active in this context. Their plan is built first, so a bad key or value
+        leaves everything as it was."""
+        state = self.state()
+        stack = ScopeStack((state.stack.scopes if state else ()) + tuple(scopes))
+        stack.plan(self.layout)  # validates
+        with self._lock:
+            for scope in scopes:
+                self._open[id(scope)] = scope
+                if isinstance(scope, EditScope):
+                    scope.edits.subscribe(self._edits_changed)
+            try:
+                self._sync()
+            except BaseException:
+                self._forget(scopes)
+                raise
+        _set_state(self, State(stack, state.frame if state else None))
+
+    def close(self, scopes: tuple) -> None:
+        """Undo `open` (in any order relative to other blocks): this context drops the scopes; a
+        context copied from it (an asyncio task) drops them too; unneeded hooks are removed."""
+        for scope in scopes:
+            scope.closed = True
+        state = self.state()
+        if state is not None:
+            kept = tuple(s for s in state.stack.scopes if s not in scopes)
+            _set_state(self, State(ScopeStack(kept), state.frame) if kept or state.frame else None)
+        with self._lock:
+            self._forget(scopes)
+
+    def _forget(self, scopes) -> None:
+        for scope in scopes:
+            self._open.pop(id(scope), None)
+            if isinstance(scope, EditScope):
+                scope.edits.unsubscribe(self._edits_changed)
+        self._sync()
+
+    def _edits_changed(self, edits) -> None:
+        """A live registry changed: check it against this model (raising makes `Edits` undo the
+        change) and install what it now needs. Each context's plan follows at its next forward."""
+        for scope in list(self._open.values()):
+            if isinstance(scope, EditScope) and scope.edits is edits:
+                scope.entries(self.layout)
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Make the installed hooks match the union of every open scope's sites (under the lock)."""
+        layout = self.layout
+        sites = [site for scope in self._open.values() for site, _ in scope.entries(layout)]
+        wanted, attention = hook_points(sites, layout)
+        for key in [k for k in self._dispatchers if k not in wanted]:
+            self._dispatchers.pop(key).handle.remove()
+        for key, layer in wanted.items():
+            if key not in self._dispatchers:
+                self._dispatchers[key] = Dispatcher(self, layout.module_at(key[0]), key[1], layout.sites_at(key))
+            self._dispatchers[key].layer_input_of = layer
+        if attention:
+            self.attention.activate()
+        else:
+            self.attention.deactivate()
+        if self._open and not self._root:
+            root = layout.model
+            self._root = [
+                root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
+                root.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
+            ]
+        elif not self._open:
+            for handle in self._root:
+                handle.remove()
+            self._root = []
+
+    # -- forwards ------------------------------------------------------------------------------
+    def begin(self, frame: Frame) -> None:
+        """Make `frame` this context's current forward, reading the plan of what is open now
+        (fixed for the whole forward: a registry changed mid-forward applies from the next)."""
+        state = self.state()
+        stack = state.stack if state else ScopeStack()
+        frame.outer = state.frame if state else None
+        if frame.plan is None:
+            frame.plan = stack.plan(self.layout)
+        _set_state(self, State(stack, frame))
+
+    def swap(self, frame: Frame) -> None:
+        """Replace the current frame by another view of the same forward."""
+        state = self.state()
+        _set_state(self, State(state.stack, frame))
+
+    def end(self, frame: Frame, check: bool = True) -> None:
+        """Finish a forward: the frame that was current before it is current again; with
+        `check`, every edit in its plan must have run."""
+        state = self.state()
+        if state is not None and state.frame is frame:
+            outer = frame.outer
+            _set_state(self, State(state.stack, outer) if state.stack.scopes or outer else None)
+        if check:
+            missing = frame.plan.unfired(frame.fired)
+            if missing:
+                raise SpliceError(
+                    f"edit(s) at {', '.join(missing)} never ran during this forward pass (the module was not "
+                    "called): the result would silently ignore them"
+                )
+
+    def forward(self, frame: Frame) -> Forward:
+        """Frame a forward that does not go through the root module (see `Forward`)."""
+        return Forward(self, frame)
+
+    def _root_pre(self, module, args, kwargs):
+        if self.state() is not None:
+            frame = Frame.from_call(args, kwargs)
+            frame.from_root = True
+            self.begin(frame)
+
+    def _root_post(self, module, args, kwargs, output):
+        state = self.state()
+        if state is not None and state.frame is not None and state.frame.from_root:
+            # output is None when the forward raised (always_call): its edits need not all have run.
+            self.end(state.frame, check=output is not None)
+
+    @property
+    def hook_count(self) -> int:
+        """Hooks installed, counting a switched attention implementation as one."""
+        return len(self._dispatchers) + len(self._root) + int(self.attention.active)
+
+    def installed(self) -> set[tuple[str, str]]:
+        """(module path, io) of every dispatcher hook, for tests and debugging."""
+        return set(self._dispatchers)

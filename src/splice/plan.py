@@ -1,0 +1,211 @@
+"""The plan of a forward: what happens at each site (edits in order, then recorders), built from
+the scopes the calling context has open, and applied to one site tensor.
+
+Pure: nothing here holds state between forwards, installs a hook or knows about threads. The
+hook engine (`splice.hooks`) and the attention routing (`splice.attention`) import this module;
+it imports neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .edits import Edits
+from .errors import SpliceError
+from .frame import Frame
+from .interventions import At, Intervention
+from .recording import Recording
+from .selection import axis_selector, locate
+from .sites import Site
+
+
+class StopForward(Exception):
+    """Raised once a stopping recording holds every site it records: the rest of the forward
+    (later layers, the unembedding) is not needed. `Model.run(stop_after_record=True)` catches it."""
+
+
+# -- scopes: what one `with` block adds ----------------------------------------------------------
+@dataclass(eq=False)
+class EditScope:
+    """The interventions of one live `Edits` registry, for as long as its block is open."""
+
+    edits: Edits
+    closed: bool = False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
+
+    @property
+    def version(self):
+        return (self.edits.version, self.closed)
+
+    def entries(self, layout) -> list[tuple[Site, Intervention]]:
+        """(site, intervention) in application order, every one checked against the site's
+        static shape: a mistake surfaces at the `with` line (or the assignment), not mid-forward."""
+        out = []
+        for key, edit in self.edits.items_flat():
+            for site in layout.sites_of(key):
+                check_static(edit, site.name, layout.axes(site), layout.shape(site))
+                out.append((site, edit))
+        return out
+
+
+@dataclass(eq=False)
+class RecordScope:
+    """Sites stored into one Recording; `stop_when_complete` ends the forward once all are stored."""
+
+    recording: Recording
+    sites: tuple[Site, ...]
+    stop_when_complete: bool = False
+    closed: bool = False
+
+    @property
+    def version(self):
+        return (0, self.closed)
+
+    def entries(self, layout) -> list[tuple[Site, "RecordScope"]]:
+        return [(site, self) for site in self.sites]
+
+
+# -- the plan ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Action:
+    """What happens at one site during a forward: edits in order, then recorders."""
+
+    site: Site
+    edits: tuple[Intervention, ...] = ()
+    recorders: tuple[RecordScope, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Site name -> Action, and what the engine must hook to carry it out."""
+
+    actions: dict[str, Action] = field(default_factory=dict)
+
+    def __bool__(self):
+        return bool(self.actions)
+
+    def get(self, name: str) -> Action | None:
+        return self.actions.get(name)
+
+    def unfired(self, fired: set[str]) -> list[str]:
+        """Sites whose edits never ran (their module was not called) in a forward that fired `fired`."""
+        return [name for name, action in self.actions.items() if action.edits and name not in fired]
+
+
+EMPTY = Plan()
+
+
+def build_plan(scopes, layout) -> Plan:
+    """The plan of the open scopes, in the order they were opened. Raises (SpliceError) on a key
+    or value that does not fit the model, before anything is installed."""
+    edits: dict[str, list] = {}
+    recorders: dict[str, list] = {}
+    sites: dict[str, Site] = {}
+    for scope in scopes:
+        if scope.closed:
+            continue
+        target = edits if isinstance(scope, EditScope) else recorders
+        for site, item in scope.entries(layout):
+            sites.setdefault(site.name, site)
+            target.setdefault(site.name, []).append(item)
+    return Plan({name: Action(site, tuple(edits.get(name, ())), tuple(recorders.get(name, ()))) for name, site in sites.items()})
+
+
+def hook_points(sites, layout) -> tuple[dict[tuple[str, str], int | None], bool]:
+    """What the engine must install for these sites: {(module path, io): layer whose residual input
+    that hook saves, or None}, in first-use order, and whether attention must be routed."""
+    wanted: dict[tuple[str, str], int | None] = {}
+    attention = False
+    for site in sites:
+        hook, layer_input = layout.hooks_of(site)
+        if hook is None:
+            attention = True
+            continue
+        wanted.setdefault(hook, None)
+        if layer_input is not None:
+            wanted[layer_input] = site.layer
+    return wanted, attention
+
+
+# -- applying it ---------------------------------------------------------------------------------
+def check_same(site: str, before: torch.Tensor, after, what: str) -> None:
+    """An edit's result must be a tensor exactly like the one it replaces."""
+    if not isinstance(after, torch.Tensor):
+        raise SpliceError(f"{what} at {site} returned {type(after).__name__}, expected a tensor of shape {list(before.shape)}")
+    if after.shape != before.shape:
+        raise SpliceError(f"{what} at {site} has shape {list(after.shape)}, expected {list(before.shape)} (the shape it replaces)")
+    if after.dtype != before.dtype or after.device != before.device:
+        raise SpliceError(f"{what} at {site} is {after.dtype} on {after.device}, expected {before.dtype} on {before.device}")
+
+
+def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Frame) -> torch.Tensor:
+    """Clone-then-assign one intervention on a site tensor; returns x itself if nothing is selected."""
+    seq = x.shape[axes.index("pos")]
+    if seq != frame.seq:
+        frame = frame.tail(seq)  # e.g. logits computed for the last positions only
+    region = locate(edit.pos, edit.heads, edit.dims, edit.rows, tuple(x.shape), axes, frame, name)
+    if region is None:
+        return x
+    selected = x[region.index]
+    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing, axes))
+    check_same(name, selected, values, f"{type(edit).__name__} result")
+    out = x.clone()
+    out[region.index] = values
+    return out
+
+
+def apply_action(action: Action, x: torch.Tensor, frame: Frame, axes, settle=None) -> torch.Tensor:
+    """A site's edits in order, then its recorders, on one tensor. `settle(x)` restores invariants
+    the edits may not break (masked attention pairs) before recorders see the tensor the model
+    will use. Marks the site fired; raises StopForward when a stopping recording is complete."""
+    name = action.site.name
+    if action.edits:
+        produced = x
+        for edit in action.edits:
+            x = apply_edit(edit, x, name, axes, frame)
+        if settle is not None and x is not produced:
+            x = settle(x)
+    for scope in action.recorders:
+        scope.recording.store(name, x)
+    frame.fired.add(name)
+    if any(scope.stop_when_complete and scope.recording.complete() for scope in action.recorders):
+        raise StopForward(name)
+    return x
+
+
+def _selected_size(sel, size: int | None, what: str, site: str) -> int | None:
+    if size is None:  # varies per forward (key positions): checked when the forward runs
+        return None
+    chosen = axis_selector(sel, size, what, site)
+    return len(range(size)[chosen]) if isinstance(chosen, slice) else len(chosen)
+
+
+def check_static(edit: Intervention, site_name: str, axes, shape) -> None:
+    """Validate heads/dims ranges and value shapes against the site's known (non-batch, non-pos) axes."""
+    has_heads = any(a in ("head", "kv_head") for a in axes)
+    if edit.heads is not None and not has_heads:
+        raise SpliceError(f"{edit!r}: heads= was given but {site_name} has no head axis (axes: {', '.join(axes)})")
+    # Axes after pos are known statically; the rest (batch, pos, and heads before pos) at run time.
+    after = axes.index("pos") + 1
+    trailing_full = tuple(shape[after:])
+    trailing_sel = []
+    for axis, size in zip(axes, shape):
+        if axis in ("head", "kv_head"):
+            chosen = _selected_size(edit.heads, size, "head", site_name)
+            if axes.index(axis) >= after:
+                trailing_sel.append(chosen)
+        elif axis == axes[-1]:
+            trailing_sel.append(_selected_size(edit.dims, size, "dim", site_name))
+    for what, value in edit.values().items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        tail = tuple(value.shape[-len(trailing_full):]) if value.dim() >= len(trailing_full) else tuple(value.shape)
+        fits = lambda target: all(t is None or v in (1, t) for v, t in zip(reversed(tail), reversed(target)))  # noqa: E731
+        if value.dim() > len(axes) or not (fits(tuple(trailing_sel)) or fits(trailing_full)):
+            named = ", ".join(f"{a}={s}" if s is not None else a for a, s in zip(axes, shape))
+            raise SpliceError(
+                f"{what} of shape {list(value.shape)} cannot broadcast to the selection at {site_name}: "
+                f"site is [{named}], selection keeps trailing shape {trailing_sel} "
+                f"(heads={edit.heads!r}, dims={edit.dims!r})"
+            )
