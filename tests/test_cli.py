@@ -42,7 +42,7 @@ def test_sweep_command_writes_table_and_heatmap(tmp_path):
 
 
 def test_sweep_config_errors_are_clear(tmp_path):
-    from splice.config import load_config
+    from splice.sweeps.config import load_config
     from splice import SpliceError
 
     bad = tmp_path / "bad.yaml"

@@ -6,8 +6,8 @@ import torch
 
 import splice
 from handhooks import hand_and_splice
-from splice.directional import Apply, Clamp, Project, ProjectOut
-from splice.interventions import Intervention
+from splice.engine.directional import Apply, Clamp, Project, ProjectOut
+from splice.engine.interventions import Intervention
 
 SITES = ["blocks.1.resid_post", "blocks.1.attn.z", "blocks.1.mlp.post", "embed"]
 MASK = torch.tensor([[0, 1, 0, 0, 1, 0, 0, 0, 1], [0, 0, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
@@ -124,7 +124,7 @@ def test_orthonormalisation_spans_dependent_and_scaled_directions():
     dependent = torch.cat([a, a[:1] * -4.0 + a[1:] * 0.5])  # third row is in the span of the first two
     assert Project(a).rank == 2 and Project(dependent).rank == 2 and Project(a[0]).rank == 1 and ProjectOut([]).rank == 0
     x = torch.randn(5, 6, dtype=torch.float64)
-    at = splice.interventions.At("s", (), (5, 6), False)
+    at = splice.engine.interventions.At("s", (), (5, 6), False)
     for iv in (Project(dependent), Project(a * 1e-3)):
         torch.testing.assert_close(iv.compute(x, at), x @ _projector(a), rtol=0, atol=1e-6)  # float32 directions
     # Half-precision activations are projected in float32 and cast back.

@@ -15,9 +15,9 @@ import yaml
 import splice
 from conftest import CharTokenizer, build
 from splice import metrics
-from splice.checkpoint import Checkpoint
+from splice.sweeps.checkpoint import Checkpoint
 from splice.cli import main
-from splice.config import load_config
+from splice.sweeps.config import load_config
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcde", "bcdefg", "cdefgh", "ghijk"]]
 TOKEN = 5  # read as a module global by the metrics below

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import splice
 from conftest import build
-from splice.frame import Frame
+from splice.engine.frame import Frame
 from transformers import Cache, DynamicCache
 from families import FAMILIES
 from splice import strategies as sst

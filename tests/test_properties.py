@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers.utils import ModelOutput
 
 import splice
-import splice.sites
+import splice.engine.sites
 from conftest import build, hook_total
 from families import FAMILIES
 from splice import strategies as sst
@@ -39,7 +39,7 @@ def _given(strategy_fn):
 
 # Touching a scores/pattern site computes that layer's attention eagerly (to expose the
 # pattern), which agrees with sdpa to ~1e-7 but not bit for bit; those sites get their own test.
-MODULE_POINTS = [p for p in splice.sites.LAYER_POINTS if p not in ("attn.scores", "attn.pattern")] + ["embed", "final_norm", "logits"]
+MODULE_POINTS = [p for p in splice.engine.sites.LAYER_POINTS if p not in ("attn.scores", "attn.pattern")] + ["embed", "final_norm", "logits"]
 ATTENTION_POINTS = ["attn.scores", "attn.pattern"]
 
 

@@ -8,7 +8,7 @@ import splice
 from conftest import VOCAB
 from handhooks import hand_and_splice, hand_record
 from splice import Mean, Patch, Resample
-from splice.interventions import Intervention
+from splice.engine.interventions import Intervention
 from splice.patching import mean_reference
 
 SITES = ["blocks.1.resid_pre", "blocks.0.attn.z", "blocks.1.mlp.post", "blocks.1.resid_post"]

@@ -13,7 +13,7 @@ import splice
 from conftest import VOCAB, build
 from handhooks import register
 from splice import Add, Clamp, Mean, Patch, Project, ProjectOut, Replace, Resample, Scale, Zero
-from splice.interventions import Intervention
+from splice.engine.interventions import Intervention
 
 FAMILY = "llama"  # the selection layer does not depend on the architecture: one family suffices
 SITE = "blocks.1.resid_post"

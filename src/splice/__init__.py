@@ -1,26 +1,43 @@
-"""splice: declarative, exact activation editing for Hugging Face transformers."""
+"""splice: declarative, exact activation editing for Hugging Face transformers.
+
+Layers, each importing only the ones below it: `splice.errors` / `splice.compat`;
+`splice.architectures` (one table per family, and the views that cut sites out of module
+tensors); `splice.engine` (sites, selections, interventions, registries, recordings, the layout,
+the pure plan, the hooks, `Model`); `splice.sweeps` (data, prefix replay, checkpoints, metrics,
+tables); and the features on top (`patching`, `steering`, `plot`, `strategies`, `loading`, `cli`).
+Everything a user imports is listed in `__all__`; internals stay importable from their modules.
+"""
 
 import transformers as _transformers
 
-from .compat import UntestedVersionWarning, check_transformers
-
+from . import patching, plot, steering
 from .architectures import ARCHITECTURES
-from .architectures.base import Architecture, Dims, Point
-from .edits import Edits
+from .architectures.table import Architecture, Dims, Point
+from .compat import UntestedVersionWarning, check_transformers
+from .engine import tokens
+from .engine.directional import Apply, Clamp, Project, ProjectOut
+from .engine.edits import Edits
+from .engine.interventions import Add, Intervention, Replace, Scale, Zero
+from .engine.layout import Layout
+from .engine.model import Model
+from .engine.recording import Recording
+from .engine.sources import Mean, Patch, Resample
 from .errors import SpliceError
-from .directional import Apply, Clamp, Project, ProjectOut
-from .interventions import Add, Intervention, Replace, Scale, Zero
-from .sources import Mean, Patch, Resample
-from .layout import Layout
 from .loading import embedded_model_dir, load, load_hf
-from .model import Model
-from .recording import Recording
-from .sweep import Sweep
-from . import metrics, patching, plot, steering, tokens
+from .sweeps import metrics
+from .sweeps.sweep import Sweep
+from .version import __version__
 
 __all__ = [
-    "ARCHITECTURES", "Add", "Apply", "Clamp", "Project", "ProjectOut", "Architecture", "Dims", "Edits", "Intervention", "Layout", "Model", "Point",
-    "Mean", "Patch", "Recording", "Replace", "Resample", "Scale", "SpliceError", "Sweep", "UntestedVersionWarning", "Zero", "metrics", "patching", "plot", "steering", "embedded_model_dir", "load", "load_hf",
+    # the model and its contexts
+    "Model", "load", "load_hf", "embedded_model_dir", "Edits", "Recording", "Layout",
+    # interventions
+    "Intervention", "Zero", "Scale", "Replace", "Add", "Project", "ProjectOut", "Clamp", "Apply", "Patch", "Mean", "Resample",
+    # sweeps and features
+    "Sweep", "metrics", "patching", "steering", "plot",
+    # architectures
+    "ARCHITECTURES", "Architecture", "Dims", "Point",
+    # errors and warnings
+    "SpliceError", "UntestedVersionWarning",
 ]
-__version__ = "0.1.0"
 check_transformers(_transformers.__version__)

@@ -11,7 +11,7 @@ import sys
 def matches_filter(name: str, pattern: str) -> bool:
     """`--filter`: a glob (`*`, `?`, `[...]`) matches whole names, as site globs do everywhere in
     splice (`blocks.*.attn.q`); plain text matches names containing it (`blocks.3.`)."""
-    from .sites import is_pattern
+    from .engine.sites import is_pattern
 
     return fnmatch.fnmatchcase(name, pattern) if is_pattern(pattern) else pattern in name
 
@@ -34,7 +34,7 @@ def _sites(args) -> int:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from .config import load_config
+    from .sweeps.config import load_config
     from .errors import SpliceError
     from .loading import load
     from .plot import sweep_heatmap
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     sites.add_argument("--filter", default="", help="only names containing this text ('blocks.3.') or matching this glob ('blocks.*.attn.q')")
     sites.set_defaults(run=_sites)
     sweep = commands.add_parser("sweep", help="run a sweep described in a YAML file; writes a table and a heatmap")
-    sweep.add_argument("config", help="YAML sweep config (see splice.config)")
+    sweep.add_argument("config", help="YAML sweep config (see splice.sweeps.config)")
     sweep.set_defaults(run=_sweep)
     args = parser.parse_args(argv)
     from .errors import SpliceError

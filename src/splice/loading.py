@@ -104,7 +104,7 @@ def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
 
 def load(name_or_path=None, **kwargs):
     """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M."""
-    from .model import Model
+    from .engine.model import Model
 
     model, tokenizer = load_hf(name_or_path, **kwargs)
     return Model(model, tokenizer)

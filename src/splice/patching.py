@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 
 from .errors import SpliceError
-from .frame import Frame
-from .interventions import Add
-from .metrics import Metric
-from .selection import locate
-from .sources import Patch
-from .sweep import Sweep
-from .sweep_data import PromptBatch, as_items, batches_of, source_batch
-from .tables import patching_table, tidy_table
+from .engine.frame import Frame
+from .engine.interventions import Add
+from .sweeps.metrics import Metric
+from .engine.selection import locate
+from .engine.sources import Patch
+from .sweeps.sweep import Sweep
+from .sweeps.data import PromptBatch, as_items, batches_of, source_batch
+from .sweeps.tables import patching_table, tidy_table
 
 __all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from . import tokens as tok
-from .codec import decode, encode
+from .engine import tokens as tok
+from .engine.codec import decode, encode
 from .errors import SpliceError
-from .interventions import Add
+from .engine.interventions import Add
 
 FORMAT = "splice-steering-vector/1"
 
@@ -214,7 +214,7 @@ def contrastive(model, positive_prompts, negative_prompts, site, positions="last
         mean_pos, dtype = _mean_activation(model, positive, name, positions, batch_size)
         mean_neg, _ = _mean_activation(model, negative, name, positions, batch_size)
     vector = (mean_pos - mean_neg).to(dtype).cpu()
-    from . import __version__
+    from .version import __version__
 
     return SteeringVector(
         vector=vector, site=name, positions=positions, model=model_name(model),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from .directional import Clamp, ProjectOut
-from .edits import Edits
-from .interventions import Add, Replace, Scale, Zero
+from .engine.directional import Clamp, ProjectOut
+from .engine.edits import Edits
+from .engine.interventions import Add, Replace, Scale, Zero
 
 
 def sites(model, points=None):

@@ -10,8 +10,8 @@ sites do not add up) and `pretraining_tp > 1` with `slow_but_exact` (the project
 applied slice by slice, never called as modules)."""
 
 from ..errors import SpliceError
-from ..views import WHOLE, Heads
-from .base import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
+from .views import WHOLE, Heads
+from .table import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
 
 LAYER = "transformer.h.{l}"
 

@@ -10,8 +10,8 @@ block returns `resid_pre + attn.out + mlp.out`; otherwise the block is sequentia
 Rotary and ALiBi variants share the table (sites are taken before rotary)."""
 
 from ..errors import SpliceError
-from ..views import Heads, InterleavedHeads
-from .base import Architecture, Dims, Point, residual_stream_points
+from .views import Heads, InterleavedHeads
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "transformer.h.{l}"
 

@@ -3,6 +3,6 @@ sqrt(d_model) itself, so `embed` (the input of layer 0) is the scaled embedding,
 `hidden_states[0]`; the (1 + weight) RMS norms are ordinary modules."""
 
 from . import llama
-from .base import Architecture
+from .table import Architecture
 
 ARCHITECTURE = Architecture("gemma", ("gemma",), "model", llama.dims, llama.points)

@@ -11,7 +11,7 @@ is read from the model's own output (its `.logits`), i.e. exactly what the model
 import torch
 
 from . import llama
-from .base import Architecture, Dims, Point, residual_stream_points
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "model.layers.{l}"
 

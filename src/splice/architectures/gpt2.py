@@ -1,7 +1,7 @@
 """GPT-2 (`GPT2LMHeadModel`): fused `c_attn` = [Q|K|V] on the last axis, Conv1D projections."""
 
-from ..views import Heads
-from .base import Architecture, Dims, Point, residual_stream_points
+from .views import Heads
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "transformer.h.{l}"
 

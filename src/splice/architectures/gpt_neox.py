@@ -3,8 +3,8 @@
 axis), partial rotary after the split, and a parallel residual unless `use_parallel_residual` is
 false (then attention and MLP are sequential, as in GPT-2)."""
 
-from ..views import Heads
-from .base import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
+from .views import Heads
+from .table import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
 
 LAYER = "gpt_neox.layers.{l}"
 

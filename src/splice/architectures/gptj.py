@@ -2,8 +2,8 @@
 and a parallel residual: attention and MLP both read `ln_1`'s output and the block returns
 `resid_pre + attn.out + mlp.out` (there is no second norm and no resid_mid)."""
 
-from ..views import Heads
-from .base import Architecture, Dims, Point, residual_stream_points
+from .views import Heads
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "transformer.h.{l}"
 

@@ -1,7 +1,7 @@
 """Llama family (`LlamaForCausalLM`, GQA): separate q/k/v projections, gated MLP, RMS norms."""
 
-from ..views import Heads
-from .base import Architecture, Dims, Point, residual_stream_points
+from .views import Heads
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "model.layers.{l}"
 

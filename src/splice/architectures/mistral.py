@@ -2,6 +2,6 @@
 RMS norms, GQA); the sliding-window attention lives inside the attention call, not in the tree."""
 
 from . import llama
-from .base import Architecture
+from .table import Architecture
 
 ARCHITECTURE = Architecture("mistral", ("mistral",), "model", llama.dims, llama.points)

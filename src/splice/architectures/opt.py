@@ -9,8 +9,8 @@ Post-norm OPT (`do_layer_norm_before=False`, i.e. opt-350m) is refused: its resi
 renormalised after each sublayer and it has no final norm."""
 
 from ..errors import SpliceError
-from ..views import Heads, Tokens
-from .base import Architecture, Dims, Point, residual_stream_points
+from .views import Heads, Tokens
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "model.decoder.layers.{l}"
 

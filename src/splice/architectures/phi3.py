@@ -4,9 +4,9 @@ fused `gate_up_proj` feeding `down_proj`. Each sublayer's output passes a residu
 modules' outputs, i.e. exactly what joins the residual stream (identical to the sublayer outputs in
 eval mode or with `resid_pdrop=0`)."""
 
-from ..views import Heads
+from .views import Heads
 from . import llama
-from .base import Architecture, Dims, Point, residual_stream_points
+from .table import Architecture, Dims, Point, residual_stream_points
 
 LAYER = "model.layers.{l}"
 

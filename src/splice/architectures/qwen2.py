@@ -2,6 +2,6 @@
 sites are the projection outputs, bias included, before rotary."""
 
 from . import llama
-from .base import Architecture
+from .table import Architecture
 
 ARCHITECTURE = Architecture("qwen2", ("qwen2",), "model", llama.dims, llama.points)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .errors import SpliceError
+from ..errors import SpliceError
 
 
 class Frame:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SpliceError
+from ..errors import SpliceError
 from .interventions import Intervention
 
 MAX_TENSOR_ELEMENTS = 10_000_000
@@ -183,7 +183,7 @@ def _check_tensor(doc: Document, keys: tuple, value: dict) -> None:
     shape = _shape(value["tensor"])
     if math.prod(shape) > MAX_TENSOR_ELEMENTS:
         raise doc.error(keys, f"a tensor of shape {shape} ({math.prod(shape):,} numbers) is over the limit of "
-                              f"{MAX_TENSOR_ELEMENTS:,} for values in YAML/JSON (splice.files.MAX_TENSOR_ELEMENTS); "
+                              f"{MAX_TENSOR_ELEMENTS:,} for values in YAML/JSON (splice.engine.files.MAX_TENSOR_ELEMENTS); "
                               "expected a smaller value (save large tensors with safetensors)")
     if not _rectangular(value["tensor"], shape):
         raise doc.error(keys, f"expected {{tensor: ...}} to hold a number or a rectangular nested list of numbers (shape {shape} from its first elements)")

@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from .errors import SpliceError
+from ..errors import SpliceError
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis))
 _LIBRARIES = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SpliceError
+from ..errors import SpliceError
 
 
 def _need(tokenizer):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SpliceError
+from ..errors import SpliceError
 from .fingerprint import fingerprint
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .errors import SpliceError
+from ..errors import SpliceError
 from .interventions import At, Intervention, own
 from .recording import Recording
 from .selection import axis_selector, normalize_index

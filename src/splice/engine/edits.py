@@ -12,7 +12,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 from . import files
-from .errors import SpliceError
+from ..errors import SpliceError
 from .interventions import Intervention
 from .sites import canonical_name
 

@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from .layout import Layout
 from .attention import AttentionRouting
-from .errors import SpliceError
+from ..errors import SpliceError
 from .frame import Frame
-from .plan import EMPTY, EditScope, Plan, apply_action, build_plan, check_same, hook_points
+from .plan import EMPTY, EditScope, Plan, apply_action, build_plan, check_same
 
 
 class ScopeStack:
@@ -126,30 +126,30 @@ class Dispatcher:
 
     def _pre(self, module, args, kwargs):
         positional = bool(args)
-        full = args[0] if positional else kwargs.get(self.arg)
-        frame = self.engine.frame(full)
-        if frame is None:
-            return None
-        new = self._run(full, frame)
-        if new is full:
+        new = self._edited(args[0] if positional else kwargs.get(self.arg))
+        if new is None:
             return None
         if positional:
             return (new,) + tuple(args[1:]), kwargs
         return args, {**kwargs, self.arg: new}
 
     def _post(self, module, args, output):
-        full = output if isinstance(output, torch.Tensor) else output[self.field]
+        if isinstance(output, torch.Tensor):
+            return self._edited(output)
+        new = self._edited(output[self.field])
+        if new is None:
+            return None
+        if isinstance(output, tuple):
+            return output[: self.field] + (new,) + output[self.field + 1 :]
+        return type(output)(**{**output, self.field: new})  # a ModelOutput, e.g. Gemma2's soft-capped logits
+
+    def _edited(self, full: torch.Tensor) -> torch.Tensor | None:
+        """The module tensor as this context's plan leaves it, or None if it changes nothing."""
         frame = self.engine.frame(full)
         if frame is None:
             return None
         new = self._run(full, frame)
-        if new is full:
-            return None
-        if isinstance(output, torch.Tensor):
-            return new
-        if isinstance(output, tuple):
-            return output[: self.field] + (new,) + output[self.field + 1 :]
-        return type(output)(**{**output, self.field: new})  # a ModelOutput, e.g. Gemma2's soft-capped logits
+        return None if new is full else new
 
     def _run(self, full: torch.Tensor, frame: Frame) -> torch.Tensor:
         plan = frame.plan
@@ -226,7 +226,7 @@ class Engine:
         return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1, plan=plan)
 
     def process(self, action, x: torch.Tensor, frame: Frame, settle=None) -> torch.Tensor:
-        """Apply one site's action (see `splice.plan.apply_action`), user code isolated."""
+        """Apply one site's action (see `splice.engine.plan.apply_action`), user code isolated."""
         axes = self.layout.axes(action.site)
         if not action.edits:
             return apply_action(action, x, frame, axes, settle)
@@ -283,8 +283,14 @@ class Engine:
     def _sync(self) -> None:
         """Make the installed hooks match the union of every open scope's sites (under the lock)."""
         layout = self.layout
-        sites = [site for scope in self._open.values() for site, _ in scope.entries(layout)]
-        wanted, attention = hook_points(sites, layout)
+        wanted: dict[tuple[str, str], int | None] = {}
+        attention = False
+        for scope in self._open.values():
+            hooks, routed = scope.hooks(layout)
+            for key, layer in hooks.items():
+                if wanted.get(key) is None:
+                    wanted[key] = layer
+            attention = attention or routed
         for key in [k for k in self._dispatchers if k not in wanted]:
             self._dispatchers.pop(key).handle.remove()
         for key, layer in wanted.items():

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from .errors import SpliceError, closest, valid_range
+from ..errors import SpliceError, closest, valid_range
 
 # Per-layer points and the axes of their tensors. The size of each named axis comes from
 # `Dims`; "batch" and "pos" vary per forward.

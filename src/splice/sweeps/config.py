@@ -18,14 +18,14 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
+from ..engine import files
 from . import metrics as metric_fns
-from .errors import SpliceError
+from ..errors import SpliceError
 from .sweep import Sweep
 
 METRICS = {"logit_diff": metric_fns.logit_diff, "answer_logprob": metric_fns.answer_logprob,
            "loss": metric_fns.loss, "kl_from_clean": metric_fns.kl_from_clean}
-CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.config)"
+CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.sweeps.config)"
 KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")
 RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress")
 OUTPUT_KEYS = ("table", "heatmap", "top")

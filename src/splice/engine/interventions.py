@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from .codec import decode, encode
-from .errors import SpliceError
+from ..errors import SpliceError
 from .selection import normalize_index, normalize_pos
 
 
@@ -164,7 +164,7 @@ class Intervention:
     - Non-finite values: NaN is refused in every value. +/-inf is refused too, except where it
       means something: a `Replace` value (`Replace(float('-inf'), dims=k)` at `attn.scores`
       masks key k) and `Clamp` bounds (no bound on that side). `Patch`/`Mean`/`Resample` take
-      activations, which are written as recorded (see `splice.sources`).
+      activations, which are written as recorded (see `splice.engine.sources`).
     """
 
     pos: Any = field(default=None, kw_only=True)
@@ -175,9 +175,11 @@ class Intervention:
     serialisable: ClassVar[bool] = True
     value_fields: ClassVar[dict[str, ValueField]] = {}  # field name -> how it is checked and named
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, registered: bool = True, **kwargs):
+        """Every subclass can be loaded by name from a file; a shared base (`registered=False`) is not one."""
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+        if registered:
+            _REGISTRY[cls.__name__] = cls
 
     def __post_init__(self):
         object.__setattr__(self, "pos", normalize_pos(self.pos))

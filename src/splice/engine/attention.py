@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .errors import SpliceError
+from ..errors import SpliceError
 from .sites import Site
 
 _ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, int]]" = weakref.WeakKeyDictionary()

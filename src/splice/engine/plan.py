@@ -2,7 +2,7 @@
 the scopes the calling context has open, and applied to one site tensor.
 
 Pure: nothing here holds state between forwards, installs a hook or knows about threads. The
-hook engine (`splice.hooks`) and the attention routing (`splice.attention`) import this module;
+hook engine (`splice.engine.hooks`) and the attention routing (`splice.engine.attention`) import this module;
 it imports neither.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .edits import Edits
-from .errors import SpliceError
+from ..errors import SpliceError
 from .frame import Frame
 from .interventions import At, Intervention
 from .recording import Recording
@@ -27,20 +27,52 @@ class StopForward(Exception):
 
 
 # -- scopes: what one `with` block adds ----------------------------------------------------------
-@dataclass(eq=False)
-class EditScope:
-    """The interventions of one live `Edits` registry, for as long as its block is open."""
+class Scope:
+    """What one `with` block adds to the plan. Its entries and the hooks they need are computed
+    once per model and content (a live registry's version) and reused: entering a context per call
+    must not resolve and check the same keys again."""
 
-    edits: Edits
-    closed: bool = False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
+    closed = False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
+    _memo = None
 
     @property
     def version(self):
-        return (self.edits.version, self.closed)
+        return (self._content_version(), self.closed)
 
-    def entries(self, layout) -> list[tuple[Site, Intervention]]:
-        """(site, intervention) in application order, every one checked against the site's
-        static shape: a mistake surfaces at the `with` line (or the assignment), not mid-forward."""
+    def _content_version(self) -> int:
+        return 0
+
+    def _compute_entries(self, layout) -> list:
+        raise NotImplementedError
+
+    def _memoised(self, layout):
+        key = (id(layout), self._content_version())
+        if self._memo is None or self._memo[0] != key:
+            entries = self._compute_entries(layout)
+            self._memo = (key, entries, hook_points([site for site, _ in entries], layout))
+        return self._memo
+
+    def entries(self, layout) -> list:
+        """(site, item) in application order: item is an Intervention or this RecordScope."""
+        return self._memoised(layout)[1]
+
+    def hooks(self, layout) -> tuple[dict[tuple[str, str], int | None], bool]:
+        """What the engine must install for this scope (see `hook_points`)."""
+        return self._memoised(layout)[2]
+
+
+@dataclass(eq=False)
+class EditScope(Scope):
+    """The interventions of one live `Edits` registry, for as long as its block is open."""
+
+    edits: Edits
+
+    def _content_version(self) -> int:
+        return self.edits.version
+
+    def _compute_entries(self, layout) -> list[tuple[Site, Intervention]]:
+        """Every intervention checked against its site's static shape: a mistake surfaces at the
+        `with` line (or the assignment), not mid-forward."""
         out = []
         for key, edit in self.edits.items_flat():
             for site in layout.sites_of(key):
@@ -50,19 +82,14 @@ class EditScope:
 
 
 @dataclass(eq=False)
-class RecordScope:
+class RecordScope(Scope):
     """Sites stored into one Recording; `stop_when_complete` ends the forward once all are stored."""
 
     recording: Recording
     sites: tuple[Site, ...]
     stop_when_complete: bool = False
-    closed: bool = False
 
-    @property
-    def version(self):
-        return (0, self.closed)
-
-    def entries(self, layout) -> list[tuple[Site, "RecordScope"]]:
+    def _compute_entries(self, layout) -> list[tuple[Site, "RecordScope"]]:
         return [(site, self) for site in self.sites]
 
 

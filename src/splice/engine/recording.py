@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import SpliceError
+from ..errors import SpliceError
 
 MODES = ("overwrite", "accumulate")
 

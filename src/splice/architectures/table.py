@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..views import WHOLE, InterleavedHeads, ResidualSum
+from .views import WHOLE, InterleavedHeads, ResidualSum
 
 
 @dataclass(frozen=True)
 class Dims:
-    """Sizes of a model's named axes (see `splice.sites.LAYER_POINTS`)."""
+    """Sizes of a model's named axes (see `splice.engine.sites.LAYER_POINTS`)."""
 
     n_layers: int
     d_model: int
@@ -43,7 +43,7 @@ class Point:
     soft-capped `logits` exist only in the model's own output)."""
 
     module: str
-    io: str  # "input" | "output" | "attention" (inside the attention function, see splice.attention)
+    io: str  # "input" | "output" | "attention" (inside the attention function, see splice.engine.attention)
     view: object = WHOLE
     arg: str = "hidden_states"
     field: int | str = 0

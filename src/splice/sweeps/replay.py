@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SpliceError
-from .frame import Frame
-from .sites import Site
+from ..errors import SpliceError
+from ..engine.frame import Frame
+from ..engine.sites import Site
 
 
 def _tile(value, rows: set[int], k: int):

@@ -7,9 +7,9 @@ import dataclasses
 
 import torch.nn as nn
 
-from .architectures import architecture_for, uses_attention_interface
-from .architectures.base import Dims, Point
-from .errors import SpliceError
+from ..architectures import architecture_for, uses_attention_interface
+from ..architectures.table import Dims, Point
+from ..errors import SpliceError
 from .sites import POINT_AXES, Site, all_names, expand
 
 

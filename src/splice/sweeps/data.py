@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import tokens as tok
-from .errors import SpliceError
+from ..engine import tokens as tok
+from ..errors import SpliceError
 
 
 def as_items(data) -> list[dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SpliceError, valid_range
+from ..errors import SpliceError, valid_range
 from .frame import Frame
 
 

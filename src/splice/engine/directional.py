@@ -26,8 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import SpliceError
-from . import interventions
+from ..errors import SpliceError
 from .interventions import At, Intervention, ValueField, as_value, broadcast_to_region, own, refuse_non_finite
 
 _EMPTY_SHAPE = (0, 0)
@@ -78,7 +77,7 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class _Directional(Intervention):
+class _Directional(Intervention, registered=False):
     directions: Any
 
     def __post_init__(self):
@@ -121,7 +120,6 @@ class _Directional(Intervention):
         return ((x @ basis.T) @ basis).to(region.dtype)
 
 
-interventions._REGISTRY.pop(_Directional.__name__, None)  # a shared base, not an intervention of its own
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import tokens as tok
 from .edits import as_edits
-from .errors import SpliceError
+from ..errors import SpliceError
 from .hooks import Opened, engine_for
 from .plan import EditScope, RecordScope, StopForward
 from .recording import Recording

@@ -1,6 +1,6 @@
 """Sweeps: many interventions, one metric table. Variants run as rows of one batch (row block v
 gets variant v's edit), the layers before a variant's first edited layer are computed once per
-prompt batch and shared (see `splice.replay`), only the positions the metrics read are
+prompt batch and shared (see `splice.sweeps.replay`), only the positions the metrics read are
 unembedded, and every finished (variant, prompt batch) is written to a checkpoint so that an
 interrupted sweep resumes where it stopped."""
 
@@ -15,12 +15,12 @@ from itertools import product
 import torch
 
 from .checkpoint import Checkpoint
-from .edits import Edits
-from .errors import SpliceError
-from .interventions import Intervention
+from ..engine.edits import Edits
+from ..errors import SpliceError
+from ..engine.interventions import Intervention
 from .metrics import Metric
 from .replay import PrefixReplay
-from .sweep_data import PromptBatch, as_items, batches_of, shortest_length, source_batch
+from .data import PromptBatch, as_items, batches_of, shortest_length, source_batch
 from .tables import tidy_table
 
 OVER = ("heads", "pos")
@@ -46,7 +46,7 @@ class Variant:
 def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
     """Variants whose Patch names a data field, given that field's activations for this batch
     (one clean forward per field, recording only the sites those variants patch)."""
-    from .sources import Patch
+    from ..engine.sources import Patch
 
     def field_of(v: Variant) -> str | None:
         source = v.intervention.source if isinstance(v.intervention, Patch) else None
@@ -98,7 +98,7 @@ class Sweep:
             raise SpliceError(f"over= takes {OVER}; got {bad}")
         self.metrics = [metrics] if isinstance(metrics, Metric) else list(metrics)
         if not self.metrics:
-            raise SpliceError("a Sweep needs at least one metric (see splice.metrics)")
+            raise SpliceError("a Sweep needs at least one metric (see splice.sweeps.metrics)")
         self.explicit = list(variants) if variants is not None else None
         self.name = name
 

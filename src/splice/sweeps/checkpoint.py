@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from . import files
-from .errors import SpliceError
+from ..engine import files
+from ..errors import SpliceError
 
 HEADER = '{"splice_sweep": 1, "spec_hash": "..."} (the header line of a splice sweep checkpoint)'
 RECORD = '{"variant": int, "batch": int, "values": {metric: [numbers]}} (one finished result per line)'
