@@ -98,6 +98,10 @@ def test_two_threads_running_different_edits_each_get_their_own(pair, ids, tiny_
         with model.edit({"blocks.0.resid_post": splice.Add(1.0)}), model.record("blocks.0.resid_post") as plus:
             hf(ids)
         assert torch.equal(plus["blocks.0.resid_post"], once["blocks.0.resid_post"] + 1.0)  # applied once, not 4 times
+    # generate with a valid position still works (0.1 raised here after the threads).
+    steered = model.generate(ids, edits={"blocks.0.resid_post": splice.Add(1.0, pos=slice(ids.shape[1], None))},
+                             max_new_tokens=3, return_tokens=True)
+    assert steered.shape == (2, ids.shape[1] + 3) and model.hook_count == 0
 
 
 def test_threads_with_open_contexts_and_recordings_never_mix(pair, ids, tiny_switches):

@@ -186,3 +186,17 @@ def test_past_length_is_read_from_any_cache_object_or_refused():
     mask = torch.ones(1, 5, dtype=torch.long)
     assert Frame.from_call((), {"input_ids": ids, "cache": legacy, "attention_mask": mask}).past == 4
     assert Frame.from_call((), {"input_ids": ids, "use_cache": True}).past == 0  # a plain forward
+
+
+def test_generate_refuses_an_edit_at_a_position_it_never_reaches(gen):
+    """`run` refuses a position beyond the sequence; `generate` knows where it ends, so it refuses
+    one beyond prompt + max_new_tokens before it starts instead of never applying it."""
+    model, hf = gen
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(7))
+    last = PROMPT + NEW - 1
+    for pos in (last + 1, [2, last + 4], slice(last + 1, None)):
+        with pytest.raises(splice.SpliceError, match=rf"selects position {last + 1 if pos != [2, last + 4] else last + 4}.*ends at position {last}"):
+            model.generate(ids, edits={"blocks.0.resid_post": splice.Zero(pos=pos)}, max_new_tokens=NEW)
+        assert model.hook_count == 0
+    out = model.generate(ids, edits={"blocks.0.resid_post": splice.Zero(pos=[2, last])}, max_new_tokens=NEW, return_tokens=True)
+    assert out.shape == (1, PROMPT + NEW)
