@@ -277,3 +277,20 @@ def test_two_wrappers_of_one_model_share_one_engine(pair, ids):
         expected = parts["blocks.0.resid_pre"] + (parts["blocks.0.attn.out"] + add)
         assert torch.allclose(mid["blocks.0.resid_mid"], expected, atol=1e-6, rtol=0)
     assert model.hook_count == other.hook_count == 0
+
+
+def test_the_engine_registry_does_not_keep_a_dropped_model_alive(ids):
+    """One engine per HF model is found from the model itself (a weak mapping): dropping the model
+    and its wrappers must free it, also after contexts, recordings and attention routing."""
+    import gc
+    import weakref
+
+    hf = build("llama")
+    model = splice.Model(hf)
+    with torch.no_grad(), model.edit({"blocks.0.attn.pattern": splice.Scale(0.5)}), model.record("blocks.1.resid_post"):
+        hf(ids)
+    model.run(ids, edits={"blocks.0.mlp.out": splice.Zero()})
+    alive = weakref.ref(hf)
+    del model, hf
+    gc.collect()
+    assert alive() is None

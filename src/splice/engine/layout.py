@@ -4,6 +4,7 @@ lives in *this* model, its shape, and which hooks see it."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch.nn as nn
 
@@ -19,7 +20,7 @@ class Layout:
     def __init__(self, model: nn.Module):
         self.arch = architecture_for(model)
         self.logits_transform = self.arch.logits_transform(model.config)
-        self.model = model
+        self._model = weakref.ref(model)  # weak: the per-model engine registry must not keep models alive
         self.dims: Dims = self.arch.dims(model.config)
         self.parallel_residual = self.arch.parallel_residual(model.config)
         # Accept the bare decoder (e.g. LlamaModel) as well as the *ForCausalLM around it.
@@ -40,6 +41,13 @@ class Layout:
         self._shapes: dict[str, tuple] = {}
         self._hooks_of: dict[Site, tuple] = {}
         self._by_hook: dict[tuple[str, str], list[tuple[Site, Point]]] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise SpliceError("the model this layout describes no longer exists (it was garbage-collected)")
+        return model
 
     @property
     def n_layers(self) -> int:
