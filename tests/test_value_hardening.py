@@ -379,3 +379,13 @@ def test_a_saved_tensor_with_an_unknown_dtype_is_refused(dtype):
     record["vector"]["dtype"] = dtype
     with pytest.raises(splice.SpliceError, match=rf"cannot decode a tensor with dtype {dtype!r}: expected a torch dtype name"):
         Intervention.from_dict(record)
+
+
+def test_a_source_recorded_under_inference_mode_can_be_patched_from(model, hf, ids):
+    """Regression (found by the peer parity benchmark): inference-mode tensors keep no version
+    counter, so the in-place check must not read one."""
+    with torch.inference_mode():
+        _, source = model.run(ids, record="blocks.1.resid_post")
+        patched, _ = model.run(ids, edits={"blocks.1.resid_post": splice.Patch(source)})
+        clean = hf(ids).logits
+    assert torch.equal(patched, clean)

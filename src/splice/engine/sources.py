@@ -94,8 +94,10 @@ def _versions(source) -> dict | None:
     return {name: _version_of(v) for name, v in source.items()}
 
 
-def _version_of(value) -> tuple[int, ...]:
-    return tuple(e._version for e in (value if isinstance(value, list) else [value]))
+def _version_of(value) -> tuple:
+    """Each tensor's version counter; None for inference-mode tensors, which keep none (they
+    cannot be changed in place outside `torch.inference_mode`, where such a change goes unseen)."""
+    return tuple(None if e.is_inference() else e._version for e in (value if isinstance(value, list) else [value]))
 
 
 def _required(value, kind: str, allow_field: bool = False):
