@@ -18,7 +18,16 @@ def test_sites_lists_names_and_shapes():
 
 def test_errors_are_reported_not_raised():
     out = subprocess.run([sys.executable, "-m", "splice.cli", "sites", "/nonexistent/model/dir"], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("splice: cannot load the model '/nonexistent/model/dir'"), out.stderr
+
+
+def test_version_is_printed():
+    import splice
+
+    out = subprocess.run([sys.executable, "-m", "splice.cli", "--version"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == f"splice {splice.__version__}"
 
 
 @pytest.mark.real

@@ -66,6 +66,9 @@ def _sweep(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="splice", description="Activation editing for Hugging Face transformers.")
+    from .version import __version__
+
+    parser.add_argument("--version", action="version", version=f"splice {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     sites = commands.add_parser("sites", help="list every site of a model with its shape")
     sites.add_argument("model", nargs="?", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M)")

@@ -97,8 +97,16 @@ def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
             return model.eval(), tokenizer
         name_or_path = _embedded_cache()
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:  # no such folder, no weights in it, or a hub name with no network
+        reason = " ".join(str(error).split())[:300]
+        raise SpliceError(
+            f"cannot load the model {str(name_or_path)!r}: {reason}. Expected a local folder holding a "
+            "Hugging Face causal LM (config.json and weights), a hub name (needs the network), or "
+            "nothing for the embedded SmolLM2-135M"
+        ) from None
     return model.eval(), tokenizer
 
 

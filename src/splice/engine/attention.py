@@ -16,9 +16,6 @@ import threading
 import weakref
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from ..errors import SpliceError
 from .sites import Site
@@ -29,6 +26,8 @@ SUPPORTED = ("sdpa", "eager")
 
 def _original(kind: str, module):
     if kind == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # at first use: it imports modeling_utils (~1.7 s)
+
         return sdpa_attention_forward
     return sys.modules[type(module).__module__].eager_attention_forward  # the family's own eager
 
@@ -93,6 +92,9 @@ _REGISTER_LOCK = threading.Lock()
 
 def _register(kind: str) -> str:
     """Register splice's attention function for `kind` with transformers (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
     with _REGISTER_LOCK:
         if kind not in _REGISTERED:
             AttentionInterface.register(f"splice_{kind}", _make(kind))
