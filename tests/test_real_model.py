@@ -112,3 +112,13 @@ def test_the_cache_is_keyed_by_content_and_a_complete_copy_is_reused(smol, tmp_p
     (loading.embedded_model_dir() / loading.GGUF_FILE).touch()  # a new mtime, same content
     assert loading._embedded_cache() == copy
     assert (copy / "splice-source.json").exists()
+
+
+def test_load_prints_no_progress_bars(smol, capfd):
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()
+    again = splice.load()
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and again.dims == smol.dims
+    assert logging.is_progress_bar_enabled()  # restored for everything else

@@ -110,9 +110,31 @@ def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
     return model.eval(), tokenizer
 
 
-def load(name_or_path=None, **kwargs):
-    """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M."""
+class _quiet_loading:
+    """transformers' per-load progress bars ("Loading weights", GGUF conversion) off for one load:
+    a researcher loading the same small model in every cell should not see them each time."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
+
+
+def load(name_or_path=None, progress: bool = False, **kwargs):
+    """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M.
+    `progress=True` shows transformers' loading bars."""
     from .engine.model import Model
 
-    model, tokenizer = load_hf(name_or_path, **kwargs)
+    if progress:
+        model, tokenizer = load_hf(name_or_path, **kwargs)
+    else:
+        with _quiet_loading():
+            model, tokenizer = load_hf(name_or_path, **kwargs)
     return Model(model, tokenizer)
