@@ -86,13 +86,18 @@ def test_token_helpers_and_left_padding(hf):
 
 def test_test_prompt_reports_rank(hf, capsys):
     model = splice.Model(hf, CharTokenizer())
-    table = model.test_prompt("abc", "d", top_k=3)
+    assert model.test_prompt("abc", "d", top_k=3) is None  # printed only: a notebook shows it once
     out = capsys.readouterr().out
     assert "Performance on answer token" in out and "rank" in out
-    answer = table[table.is_answer].iloc[0]
     with torch.no_grad():
         logits = model("abcd")[0, 2]
-    assert answer["rank"] == int((logits > logits[model.to_single_token("d")]).sum())
+    expected = int((logits > logits[model.to_single_token("d")]).sum())
+    for top_k in (3, expected + 1):  # the answer outside, then inside, the top k
+        table = model.test_prompt("abc", "d", top_k=top_k, print_results=False)
+        assert capsys.readouterr().out == ""
+        answer = table[table.is_answer]
+        assert len(answer) == 1 and answer.iloc[0]["rank"] == expected  # one row for it, never two
+        assert len(table) == top_k + (expected >= top_k)
 
 
 def test_an_untested_transformers_release_is_named_at_import():

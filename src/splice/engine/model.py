@@ -163,8 +163,11 @@ class Model:
         return tok.to_string(self.tokenizer, ids)
 
     def test_prompt(self, prompt: str, answer: str, top_k: int = 10, edits=None, print_results: bool = True):
-        """Print (and return as a DataFrame) the top-k next tokens after `prompt`, and the rank,
-        logit and probability of each token of `answer` given the ones before it."""
+        """The top-k next tokens after `prompt`, and the rank, logit and probability of each token
+        of `answer` given the ones before it: printed (returns None, as TransformerLens does), or
+        with print_results=False returned as a DataFrame (one row per (answer token, top-k
+        token), `is_answer` marking the answer's own row, added after the top k if it is not
+        among them)."""
         from .prompt_report import prompt_report
 
         return prompt_report(self, prompt, answer, top_k, edits, print_results)

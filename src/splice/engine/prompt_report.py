@@ -24,12 +24,13 @@ def prompt_report(model, prompt: str, answer: str, top_k: int, edits, print_resu
         top = step_logits.topk(top_k)
         for r, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             token = model.tokenizer.decode([index])
-            rows.append({"answer_token": target_str, "rank": r, "token": token, "logit": value, "prob": float(probs[index])})
+            rows.append({"answer_token": target_str, "rank": r, "token": token, "logit": value,
+                         "prob": float(probs[index]), "is_answer": index == target})
             lines.append(f"  {r:>3}: logit {value:6.2f}  prob {float(probs[index]):6.2%}  {token!r}")
-        rows.append({"answer_token": target_str, "rank": rank, "token": target_str, "logit": float(step_logits[target]), "prob": float(probs[target]), "is_answer": True})
+        if rank >= top_k:  # the answer is not among the top k: its own row, after them
+            rows.append({"answer_token": target_str, "rank": rank, "token": target_str, "logit": float(step_logits[target]),
+                         "prob": float(probs[target]), "is_answer": True})
     if print_results:
         print("\n".join(lines))
-    table = pd.DataFrame(rows)
-    table["is_answer"] = table.get("is_answer", False)
-    table["is_answer"] = table["is_answer"].fillna(False).astype(bool)
-    return table
+        return None  # printed: returning the table too would show it twice in a notebook
+    return pd.DataFrame(rows)
