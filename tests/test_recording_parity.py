@@ -165,3 +165,12 @@ def test_stop_after_record_equals_a_full_run_and_skips_the_rest(model, hf, ids):
 def test_stop_after_record_needs_a_recording(model, ids):
     with pytest.raises(splice.SpliceError, match="needs record="):
         model.run(ids, stop_after_record=True)
+
+
+def test_cat_of_different_lengths_says_which_axis_and_what_to_do(model):
+    with torch.no_grad(), model.record("blocks.0.resid_post", mode="accumulate") as rec:
+        model(torch.ones(1, 5, dtype=torch.long))
+        model(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(splice.SpliceError, match=r"differ on axis \[1\].*cat\(key, dim=1\)"):
+        rec.cat("blocks.0.resid_post")
+    assert rec.cat("blocks.0.resid_post", dim=1).shape[:2] == (1, 8)

@@ -63,7 +63,7 @@ def test_contrastive_on_a_head_site_and_with_aliases(charmodel):
     expected = _by_hand(charmodel, POSITIVE, sv.site, LAST) - _by_hand(charmodel, NEGATIVE, sv.site, LAST)
     torch.testing.assert_close(sv.vector.double(), expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        charmodel.run("hello", edits={sv.site: sv.edit(2.0)})  # a [heads, d_head] vector fits its site
+        charmodel.run("hello", edits=sv.edit(2.0))  # a [heads, d_head] vector fits its site
 
 
 def test_contrastive_errors():
@@ -120,12 +120,13 @@ def test_save_load_round_trip_with_provenance(tmp_path):
         SteeringVector.load(tmp_path / "hate")
 
 
-def test_edit_is_an_add_of_the_vector():
+def test_edit_is_an_add_of_the_vector_at_its_site():
     v = torch.randn(8)
     sv = SteeringVector(v, SITE)
     edit = sv.edit(4.0, pos=slice(5, None))
-    assert edit == splice.Add(v, scale=4.0, pos=slice(5, None))
-    assert sv.edit() == splice.Add(v, scale=1.0)
+    assert isinstance(edit, splice.Edits) and list(edit) == [SITE]  # what edits= takes as it is
+    assert edit[SITE] == splice.Add(v, scale=4.0, pos=slice(5, None))
+    assert sv.edit()[SITE] == splice.Add(v, scale=1.0)
 
 
 def test_steering_touches_only_generated_positions(charmodel, family):
@@ -133,7 +134,7 @@ def test_steering_touches_only_generated_positions(charmodel, family):
     n = len(prompt)
     sv = contrastive(charmodel, POSITIVE, NEGATIVE, SITE)
     coef = 40.0 / max(sv.norm, 1e-6)  # a large push, whatever the tiny model's scale
-    steer = {SITE: sv.edit(coef, pos=slice(n, None))}
+    steer = sv.edit(coef, pos=slice(n, None))
     with torch.no_grad():
         with charmodel.record(SITE, mode="accumulate") as clean:
             unsteered = charmodel.generate(prompt, max_new_tokens=new, min_new_tokens=new)

@@ -2,7 +2,7 @@
 
     sv = contrastive(model, love_prompts, anger_prompts, "blocks.12.resid_post", positions=slice(1, None))
     n = model.to_tokens(prompt).shape[1]
-    model.generate(prompt, edits={sv.site: sv.edit(4.0, pos=slice(n, None))})   # steer generated tokens only
+    model.generate(prompt, edits=sv.edit(4.0, pos=slice(n, None)))   # steer generated tokens only
     sv.save("out/love")            # out/love.safetensors (the vector) + out/love.json (provenance)
     SteeringVector.load("out/love")
 
@@ -27,6 +27,7 @@ import torch
 from .engine import tokens as tok
 from .engine.codec import decode, encode
 from .errors import SpliceError
+from .engine.edits import Edits
 from .engine.interventions import Add
 
 FORMAT = "splice-steering-vector/1"
@@ -148,10 +149,11 @@ class SteeringVector:
         """Everything but the vector, JSON-safe."""
         return {f.name: encode(getattr(self, f.name)) for f in fields(self) if f.name != "vector"}
 
-    def edit(self, coefficient: float = 1.0, pos=None, rows=None) -> Add:
-        """`Add(vector, scale=coefficient, pos=pos)` for `edits={sv.site: ...}`; use
-        `pos=slice(n_prompt, None)` to steer only generated tokens."""
-        return Add(self.vector, scale=float(coefficient), pos=pos, rows=rows)
+    def edit(self, coefficient: float = 1.0, pos=None, rows=None) -> Edits:
+        """`Edits({site: Add(vector, scale=coefficient, pos=pos)})`, ready for `edits=`
+        (`m.generate(p, edits=sv.edit(4.0, pos=slice(n_prompt, None)))` steers only generated
+        tokens); `sv.edit(...)[sv.site]` is the bare `Add`."""
+        return Edits({self.site: Add(self.vector, scale=float(coefficient), pos=pos, rows=rows)})
 
     # -- files ---------------------------------------------------------------------------------
     @staticmethod
@@ -267,7 +269,7 @@ def coefficient_sweep(model, sv: SteeringVector, prompt: str, coefficients, max_
     baseline_clean = logprobs(baseline)
     rows = []
     for c in coefficients:
-        edits = {sv.site: sv.edit(c, pos=where)}
+        edits = sv.edit(c, pos=where)
         full = complete(edits)
         text = model.tokenizer.decode(full[0, n_prompt:].tolist(), skip_special_tokens=True)
         rows.append({"coefficient": float(c), "text": text, "changed": text != baseline_text, "n_tokens": full.shape[1] - n_prompt,

@@ -84,7 +84,11 @@ class Recording(Mapping):
             return torch.cat(entries, dim=dim)
         except RuntimeError:
             shapes = [list(e.shape) for e in entries]
-            raise SpliceError(f"cannot cat {key!r} along dim {dim}: forwards had shapes {shapes}") from None
+            differ = sorted({axis for e in entries for axis in range(e.dim()) if e.shape[axis] != entries[0].shape[axis]})
+            hint = f"; they differ on axis {differ}: cat joins along dim {dim} only, every other axis must match"
+            if dim == 0 and differ == [1]:
+                hint += " (forwards of different lengths: cat(key, dim=1) joins a cached generate's steps; prompts of different lengths need one padded batch)"
+            raise SpliceError(f"cannot cat {key!r} along dim {dim}: forwards had shapes {shapes}{hint}") from None
 
     def __repr__(self):
         shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else f"{len(v)} entries") for k, v in self._data.items()}
