@@ -9,7 +9,6 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 import splice

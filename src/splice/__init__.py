@@ -14,7 +14,7 @@ from . import patching, plot, steering
 from .architectures import ARCHITECTURES
 from .architectures.table import Architecture, Dims, Point
 from .compat import UntestedVersionWarning, check_transformers
-from .engine import tokens
+from .engine import tokens as tokens  # splice.tokens: text <-> token helpers
 from .engine.directional import Apply, Clamp, Project, ProjectOut
 from .engine.edits import Edits
 from .engine.interventions import Add, Intervention, Replace, Scale, Zero
@@ -26,7 +26,7 @@ from .errors import SpliceError
 from .loading import embedded_model_dir, load, load_hf
 from .sweeps import metrics
 from .sweeps.sweep import Sweep
-from .version import __version__
+from .version import __version__ as __version__
 
 __all__ = [
     # the model and its contexts

@@ -9,7 +9,7 @@ import sys
 import torch.nn as nn
 
 from ..errors import SpliceError
-from .table import Architecture, Dims, Point
+from .table import Architecture
 
 
 def _discover() -> list[Architecture]:
