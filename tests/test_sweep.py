@@ -122,3 +122,35 @@ def test_checkpoint_from_another_sweep_is_refused(tmp_path):
     # same sweep again: everything is read back, nothing recomputed, same table
     again = small.run(model, sweep_job.DATA, checkpoint=path, progress=False)
     assert again.equals(small.run(model, sweep_job.DATA, progress=False))
+
+
+def test_the_progress_bar_counts_variants_and_starts_after_the_first_trace(monkeypatch):
+    """Counting the clean trace as a variant made the first estimate the trace's time multiplied
+    by every variant (~30 min shown for a 48 s sweep)."""
+    import tqdm.auto
+
+    from splice.sweeps.replay import PrefixReplay
+
+    events, bars = [], []
+
+    class Bar:
+        def __init__(self, total, initial=0, **kwargs):
+            events.append("bar")
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            events.append("close")
+
+    real_check = PrefixReplay.check
+    monkeypatch.setattr(PrefixReplay, "check", lambda self: (events.append("trace checked"), real_check(self))[1])
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = splice.Model(build("llama"), CharTokenizer())
+    sweep = splice.Sweep(sites="blocks.1.attn.z", interventions=splice.Zero(), over="heads", metrics=[metrics.logit_diff()])
+    sweep.run(model, DATA, batch_size=2)
+    n_variants, n_batches = model.dims.n_heads, 3
+    assert events == ["trace checked", "bar", "close"]
+    assert bars[0].total == n_variants * n_batches == bars[0].n

@@ -173,8 +173,10 @@ class Sweep:
         max_rows = max_rows or _default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
         store = Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode)) if checkpoint else Checkpoint(None, "")
-        bar = tqdm(total=(len(variants) + 1) * len(batches), desc=self.name, unit="variant", disable=not progress)
-        bar.update(len(store.done))
+        # The bar counts variant results only and starts after the first clean trace (and its
+        # replay check), so its estimate is not the trace's time multiplied by every variant.
+        done = sum(1 for variant, _ in store.done if variant >= 0)
+        bar = None
         for b, batch in enumerate(batches):
             if all(store.has(v.id, b) for v in variants) and store.has(-1, b):
                 continue
@@ -184,8 +186,9 @@ class Sweep:
             clean = prefix.logits
             if not store.has(-1, b):
                 store.add([self._record(-1, b, clean, clean, batch)])
-                bar.update(1)
             todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
+            if bar is None:
+                bar = tqdm(total=len(variants) * len(batches), initial=done, desc=self.name, unit="variant", disable=not progress)
             # Sorted by first edited layer, chunks hold consecutive variants that join the replay
             # at their own layers (see PrefixReplay.replay).
             todo.sort(key=lambda v: v.start_layer)
@@ -197,7 +200,8 @@ class Sweep:
                 n = len(batch)
                 store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
                 bar.update(len(chunk))
-        bar.close()
+        if bar is not None:
+            bar.close()
         return self._table(variants, store, len(batches))
 
     def _record(self, variant: int, batch_index: int, logits, clean, batch) -> dict:
