@@ -31,9 +31,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import pandas as pd
 import torch
@@ -123,8 +124,17 @@ def check_same_output(m: splice.Model, hf, call, variants: list[Variant]) -> boo
     return bool(torch.equal(a, b)) and m.hook_count == 0
 
 
-def measure(label: str, hf, m: splice.Model, ids: torch.Tensor, head: int, rounds: int, calls: int,
-            warmup: int, targets: dict) -> list[dict]:
+def measure(
+    label: str,
+    hf,
+    m: splice.Model,
+    ids: torch.Tensor,
+    head: int,
+    rounds: int,
+    calls: int,
+    warmup: int,
+    targets: dict,
+) -> list[dict]:
     variants = variants_for(hf, m, head, targets)
 
     def call():
@@ -167,19 +177,23 @@ def measure(label: str, hf, m: splice.Model, ids: torch.Tensor, head: int, round
             else:
                 target, ok = f"<= {limit} ms over bare", extra <= limit
             result = "PASS" if ok else "MISS"
-        rows.append({
-            "model": label,
-            "variant": variant.name,
-            "median_ms": round(statistics.median(t[0] for t in samples) * 1e3, 3),
-            "ratio_to_bare": round(ratio, 4),
-            "ratio_iqr": round(q[2] - q[0], 4),
-            "extra_ms": round(extra, 3),
-            "cpu_ratio": round(statistics.median(cpu_ratios), 4),
-            "runs": len(samples),
-            "target": target,
-            "result": result,
-        })
-    print(f"  {label}: splice Zero and raw hook give identical logits, no hooks left: {same}", file=sys.stderr)
+        rows.append(
+            {
+                "model": label,
+                "variant": variant.name,
+                "median_ms": round(statistics.median(t[0] for t in samples) * 1e3, 3),
+                "ratio_to_bare": round(ratio, 4),
+                "ratio_iqr": round(q[2] - q[0], 4),
+                "extra_ms": round(extra, 3),
+                "cpu_ratio": round(statistics.median(cpu_ratios), 4),
+                "runs": len(samples),
+                "target": target,
+                "result": result,
+            }
+        )
+    print(
+        f"  {label}: splice Zero and raw hook give identical logits, no hooks left: {same}", file=sys.stderr
+    )
     return rows
 
 
@@ -192,40 +206,68 @@ def build(config: GPT2Config, batch: int, seq: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds-big", type=int, default=21, help="timed rounds on the GPT-2-small shape (default 21)")
-    parser.add_argument("--rounds-tiny", type=int, default=100, help="timed rounds on the tiny model (default 100)")
-    parser.add_argument("--calls-tiny", type=int, default=50, help="calls per timing sample on the tiny model (default 50)")
+    parser.add_argument(
+        "--rounds-big", type=int, default=21, help="timed rounds on the GPT-2-small shape (default 21)"
+    )
+    parser.add_argument(
+        "--rounds-tiny", type=int, default=100, help="timed rounds on the tiny model (default 100)"
+    )
+    parser.add_argument(
+        "--calls-tiny", type=int, default=50, help="calls per timing sample on the tiny model (default 50)"
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds, for checking that the script runs")
     args = parser.parse_args()
     if args.quick:
         args.rounds_big, args.rounds_tiny, args.calls_tiny = 3, 3, 20
 
-    print(f"splice {splice.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"python {platform.python_version()}, {os.cpu_count()} CPUs, CUDA available: {torch.cuda.is_available()}",
-          file=sys.stderr)
+    print(
+        f"splice {splice.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, CUDA available: {torch.cuda.is_available()}",
+        file=sys.stderr,
+    )
     load_before = os.getloadavg()[0]
     rows = []
 
     torch.set_num_threads(2)
     hf, m, ids = build(GPT2Config(), 8, 64)
-    rows += measure("gpt2-small 8x64, 2 threads", hf, m, ids, head=5, rounds=args.rounds_big, calls=1, warmup=2,
-                    targets={"edit": ("ratio", 1.03), "empty": ("ratio", 1.01)})
+    rows += measure(
+        "gpt2-small 8x64, 2 threads",
+        hf,
+        m,
+        ids,
+        head=5,
+        rounds=args.rounds_big,
+        calls=1,
+        warmup=2,
+        targets={"edit": ("ratio", 1.03), "empty": ("ratio", 1.01)},
+    )
     del hf, m, ids
     gc.collect()
 
     # Same module tree, 4 heads: head 5 does not exist here, so the edit zeroes the last head (3).
     torch.set_num_threads(1)
     hf, m, ids = build(GPT2Config(n_embd=64, n_head=4, n_layer=12, vocab_size=512), 1, 8)
-    rows += measure("tiny 1x8, 1 thread", hf, m, ids, head=3, rounds=args.rounds_tiny, calls=args.calls_tiny,
-                    warmup=200, targets={"edit": ("extra_ms", 0.3)})
+    rows += measure(
+        "tiny 1x8, 1 thread",
+        hf,
+        m,
+        ids,
+        head=3,
+        rounds=args.rounds_tiny,
+        calls=args.calls_tiny,
+        warmup=200,
+        targets={"edit": ("extra_ms", 0.3)},
+    )
 
     table = pd.DataFrame(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(RESULTS, index=False)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print(table.to_string(index=False))
-    print(f"\n1-minute load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-          f"({os.cpu_count()} CPUs); written to {RESULTS}")
+    print(
+        f"\n1-minute load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+        f"({os.cpu_count()} CPUs); written to {RESULTS}"
+    )
     return 0
 
 

@@ -43,10 +43,12 @@ def plain_loop(hf, ids):
     values = []
     for layer in range(hf.config.n_layer):
         for head in range(heads):
+
             def zero_head(module, args, head=head):
                 z = args[0].clone()
                 z[..., head * d_head : (head + 1) * d_head] = 0
                 return (z,)
+
             handle = hf.transformer.h[layer].attn.c_proj.register_forward_pre_hook(zero_head)
             try:
                 logits = hf(ids).logits
@@ -69,8 +71,13 @@ def main():
     model = splice.Model(hf)
     ids = torch.randint(0, config.vocab_size, (args.prompts, args.seq))
     data = [{"input_ids": row, "a": A, "b": B} for row in ids.tolist()]
-    sweep = splice.Sweep(sites="blocks.*.attn.z", interventions=splice.Zero(), over="heads",
-                         metrics=[metrics.logit_diff("a", "b")], name="splice batched")
+    sweep = splice.Sweep(
+        sites="blocks.*.attn.z",
+        interventions=splice.Zero(),
+        over="heads",
+        metrics=[metrics.logit_diff("a", "b")],
+        name="splice batched",
+    )
 
     bare = []
 
@@ -111,21 +118,35 @@ def main():
     effects = batched[batched.variant >= 0].value.to_numpy()
     diff_plain = max(abs(a - b) for a, b in zip(effects, plain))
     diff_seq = float((batched.value - sequential.value).abs().max())
-    table = pd.DataFrame([
-        {"run": "plain loop of hooked HF forwards", "seconds": plain_s, "speed-up vs plain": 1.0},
-        {"run": "splice sequential (one variant per forward)", "seconds": sequential_s, "speed-up vs plain": plain_s / sequential_s},
-        {"run": "splice batched (rows + prefix reuse + last-position unembedding)", "seconds": batched_s, "speed-up vs plain": plain_s / batched_s},
-        {"run": "FLOP bound (ideal)", "seconds": ideal_s, "speed-up vs plain": plain_s / ideal_s},
-    ])
+    table = pd.DataFrame(
+        [
+            {"run": "plain loop of hooked HF forwards", "seconds": plain_s, "speed-up vs plain": 1.0},
+            {
+                "run": "splice sequential (one variant per forward)",
+                "seconds": sequential_s,
+                "speed-up vs plain": plain_s / sequential_s,
+            },
+            {
+                "run": "splice batched (rows + prefix reuse + last-position unembedding)",
+                "seconds": batched_s,
+                "speed-up vs plain": plain_s / batched_s,
+            },
+            {"run": "FLOP bound (ideal)", "seconds": ideal_s, "speed-up vs plain": plain_s / ideal_s},
+        ]
+    )
     table["seconds"] = table["seconds"].round(1)
     table["speed-up vs plain"] = table["speed-up vs plain"].round(2)
     fraction = (plain_s / batched_s) / (plain_s / ideal_s)
     print(table.to_string(index=False))
-    print(f"bare forward {args.prompts}x{args.seq}: median {bare_s * 1000:.0f} ms of {len(bare)} "
-          f"(range {min(bare) * 1000:.0f}-{max(bare) * 1000:.0f} ms); batched reaches {fraction:.0%} of the FLOP bound")
+    print(
+        f"bare forward {args.prompts}x{args.seq}: median {bare_s * 1000:.0f} ms of {len(bare)} "
+        f"(range {min(bare) * 1000:.0f}-{max(bare) * 1000:.0f} ms); batched reaches {fraction:.0%} of the FLOP bound"
+    )
     print(f"max |batched - plain loop| = {diff_plain:.2e}; max |batched - sequential| = {diff_seq:.2e}")
     OUT.mkdir(exist_ok=True)
-    table.assign(fraction_of_bound=round(fraction, 3), max_diff_vs_plain=diff_plain, bare_ms=round(bare_s * 1000, 1)).to_csv(OUT / "sweep.csv", index=False)
+    table.assign(
+        fraction_of_bound=round(fraction, 3), max_diff_vs_plain=diff_plain, bare_ms=round(bare_s * 1000, 1)
+    ).to_csv(OUT / "sweep.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -29,18 +29,27 @@ with torch.no_grad():
 
 # Query at position HALF + i looks for key position i + 1 (the token after the earlier copy).
 queries = torch.arange(HALF, 2 * HALF - 1)
-scores = torch.stack([
-    rec[f"blocks.{layer}.attn.pattern"][:, :, queries, queries - HALF + 1].mean(dim=(0, 2))
-    for layer in range(d.n_layers)
-])  # [layer, head]
+scores = torch.stack(
+    [
+        rec[f"blocks.{layer}.attn.pattern"][:, :, queries, queries - HALF + 1].mean(dim=(0, 2))
+        for layer in range(d.n_layers)
+    ]
+)  # [layer, head]
 
 top = scores.flatten().topk(10)
 ranked = [(int(i) // d.n_heads, int(i) % d.n_heads, float(v)) for v, i in zip(top.values, top.indices)]
 print("Top induction heads (layer.head: score)")
 for layer, head, value in ranked:
     print(f"  {layer:2d}.{head}: {value:.3f}")
-path = heatmap(scores, OUT / "induction_heads.png", title="Induction score (SmolLM2-135M)", center=None,
-               cmap="viridis", colorbar="mean attention to the token after the previous occurrence", annotate_top=5)
+path = heatmap(
+    scores,
+    OUT / "induction_heads.png",
+    title="Induction score (SmolLM2-135M)",
+    center=None,
+    cmap="viridis",
+    colorbar="mean attention to the token after the previous occurrence",
+    annotate_top=5,
+)
 print(f"heatmap: {path}")
 
 
@@ -48,7 +57,7 @@ def repeated_half_loss(edits=None):
     with torch.no_grad():
         out, _ = model.run(ids, edits=edits)
     logprobs = out[:, HALF:-1].log_softmax(-1)
-    return float(-logprobs.gather(-1, ids[:, HALF + 1:, None]).mean())
+    return float(-logprobs.gather(-1, ids[:, HALF + 1 :, None]).mean())
 
 
 def ablate(heads):
@@ -63,11 +72,20 @@ def ablate(heads):
 clean = repeated_half_loss()
 top_heads = [(layer, head) for layer, head, _ in ranked[:5]]
 generator = torch.Generator().manual_seed(1)
-random_heads = [(int(l), int(h)) for l, h in zip(torch.randint(0, d.n_layers, (5,), generator=generator),
-                                                 torch.randint(0, d.n_heads, (5,), generator=generator))]
+random_heads = [
+    (int(l), int(h))
+    for l, h in zip(
+        torch.randint(0, d.n_layers, (5,), generator=generator),
+        torch.randint(0, d.n_heads, (5,), generator=generator),
+    )
+]
 top_loss, random_loss = repeated_half_loss(ablate(top_heads)), repeated_half_loss(ablate(random_heads))
-print(f"loss on the repeated half: clean {clean:.3f}, top-5 induction heads ablated {top_loss:.3f}, "
-      f"5 random heads ablated {random_loss:.3f}")
+print(
+    f"loss on the repeated half: clean {clean:.3f}, top-5 induction heads ablated {top_loss:.3f}, "
+    f"5 random heads ablated {random_loss:.3f}"
+)
 
 assert ranked[0][2] > 0.3, "expected at least one strong induction head"
-assert top_loss - clean > 2 * max(random_loss - clean, 0.01), "ablating induction heads should hurt in-context copying most"
+assert top_loss - clean > 2 * max(random_loss - clean, 0.01), (
+    "ablating induction heads should hurt in-context copying most"
+)

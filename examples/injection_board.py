@@ -28,18 +28,28 @@ with torch.no_grad(), m.record("blocks.*.resid_post") as clean:
 def max_diff(rec, positions=slice(None)):
     """Max |edited - clean| of resid_post per layer, over the given positions."""
     return [
-        (rec[f"blocks.{l}.resid_post"][:, positions] - clean[f"blocks.{l}.resid_post"][:, positions]).abs().max().item()
+        (rec[f"blocks.{l}.resid_post"][:, positions] - clean[f"blocks.{l}.resid_post"][:, positions])
+        .abs()
+        .max()
+        .item()
         for l in range(n_layers)
     ]
 
 
 # Table columns: the first board over all positions, then the changed board split by position.
-V1, BEFORE, AT, AFTER = "q0+mlp*0.5: all pos", f"q0 only: pos<{POS}", f"q0 only: pos {POS}", f"q0 only: pos>{POS}"
+V1, BEFORE, AT, AFTER = (
+    "q0+mlp*0.5: all pos",
+    f"q0 only: pos<{POS}",
+    f"q0 only: pos {POS}",
+    f"q0 only: pos>{POS}",
+)
 
-board = splice.Edits({
-    f"blocks.{EDIT_LAYER}.attn.q": splice.Zero(pos=POS, dims=slice(0, 10)),
-    f"blocks.{EDIT_LAYER}.mlp.out": splice.Scale(0.5),
-})
+board = splice.Edits(
+    {
+        f"blocks.{EDIT_LAYER}.attn.q": splice.Zero(pos=POS, dims=slice(0, 10)),
+        f"blocks.{EDIT_LAYER}.mlp.out": splice.Scale(0.5),
+    }
+)
 print("board:", board)
 
 with torch.no_grad(), m.edit(board) as live, m.record("blocks.*.resid_post") as rec:

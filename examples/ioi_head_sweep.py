@@ -25,7 +25,20 @@ TEMPLATES = [
     "While{A} and{B} were at the {place},{B} passed a {thing} to",
     "Then{A} and{B} walked into the {place}, and{B} offered a {thing} to",
 ]
-NAMES = [" Mary", " John", " Tom", " Anna", " James", " Sarah", " David", " Emma", " Alice", " Paul", " Kate", " Mark"]
+NAMES = [
+    " Mary",
+    " John",
+    " Tom",
+    " Anna",
+    " James",
+    " Sarah",
+    " David",
+    " Emma",
+    " Alice",
+    " Paul",
+    " Kate",
+    " Mark",
+]
 PLACES = ["store", "park", "school", "office", "garden", "station"]
 THINGS = ["drink", "book", "ball", "letter", "gift", "key"]
 
@@ -37,7 +50,9 @@ def ioi_prompts(n: int, seed: int = 0) -> list[dict]:
     data = []
     for i, (a, b) in enumerate(pairs[:n]):
         template = TEMPLATES[i % len(TEMPLATES)]
-        prompt = template.format(A=a, B=b, place=rng.choice(PLACES), thing=rng.choice(THINGS)).replace("{", "")
+        prompt = template.format(A=a, B=b, place=rng.choice(PLACES), thing=rng.choice(THINGS)).replace(
+            "{", ""
+        )
         data.append({"prompt": prompt, "correct": a, "wrong": b})
     return data
 
@@ -53,9 +68,16 @@ def main():
 
     model = splice.load()
     data = ioi_prompts(args.prompts)
-    print(f"{len(data)} prompts, e.g. {data[0]['prompt']!r} -> {data[0]['correct']!r} vs {data[0]['wrong']!r}")
-    sweep = splice.Sweep(sites="blocks.*.attn.z", interventions=splice.Zero(), over="heads",
-                         metrics=[metrics.logit_diff("correct", "wrong")], name="IOI head ablation")
+    print(
+        f"{len(data)} prompts, e.g. {data[0]['prompt']!r} -> {data[0]['correct']!r} vs {data[0]['wrong']!r}"
+    )
+    sweep = splice.Sweep(
+        sites="blocks.*.attn.z",
+        interventions=splice.Zero(),
+        over="heads",
+        metrics=[metrics.logit_diff("correct", "wrong")],
+        name="IOI head ablation",
+    )
     table = sweep.run(model, data, batch_size=len(data), checkpoint=out / "ioi_heads.jsonl")
 
     clean = float(table[table.variant == -1].value.iloc[0])
@@ -64,10 +86,18 @@ def main():
     ranked = heads.sort_values("importance", ascending=False)
     print(f"\nclean logit difference (correct - wrong name): {clean:.3f}")
     print(f"The {args.top} heads whose ablation hurts the task most:")
-    print(ranked.head(args.top)[["layer", "head", "value", "effect", "relative"]].round(3).to_string(index=False))
+    print(
+        ranked.head(args.top)[["layer", "head", "value", "effect", "relative"]]
+        .round(3)
+        .to_string(index=False)
+    )
     table.to_csv(out / "ioi_heads.csv", index=False)
-    picture = sweep_heatmap(table, out / "ioi_heads.png", title="IOI: change in logit difference when a head is zeroed")
-    print(f"\ntable: {out / 'ioi_heads.csv'}\nheatmap: {picture}\ntotal {time.perf_counter() - started:.0f} s")
+    picture = sweep_heatmap(
+        table, out / "ioi_heads.png", title="IOI: change in logit difference when a head is zeroed"
+    )
+    print(
+        f"\ntable: {out / 'ioi_heads.csv'}\nheatmap: {picture}\ntotal {time.perf_counter() - started:.0f} s"
+    )
 
     assert clean > 0, "the model should prefer the indirect object"
     assert ranked.importance.iloc[0] > 0.1 * clean, "some head should matter for the task"

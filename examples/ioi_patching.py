@@ -16,8 +16,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import splice
 from ioi_head_sweep import NAMES, PLACES, THINGS
+
+import splice
 from splice import metrics, patching
 from splice.plot import heatmap
 
@@ -30,11 +31,24 @@ def pairs(model, n: int) -> list[dict]:
     for i, a in enumerate(NAMES):
         for j, b in enumerate(NAMES):
             if a != b:
-                fill = dict(A=a, B=b, place=PLACES[(i + j) % len(PLACES)], thing=THINGS[(i * j) % len(THINGS)])
-                rows.append({"clean": TEMPLATE.format(S=b, **fill), "prompt": TEMPLATE.format(S=a, **fill), "correct": a, "wrong": b})
+                fill = dict(
+                    A=a, B=b, place=PLACES[(i + j) % len(PLACES)], thing=THINGS[(i * j) % len(THINGS)]
+                )
+                rows.append(
+                    {
+                        "clean": TEMPLATE.format(S=b, **fill),
+                        "prompt": TEMPLATE.format(S=a, **fill),
+                        "correct": a,
+                        "wrong": b,
+                    }
+                )
     lengths = [len(model.to_tokens(r["clean"])[0]) for r in rows]
     common = Counter(lengths).most_common(1)[0][0]
-    same = [r for r, n_tokens in zip(rows, lengths) if n_tokens == common and len(model.to_tokens(r["prompt"])[0]) == common]
+    same = [
+        r
+        for r, n_tokens in zip(rows, lengths)
+        if n_tokens == common and len(model.to_tokens(r["prompt"])[0]) == common
+    ]
     return same[:: max(1, len(same) // n)][:n]
 
 
@@ -50,12 +64,17 @@ def main():
     model = splice.load()
     data = pairs(model, args.prompts)
     tokens = model.to_str_tokens(data[0]["clean"])
-    print(f"{len(data)} pairs of {len(tokens)} tokens, e.g.\n  clean:   {data[0]['clean']!r}\n  corrupt: {data[0]['prompt']!r}")
+    print(
+        f"{len(data)} pairs of {len(tokens)} tokens, e.g.\n  clean:   {data[0]['clean']!r}\n  corrupt: {data[0]['prompt']!r}"
+    )
     metric = [metrics.logit_diff("correct", "wrong")]
 
     # (title, sites, over, the least a single patch must restore: the whole residual stream at
     # the right position carries the answer; a single head carries a part of it)
-    studies = [("residual stream", "blocks.*.resid_pre", "pos", 0.9), ("head outputs", "blocks.*.attn.z", "heads", 0.2)]
+    studies = [
+        ("residual stream", "blocks.*.resid_pre", "pos", 0.9),
+        ("head outputs", "blocks.*.attn.z", "heads", 0.2),
+    ]
     for title, sites, over, restores in studies:
         t0 = time.perf_counter()
         exact = patching.patch_sweep(model, data, sites, over, metric, batch_size=len(data))
@@ -76,11 +95,19 @@ def main():
         approx.to_csv(out / f"attribution_{stem}.csv", index=False)
         grid = cells.pivot(index="layer", columns=column, values="normalised")
         labels = tokens if over == "pos" else None
-        picture = heatmap(grid, out / f"patching_{stem}.png", title=f"IOI patching ({title}): normalised effect",
-                          xlabel="position" if over == "pos" else "head", colorbar="normalised effect", xticklabels=labels)
+        picture = heatmap(
+            grid,
+            out / f"patching_{stem}.png",
+            title=f"IOI patching ({title}): normalised effect",
+            xlabel="position" if over == "pos" else "head",
+            colorbar="normalised effect",
+            xticklabels=labels,
+        )
         print(f"heatmap: {picture}")
         assert baseline.clean > 0 > baseline.corrupt, "the corruption should flip the model's answer"
-        assert cells.normalised.max() > restores, f"some single patch should restore at least {restores:.0%} of the clean answer"
+        assert cells.normalised.max() > restores, (
+            f"some single patch should restore at least {restores:.0%} of the clean answer"
+        )
         assert rho > 0.5, "attribution patching should rank the cells roughly like exact patching"
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

@@ -23,7 +23,15 @@ n_layers = m.dims.n_layers
 text = "Hidden states are sums of what every layer writes into the residual stream."
 ids = m.to_tokens(text)
 
-sites = ["embed", "blocks.*.resid_pre", "blocks.*.attn.out", "blocks.*.mlp.out", "blocks.*.resid_post", "final_norm", "logits"]
+sites = [
+    "embed",
+    "blocks.*.resid_pre",
+    "blocks.*.attn.out",
+    "blocks.*.mlp.out",
+    "blocks.*.resid_post",
+    "final_norm",
+    "logits",
+]
 with torch.no_grad(), m.record(sites) as rec:
     out = m.hf(ids, output_hidden_states=True)
 hs = out.hidden_states
@@ -37,7 +45,9 @@ def exact(a, b, what):
 
 exact(rec["embed"], hs[0], "embed vs hidden_states[0]")
 for l in range(n_layers):
-    pre, attn, mlp, post = (rec[f"blocks.{l}.{p}"] for p in ("resid_pre", "attn.out", "mlp.out", "resid_post"))
+    pre, attn, mlp, post = (
+        rec[f"blocks.{l}.{p}"] for p in ("resid_pre", "attn.out", "mlp.out", "resid_post")
+    )
     # The decoder layer does `h = resid + attn_out; h = h + mlp_out`: the same two additions.
     exact((pre + attn) + mlp, post, f"layer {l}: resid_pre + attn.out + mlp.out vs resid_post")
     if l < n_layers - 1:
@@ -47,14 +57,18 @@ print(f"resid_post[l] == hidden_states[l+1] for l = 0..{n_layers - 2}; embed == 
 
 last = rec[f"blocks.{n_layers - 1}.resid_post"]
 gap = (last - hs[-1]).abs().max().item()
-print(f"resid_post[{n_layers - 1}] vs hidden_states[-1]: max |diff| = {gap:.1f} (HF's last entry is after the final norm)")
+print(
+    f"resid_post[{n_layers - 1}] vs hidden_states[-1]: max |diff| = {gap:.1f} (HF's last entry is after the final norm)"
+)
 assert gap > 0
 exact(hs[-1], rec["final_norm"], "hidden_states[-1] vs final_norm")
 with torch.no_grad():
     exact(m.hf.model.norm(last), rec["final_norm"], "model.norm(resid_post[-1]) vs final_norm")
     exact(m.hf.lm_head(rec["final_norm"]), rec["logits"], "lm_head(final_norm) vs logits")
 exact(rec["logits"], out.logits, "recorded logits vs HF logits")
-print("hidden_states[-1] == final_norm == model.norm(resid_post[29]); logits == lm_head(final_norm) (bit-identical)")
+print(
+    "hidden_states[-1] == final_norm == model.norm(resid_post[29]); logits == lm_head(final_norm) (bit-identical)"
+)
 
 # Another summation order: a + (b + c) differs from (a + b) + c by float32 rounding. Each of the
 # two additions rounds by at most eps/2 of a partial sum no larger than |a| + |b| + |c|, so the
@@ -62,7 +76,9 @@ print("hidden_states[-1] == final_norm == model.norm(resid_post[29]); logits == 
 eps = torch.finfo(torch.float32).eps
 worst = 0.0
 for l in range(n_layers):
-    pre, attn, mlp, post = (rec[f"blocks.{l}.{p}"] for p in ("resid_pre", "attn.out", "mlp.out", "resid_post"))
+    pre, attn, mlp, post = (
+        rec[f"blocks.{l}.{p}"] for p in ("resid_pre", "attn.out", "mlp.out", "resid_post")
+    )
     diff = (pre + (attn + mlp) - post).abs()
     bound = 2 * eps * (pre.abs() + attn.abs() + mlp.abs())
     assert torch.all(diff <= bound), f"layer {l}: reordered sum off by {diff.max():.3g}, beyond rounding"

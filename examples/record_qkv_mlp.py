@@ -58,8 +58,11 @@ print(f"recorded {POST} == act(gate_proj(mlp.in)) * up_proj(mlp.in) (bit-identic
 
 # -- overwrite vs accumulate over several prompts -------------------------------------------------
 same_length = ["The cat sat on the mat.", "The dog ran in the park.", "A bird flew over the tree."]
-with torch.no_grad(), m.record([Q, POST], mode="overwrite") as last_only, \
-        m.record([Q, POST], mode="accumulate") as every:
+with (
+    torch.no_grad(),
+    m.record([Q, POST], mode="overwrite") as last_only,
+    m.record([Q, POST], mode="accumulate") as every,
+):
     for prompt in same_length:
         m(prompt)
 

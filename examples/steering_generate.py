@@ -51,7 +51,11 @@ steer = {SITE: splice.Add(vector, scale=COEF, pos=slice(n_prompt, None))}
 unsteered = m.generate(prompt, max_new_tokens=NEW_TOKENS)
 with m.record(SITE, mode="accumulate") as rec:  # one entry per forward: the prompt, then each new token
     steered = m.generate(prompt, edits=steer, max_new_tokens=NEW_TOKENS)
-anti = m.generate(prompt, edits={SITE: splice.Add(vector, scale=-COEF, pos=slice(n_prompt, None))}, max_new_tokens=NEW_TOKENS)
+anti = m.generate(
+    prompt,
+    edits={SITE: splice.Add(vector, scale=-COEF, pos=slice(n_prompt, None))},
+    max_new_tokens=NEW_TOKENS,
+)
 
 print(f"prompt:           {prompt!r}")
 print(f"unsteered:        {unsteered!r}")

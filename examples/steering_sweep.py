@@ -43,7 +43,9 @@ sv = contrastive(m, love, anger, SITE, positions=slice(1, None))
 print(sv)
 
 table = coefficient_sweep(m, sv, PROMPT, COEFFICIENTS, max_new_tokens=NEW_TOKENS)
-with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
+with pd.option_context(
+    "display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format
+):
     print(f"\ngreedy completions of {PROMPT!r}, steered at {SITE} on generated tokens only:")
     print(table.to_string(index=False))
 
@@ -54,8 +56,14 @@ assert SteeringVector.load(OUT / "love_vs_anger") == sv
 print(f"\nsaved {tensors} and {meta} (provenance: site, positions, prompt hashes, model, config fingerprint)")
 
 unsteered = table.loc[table.coefficient == 0, "text"].item()
-assert not table.loc[table.coefficient == 0, "changed"].item(), "coefficient 0 must reproduce the unsteered text"
+assert not table.loc[table.coefficient == 0, "changed"].item(), (
+    "coefficient 0 must reproduce the unsteered text"
+)
 assert table.changed.any(), f"no coefficient changed the completion {unsteered!r}"
-assert (table.loc[table.coefficient > 0, "logprob_shift"] > 0).all(), "steering should favour what it made the model write"
-print(f"OK: the love - anger vector changes the completion at coefficient(s) "
-      f"{table.loc[table.changed, 'coefficient'].tolist()} ({time.perf_counter() - start:.1f} s)")
+assert (table.loc[table.coefficient > 0, "logprob_shift"] > 0).all(), (
+    "steering should favour what it made the model write"
+)
+print(
+    f"OK: the love - anger vector changes the completion at coefficient(s) "
+    f"{table.loc[table.changed, 'coefficient'].tolist()} ({time.perf_counter() - start:.1f} s)"
+)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import FAMILIES
 from transformers.utils import logging as hf_logging
 
 import splice
-from families import FAMILIES
 
 hf_logging.set_verbosity_error()
 # Tiny models gain nothing from threads, and two busy threads on a shared 2-core runner thrash.
@@ -65,9 +65,7 @@ def ids():
 
 def hook_total(module: torch.nn.Module) -> int:
     """Every forward / pre-forward hook on a module tree (ours or anyone's)."""
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,8 @@ edit-parity tests. Module paths and head reshapes come from tests/families/<fami
 from __future__ import annotations
 
 import torch
-from transformers.utils import ModelOutput
-
 from families import FAMILIES
+from transformers.utils import ModelOutput
 
 HEAD_POINTS = ("attn.q", "attn.k", "attn.v", "attn.z")
 
@@ -59,10 +58,12 @@ def _register(hf, spec, point, layer, fn):
         return fn(tensor.clone())
 
     if io == "in":
+
         def pre(mod, args, kwargs):
             if args:
                 return (edit(args[0]),) + args[1:], kwargs
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
@@ -71,6 +72,7 @@ def _register(hf, spec, point, layer, fn):
         if isinstance(out, tuple):
             return (edit(out[0]),) + out[1:]
         return edit(out)
+
     return module.register_forward_hook(post)
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
+from conftest import CharTokenizer, build  # noqa: E402
 
 import splice  # noqa: E402
-from conftest import CharTokenizer, build  # noqa: E402
 from splice import metrics  # noqa: E402
 
-DATA = [{"prompt": p, "correct": "a", "wrong": "b"} for p in ["abcde", "bcdefg", "cdefgh", "ghijk", "hijklmn", "opqrs"]]
+DATA = [
+    {"prompt": p, "correct": "a", "wrong": "b"}
+    for p in ["abcde", "bcdefg", "cdefgh", "ghijk", "hijklmn", "opqrs"]
+]
 
 
 def slow_logit(logits, clean, batch):
@@ -24,8 +27,13 @@ def slow_logit(logits, clean, batch):
 def job():
     torch.manual_seed(0)
     model = splice.Model(build("gpt2"), CharTokenizer())
-    sweep = splice.Sweep(sites="blocks.*.attn.z", interventions=splice.Zero(), over="heads",
-                         metrics=[metrics.logit_diff(), metrics.custom(slow_logit, tail=1)], name="job")
+    sweep = splice.Sweep(
+        sites="blocks.*.attn.z",
+        interventions=splice.Zero(),
+        over="heads",
+        metrics=[metrics.logit_diff(), metrics.custom(slow_logit, tail=1)],
+        name="job",
+    )
     return model, sweep
 
 

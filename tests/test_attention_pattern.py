@@ -6,7 +6,6 @@ import torch
 import splice
 
 
-
 @pytest.fixture
 def pmodel(model):
     if "blocks.0.attn.pattern" not in model.sites:
@@ -52,8 +51,12 @@ def test_zero_pattern_of_a_head_equals_zero_z_of_that_head(pmodel, ids):
     if pmodel is None:
         return
     with torch.no_grad():
-        a, rec = pmodel.run(ids, edits={"blocks.1.attn.pattern": splice.Zero(heads=2)}, record="blocks.1.attn.z")
-        b, _ = pmodel.run(ids, edits={"blocks.1.attn.z": splice.Zero(heads=2), "blocks.1.attn.pattern": splice.Scale(1.0)})
+        a, rec = pmodel.run(
+            ids, edits={"blocks.1.attn.pattern": splice.Zero(heads=2)}, record="blocks.1.attn.z"
+        )
+        b, _ = pmodel.run(
+            ids, edits={"blocks.1.attn.z": splice.Zero(heads=2), "blocks.1.attn.pattern": splice.Scale(1.0)}
+        )
     assert torch.equal(rec["blocks.1.attn.z"][:, :, 2], torch.zeros_like(rec["blocks.1.attn.z"][:, :, 2]))
     assert torch.equal(a, b)
 
@@ -61,11 +64,14 @@ def test_zero_pattern_of_a_head_equals_zero_z_of_that_head(pmodel, ids):
 def test_uniform_pattern_averages_values(pmodel, ids):
     if pmodel is None:
         return
-    d = pmodel.dims
     causal = torch.ones(9, 9).tril()
     uniform = causal / causal.sum(-1, keepdim=True)
     with torch.no_grad():
-        _, rec = pmodel.run(ids, edits={"blocks.0.attn.pattern": splice.Replace(uniform, heads=0)}, record=["blocks.0.attn.v", "blocks.0.attn.z"])
+        _, rec = pmodel.run(
+            ids,
+            edits={"blocks.0.attn.pattern": splice.Replace(uniform, heads=0)},
+            record=["blocks.0.attn.v", "blocks.0.attn.z"],
+        )
     v0 = rec["blocks.0.attn.v"][:, :, 0]  # head 0 reads KV head 0
     expected = torch.stack([v0[:, : p + 1].mean(1) for p in range(9)], dim=1)
     torch.testing.assert_close(rec["blocks.0.attn.z"][:, :, 0], expected, rtol=0, atol=1e-6)
@@ -75,7 +81,9 @@ def test_scores_edit_keeps_masked_pairs_masked(pmodel, ids):
     if pmodel is None:
         return
     with torch.no_grad():
-        _, rec = pmodel.run(ids, edits={"blocks.0.attn.scores": splice.Scale(-2.0)}, record="blocks.0.attn.pattern")
+        _, rec = pmodel.run(
+            ids, edits={"blocks.0.attn.scores": splice.Scale(-2.0)}, record="blocks.0.attn.pattern"
+        )
     pattern = rec["blocks.0.attn.pattern"]
     assert torch.isfinite(pattern).all() and torch.all(pattern.triu(1) == 0)
     torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
@@ -88,8 +96,10 @@ def test_kv_head_ablation_is_query_group_ablation(model, ids):
     g = d.n_kv_heads - 1
     with torch.no_grad():
         a, rec = model.run(ids, edits={"blocks.1.attn.v": splice.Zero(heads=g)}, record="blocks.1.attn.z")
-        b, _ = model.run(ids, edits={"blocks.1.attn.z": splice.Zero(heads=list(range(g * groups, (g + 1) * groups)))})
-    assert torch.all(rec["blocks.1.attn.z"][:, :, g * groups:(g + 1) * groups] == 0)
+        b, _ = model.run(
+            ids, edits={"blocks.1.attn.z": splice.Zero(heads=list(range(g * groups, (g + 1) * groups)))}
+        )
+    assert torch.all(rec["blocks.1.attn.z"][:, :, g * groups : (g + 1) * groups] == 0)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 

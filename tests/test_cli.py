@@ -9,7 +9,12 @@ import pytest
 
 @pytest.mark.real
 def test_sites_lists_names_and_shapes():
-    out = subprocess.run([sys.executable, "-m", "splice.cli", "sites", "--filter", "blocks.29."], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "sites", "--filter", "blocks.29."],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert re.search(r"^blocks\.29\.attn\.k +\[batch, pos, 3, 64\]$", out.stdout, re.M)
     assert re.search(r"^blocks\.29\.attn\.pattern +\[batch, 9, pos, k_pos\]$", out.stdout, re.M)
@@ -17,16 +22,25 @@ def test_sites_lists_names_and_shapes():
 
 
 def test_errors_are_reported_not_raised():
-    out = subprocess.run([sys.executable, "-m", "splice.cli", "sites", "/nonexistent/model/dir"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "sites", "/nonexistent/model/dir"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("splice: cannot load the model '/nonexistent/model/dir'"), out.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "splice: cannot load the model '/nonexistent/model/dir'"
+    ), out.stderr
 
 
 def test_version_is_printed():
     import splice
 
-    out = subprocess.run([sys.executable, "-m", "splice.cli", "--version"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "--version"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == f"splice {splice.__version__}"
 
 
@@ -39,26 +53,42 @@ def test_sweep_command_writes_table_and_heatmap(tmp_path):
 
     config = tmp_path / "ioi.yaml"
     shutil.copy(Path(__file__).parent.parent / "examples" / "ioi_sweep.yaml", config)
-    out = subprocess.run([sys.executable, "-m", "splice.cli", "sweep", str(config)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "sweep", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "logit_diff: clean" in out.stdout and "kl_from_clean: clean" in out.stdout
     table = pd.read_csv(tmp_path / "out" / "ioi_last_layers.csv")
     assert len(table) == 2 * (4 * 9 + 1)
-    assert (tmp_path / "out" / "ioi_last_layers.jsonl").exists() and (tmp_path / "out" / "ioi_last_layers.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "ioi_last_layers.jsonl").exists() and (
+        tmp_path / "out" / "ioi_last_layers.png"
+    ).stat().st_size > 1000
     # Re-running resumes from the checkpoint: same table, nothing recomputed.
-    again = subprocess.run([sys.executable, "-m", "splice.cli", "sweep", str(config)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "sweep", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and pd.read_csv(tmp_path / "out" / "ioi_last_layers.csv").equals(table)
 
 
 def test_sweep_config_errors_are_clear(tmp_path):
-    from splice.sweeps.config import load_config
     from splice import SpliceError
+    from splice.sweeps.config import load_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z}\nmetrics: [logit_diff]\n")
     with pytest.raises(SpliceError, match="interventions is required"):
         load_config(bad)
-    bad.write_text("model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z, interventions: [{type: Zero}]}\nmetrics: [nope]\n")
+    bad.write_text(
+        "model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z, interventions: [{type: Zero}]}\nmetrics: [nope]\n"
+    )
     with pytest.raises(SpliceError, match="unknown metric 'nope'"):
         load_config(bad)
     bad.write_text("!!python/object/apply:os.system ['echo hi']\n")

@@ -8,11 +8,16 @@ import threading
 
 import pytest
 import torch
-
-import splice
 from conftest import build
 
-FAMILIES_HERE = ["llama", "gpt2", "bloom", "gemma2"]  # GQA, fused qkv, ALiBi/no position ids, logits on the root
+import splice
+
+FAMILIES_HERE = [
+    "llama",
+    "gpt2",
+    "bloom",
+    "gemma2",
+]  # GQA, fused qkv, ALiBi/no position ids, logits on the root
 ITERATIONS = 150
 
 
@@ -89,18 +94,30 @@ def test_two_threads_running_different_edits_each_get_their_own(pair, ids, tiny_
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, clean)
         padded = _left_padded(ids)
-        with model.edit({"blocks.0.resid_pre": splice.Zero(pos=0)}), model.record("blocks.0.resid_pre") as rec:
+        with (
+            model.edit({"blocks.0.resid_pre": splice.Zero(pos=0)}),
+            model.record("blocks.0.resid_pre") as rec,
+        ):
             hf(**padded)
         x = rec["blocks.0.resid_pre"]
         assert torch.all(x[0, 3] == 0) and torch.all(x[1, 0] == 0) and not torch.any(x[0, :3] == 0)
         with model.record("blocks.0.resid_post") as once:
             hf(ids)
-        with model.edit({"blocks.0.resid_post": splice.Add(1.0)}), model.record("blocks.0.resid_post") as plus:
+        with (
+            model.edit({"blocks.0.resid_post": splice.Add(1.0)}),
+            model.record("blocks.0.resid_post") as plus,
+        ):
             hf(ids)
-        assert torch.equal(plus["blocks.0.resid_post"], once["blocks.0.resid_post"] + 1.0)  # applied once, not 4 times
+        assert torch.equal(
+            plus["blocks.0.resid_post"], once["blocks.0.resid_post"] + 1.0
+        )  # applied once, not 4 times
     # generate with a valid position still works (0.1 raised here after the threads).
-    steered = model.generate(ids, edits={"blocks.0.resid_post": splice.Add(1.0, pos=slice(ids.shape[1], None))},
-                             max_new_tokens=3, return_tokens=True)
+    steered = model.generate(
+        ids,
+        edits={"blocks.0.resid_post": splice.Add(1.0, pos=slice(ids.shape[1], None))},
+        max_new_tokens=3,
+        return_tokens=True,
+    )
     assert steered.shape == (2, ids.shape[1] + 3) and model.hook_count == 0
 
 
@@ -115,12 +132,20 @@ def test_threads_with_open_contexts_and_recordings_never_mix(pair, ids, tiny_swi
 
     def job(value):
         def step(i):
-            with torch.no_grad(), model.edit({"blocks.1.resid_post": splice.Replace(torch.full((d,), value), pos=1)}), \
-                    model.record("blocks.1.resid_post") as rec:
+            with (
+                torch.no_grad(),
+                model.edit({"blocks.1.resid_post": splice.Replace(torch.full((d,), value), pos=1)}),
+                model.record("blocks.1.resid_post") as rec,
+            ):
                 hf(ids)
             got = rec["blocks.1.resid_post"]
-            if not (torch.all(got[:, 1] == value) and torch.equal(got[:, 0], base[:, 0]) and torch.equal(got[:, 2:], base[:, 2:])):
+            if not (
+                torch.all(got[:, 1] == value)
+                and torch.equal(got[:, 0], base[:, 0])
+                and torch.equal(got[:, 2:], base[:, 2:])
+            ):
                 wrong.append((value, i))
+
         return step
 
     _in_threads(job(1.0), job(2.0), job(3.0))
@@ -227,19 +252,30 @@ def test_run_inside_run_keeps_both_frames_and_both_recordings(pair, ids):
     inner = {}
 
     def nested(x):
-        inner["logits"], inner["rec"] = model.run(short, edits={"blocks.0.resid_post": splice.Zero(pos=-1)}, record="blocks.0.resid_post")
+        inner["logits"], inner["rec"] = model.run(
+            short, edits={"blocks.0.resid_post": splice.Zero(pos=-1)}, record="blocks.0.resid_post"
+        )
         return x
 
     with torch.no_grad():
-        outer_logits, outer_rec = model.run(inputs, edits={"blocks.0.attn.out": splice.Apply(nested), "blocks.0.resid_post": splice.Zero(pos=0)},
-                                            record="blocks.0.resid_post")
+        outer_logits, outer_rec = model.run(
+            inputs,
+            edits={"blocks.0.attn.out": splice.Apply(nested), "blocks.0.resid_post": splice.Zero(pos=0)},
+            record="blocks.0.resid_post",
+        )
         expected_outer = _expected_zero_first(model, hf, inputs)
-        with model.edit({"blocks.0.resid_post": splice.Zero(pos=-1)}), model.record("blocks.0.resid_post") as hand_inner:
+        with (
+            model.edit({"blocks.0.resid_post": splice.Zero(pos=-1)}),
+            model.record("blocks.0.resid_post") as hand_inner,
+        ):
             expected_inner = hf(short).logits
     assert torch.equal(outer_logits, expected_outer)
     assert torch.equal(inner["logits"], expected_inner)
     assert torch.equal(inner["rec"]["blocks.0.resid_post"], hand_inner["blocks.0.resid_post"])
-    assert outer_rec["blocks.0.resid_post"].shape[:2] == ids.shape and inner["rec"]["blocks.0.resid_post"].shape[:2] == short.shape
+    assert (
+        outer_rec["blocks.0.resid_post"].shape[:2] == ids.shape
+        and inner["rec"]["blocks.0.resid_post"].shape[:2] == short.shape
+    )
     assert model.hook_count == 0
 
 
@@ -267,12 +303,19 @@ def test_two_wrappers_of_one_model_share_one_engine(pair, ids):
     with torch.no_grad():
         with model.record(["blocks.0.resid_pre", "blocks.0.attn.out"]) as parts:
             hf(ids)
-        with model.edit({"blocks.0.attn.out": splice.Add(add)}), other.record(["blocks.0.attn.out", "blocks.0.resid_post"]) as rec:
+        with (
+            model.edit({"blocks.0.attn.out": splice.Add(add)}),
+            other.record(["blocks.0.attn.out", "blocks.0.resid_post"]) as rec,
+        ):
             hf(ids)
             assert model.hook_count == other.hook_count > 0
     assert torch.equal(rec["blocks.0.attn.out"], parts["blocks.0.attn.out"] + add)  # fully applied, once
     if "blocks.0.resid_mid" in model.sites:
-        with torch.no_grad(), model.edit({"blocks.0.attn.out": splice.Add(add)}), other.record("blocks.0.resid_mid") as mid:
+        with (
+            torch.no_grad(),
+            model.edit({"blocks.0.attn.out": splice.Add(add)}),
+            other.record("blocks.0.resid_mid") as mid,
+        ):
             hf(ids)
         expected = parts["blocks.0.resid_pre"] + (parts["blocks.0.attn.out"] + add)
         assert torch.allclose(mid["blocks.0.resid_mid"], expected, atol=1e-6, rtol=0)
@@ -287,7 +330,11 @@ def test_the_engine_registry_does_not_keep_a_dropped_model_alive(ids):
 
     hf = build("llama")
     model = splice.Model(hf)
-    with torch.no_grad(), model.edit({"blocks.0.attn.pattern": splice.Scale(0.5)}), model.record("blocks.1.resid_post"):
+    with (
+        torch.no_grad(),
+        model.edit({"blocks.0.attn.pattern": splice.Scale(0.5)}),
+        model.record("blocks.1.resid_post"),
+    ):
         hf(ids)
     model.run(ids, edits={"blocks.0.mlp.out": splice.Zero()})
     alive = weakref.ref(hf)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import hook_total
 
 import splice
-from conftest import hook_total
 
 
 def _clean_after(model, hf, ids, fn):
@@ -19,11 +19,18 @@ def _raises(model, hf, ids, edits, match):
         with pytest.raises(splice.SpliceError, match=match):
             with model.edit(edits):
                 hf(ids)
+
     _clean_after(model, hf, ids, run)
 
 
 def test_unknown_site_lists_close_matches(model, hf, ids):
-    _raises(model, hf, ids, {"blocks.1.attn.zz": splice.Zero()}, r"unknown site 'blocks.1.attn.zz'.*did you mean.*'blocks.1.attn.z'")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.1.attn.zz": splice.Zero()},
+        r"unknown site 'blocks.1.attn.zz'.*did you mean.*'blocks.1.attn.z'",
+    )
     _raises(model, hf, ids, {"blocks.1.resid_psot": splice.Zero()}, r"blocks.1.resid_post")
     _raises(model, hf, ids, {"blocks.*.nope": splice.Zero()}, r"matches no site")
 
@@ -38,33 +45,81 @@ def test_negative_layer_counts_from_the_end(model):
 
 def test_head_out_of_range(model, hf, ids):
     n = model.dims.n_heads
-    _raises(model, hf, ids, {"blocks.0.attn.z": splice.Zero(heads=n)}, rf"head {n} is out of range.*valid 0\.\.{n - 1}")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.attn.z": splice.Zero(heads=n)},
+        rf"head {n} is out of range.*valid 0\.\.{n - 1}",
+    )
     kv = model.dims.n_kv_heads
-    _raises(model, hf, ids, {"blocks.0.attn.k": splice.Zero(heads=[0, kv])}, rf"head \[{kv}\] out of range.*valid 0\.\.{kv - 1}")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.attn.k": splice.Zero(heads=[0, kv])},
+        rf"head \[{kv}\] out of range.*valid 0\.\.{kv - 1}",
+    )
     _raises(model, hf, ids, {"blocks.0.resid_post": splice.Zero(heads=0)}, r"no head axis")
 
 
 def test_dim_out_of_range(model, hf, ids):
     d = model.dims.d_model
-    _raises(model, hf, ids, {"blocks.0.resid_post": splice.Zero(dims=d)}, rf"dim {d} is out of range.*valid 0\.\.{d - 1}")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.resid_post": splice.Zero(dims=d)},
+        rf"dim {d} is out of range.*valid 0\.\.{d - 1}",
+    )
 
 
 def test_position_out_of_range(model, hf, ids):
-    _raises(model, hf, ids, {"blocks.0.resid_post": splice.Zero(pos=9)}, r"pos 9 is out of range.*9 tokens, valid 0\.\.8")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.resid_post": splice.Zero(pos=9)},
+        r"pos 9 is out of range.*9 tokens, valid 0\.\.8",
+    )
     _raises(model, hf, ids, {"blocks.0.resid_post": splice.Zero(pos=[1, -10])}, r"pos -10 is out of range")
 
 
 def test_bad_shapes_name_both_shapes(model, hf, ids):
     d = model.dims.d_model
     # Static: caught when the context is entered, before any forward.
-    _raises(model, hf, ids, {"blocks.0.resid_post": splice.Add(torch.ones(d + 1))}, rf"shape \[{d + 1}\] cannot broadcast.*blocks.0.resid_post")
-    _raises(model, hf, ids, {"blocks.0.attn.z": splice.Replace(torch.ones(3, model.dims.d_head), heads=[0, 1])}, r"shape \[3, \d+\] cannot broadcast.*trailing shape \[2, \d+\]")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.resid_post": splice.Add(torch.ones(d + 1))},
+        rf"shape \[{d + 1}\] cannot broadcast.*blocks.0.resid_post",
+    )
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.attn.z": splice.Replace(torch.ones(3, model.dims.d_head), heads=[0, 1])},
+        r"shape \[3, \d+\] cannot broadcast.*trailing shape \[2, \d+\]",
+    )
     # Dynamic: the batch/pos part only shows up in the forward.
-    _raises(model, hf, ids, {"blocks.0.resid_post": splice.Replace(torch.ones(3, 9, d))}, rf"shape \[3, 9, {d}\] cannot broadcast.*\[2, 9, {d}\]")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.resid_post": splice.Replace(torch.ones(3, 9, d))},
+        rf"shape \[3, 9, {d}\] cannot broadcast.*\[2, 9, {d}\]",
+    )
 
 
 def test_bad_dtype(model, hf, ids):
-    _raises(model, hf, ids, {"blocks.0.resid_post": splice.Replace(torch.ones(model.dims.d_model, dtype=torch.long))}, r"dtype torch.int64.*floating")
+    _raises(
+        model,
+        hf,
+        ids,
+        {"blocks.0.resid_post": splice.Replace(torch.ones(model.dims.d_model, dtype=torch.long))},
+        r"dtype torch.int64.*floating",
+    )
 
 
 def test_bad_values_at_construction():
@@ -82,8 +137,13 @@ def test_bad_values_at_construction():
 
 def test_unsupported_model_names_class_and_docs():
     from transformers import BertConfig, BertModel
+
     with pytest.raises(splice.SpliceError, match=r"BertModel \(model_type 'bert'\).*Adding an architecture"):
-        splice.Model(BertModel(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16)))
+        splice.Model(
+            BertModel(
+                BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16)
+            )
+        )
 
 
 def test_recording_lookups(model, ids):

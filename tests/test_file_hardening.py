@@ -10,12 +10,12 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from conftest import CharTokenizer, build
 
 import splice
-from conftest import CharTokenizer, build
 from splice import metrics
-from splice.sweeps.checkpoint import Checkpoint
 from splice.cli import main
+from splice.sweeps.checkpoint import Checkpoint
 from splice.sweeps.config import load_config
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcde", "bcdefg", "cdefgh", "ghijk"]]
@@ -37,7 +37,9 @@ def model_dir(tmp_path_factory):
     vocab = {"<pad>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<pad>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<pad>").save_pretrained(
+        folder
+    )
     build("gpt2").save_pretrained(folder)
     return folder
 
@@ -67,6 +69,7 @@ def _global_token(logits, clean, batch):
 def _nested_global(logits, clean, batch):
     def pick(x):
         return x[:, -1, TOKEN]
+
     return pick(logits)
 
 
@@ -157,8 +160,10 @@ def test_yaml_aliases_are_refused_in_edits_files(tmp_path):
 
 def test_yaml_aliases_are_refused_in_configs(tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text("model: smollm2\ndata: [hi]\nsweep:\n  sites: blocks.0.attn.z\n"
-                    "  interventions: &zero [{type: Zero}]\nmetrics: [kl_from_clean]\n")
+    path.write_text(
+        "model: smollm2\ndata: [hi]\nsweep:\n  sites: blocks.0.attn.z\n"
+        "  interventions: &zero [{type: Zero}]\nmetrics: [kl_from_clean]\n"
+    )
     with pytest.raises(splice.SpliceError, match=rf"{re.escape(str(path))} line 5: .*anchors and aliases"):
         load_config(path)
 
@@ -183,18 +188,26 @@ def test_an_absurd_tensor_record_is_refused_before_it_is_allocated():
     nested = [0.0] * 8
     for _ in range(7):  # 8**8 = 16.7M numbers described by 8 shared lists
         nested = [nested] * 8
-    with pytest.raises(splice.SpliceError, match=r"\[8, 8, 8, 8, 8, 8, 8, 8\] \(16,777,216 numbers\) is over the limit"):
+    with pytest.raises(
+        splice.SpliceError, match=r"\[8, 8, 8, 8, 8, 8, 8, 8\] \(16,777,216 numbers\) is over the limit"
+    ):
         splice.Edits.from_dict({"blocks.0.resid_post": {"type": "Add", "vector": {"tensor": nested}}})
 
 
 def test_a_finished_read_only_checkpoint_is_read_without_writing(tiny, tmp_path):
     path = tmp_path / "sweep.jsonl"
     table = run(tiny, metrics.kl_from_clean(), path)
-    os.utime(path, ns=(10**9, 10**9))  # any write would move the mtime (also as root, which chmod does not stop)
+    os.utime(
+        path, ns=(10**9, 10**9)
+    )  # any write would move the mtime (also as root, which chmod does not stop)
     path.chmod(0o444)
     content, listing = path.read_bytes(), sorted(tmp_path.iterdir())
     assert run(tiny, metrics.kl_from_clean(), path).equals(table)
-    assert path.stat().st_mtime_ns == 10**9 and path.read_bytes() == content and sorted(tmp_path.iterdir()) == listing
+    assert (
+        path.stat().st_mtime_ns == 10**9
+        and path.read_bytes() == content
+        and sorted(tmp_path.iterdir()) == listing
+    )
 
 
 def test_a_torn_last_line_is_cut_off_when_the_sweep_appends(tiny, tmp_path):
@@ -212,19 +225,24 @@ HEADER = '{"splice_sweep": 1, "spec_hash": "abc"}\n'
 RESULT = '{"variant": 0, "batch": 0, "values": {"m": [1.0]}}\n'
 
 
-@pytest.mark.parametrize("content, line, problem", [
-    (HEADER + '{"variant": 0, "batch": 0}\n', 2, "missing values"),
-    (HEADER + RESULT + "[1, 2]\n", 3, "got a JSON list"),
-    (HEADER + '{"variant": "0", "batch": 0, "values": {}}\n', 2, "wrong type"),
-    (HEADER + '{"variant": 0, "ba\n' + RESULT, 2, "invalid JSON"),
-    ('{"splice_sweep": 1, "spec_ha', 1, "cut short"),
-    ('{"name": "not a checkpoint"}\n' + RESULT, 1, "got '{\"name\""),
-    ("prompt,correct\nabc,a\n", 1, "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, line, problem",
+    [
+        (HEADER + '{"variant": 0, "batch": 0}\n', 2, "missing values"),
+        (HEADER + RESULT + "[1, 2]\n", 3, "got a JSON list"),
+        (HEADER + '{"variant": "0", "batch": 0, "values": {}}\n', 2, "wrong type"),
+        (HEADER + '{"variant": 0, "ba\n' + RESULT, 2, "invalid JSON"),
+        ('{"splice_sweep": 1, "spec_ha', 1, "cut short"),
+        ('{"name": "not a checkpoint"}\n' + RESULT, 1, 'got \'{"name"'),
+        ("prompt,correct\nabc,a\n", 1, "invalid JSON"),
+    ],
+)
 def test_a_damaged_checkpoint_is_named_by_file_and_line(tmp_path, content, line, problem):
     path = tmp_path / "sweep.jsonl"
     path.write_text(content)
-    with pytest.raises(splice.SpliceError, match=rf"{re.escape(str(path))} line {line}: .*{re.escape(problem)}.*expected"):
+    with pytest.raises(
+        splice.SpliceError, match=rf"{re.escape(str(path))} line {line}: .*{re.escape(problem)}.*expected"
+    ):
         Checkpoint(path, "abc")
     assert path.read_text() == content
 
@@ -234,7 +252,10 @@ def test_a_header_without_results_is_taken_over(tiny, tmp_path):
     path.write_text('{"splice_sweep": 1, "spec_hash": "left by a run that failed before its first result"}\n')
     table = run(tiny, metrics.kl_from_clean(), path)
     assert same(table, run(tiny, metrics.kl_from_clean()))
-    assert json.loads(path.read_text().splitlines()[0])["spec_hash"] != "left by a run that failed before its first result"
+    assert (
+        json.loads(path.read_text().splitlines()[0])["spec_hash"]
+        != "left by a run that failed before its first result"
+    )
 
 
 EDITS_ERRORS = [
@@ -245,11 +266,21 @@ EDITS_ERRORS = [
     ("e.yaml", "a: {type: Zero, dims: {slice: [true, 4, null]}}\n", 1, "three integers or nulls"),
     ("e.yaml", "a: {type: Add, vector: {tensor: [1.0], dtype: floaty}}\n", 1, "floaty"),
     ("e.yaml", "a: {type: Add, vector: {tensor: [1.0, x]}}\n", 1, "rectangular nested list of numbers"),
-    ("e.yaml", "a: {type: Add, vector: {tensor: [[1.0], [1.0, 2.0]]}}\n", 1, "rectangular nested list of numbers"),
+    (
+        "e.yaml",
+        "a: {type: Add, vector: {tensor: [[1.0], [1.0, 2.0]]}}\n",
+        1,
+        "rectangular nested list of numbers",
+    ),
     ("e.yaml", "a: Zero\n", 1, "expected an intervention record"),
     ("e.yaml", "- a\n- b\n", None, "expected a mapping of site"),
     ("e.yaml", "a: {type: Zero, pos: [1, 2}\n", 1, "expected ',' or ']'"),
-    ("e.json", '{\n "a": [\n  {"type": "Zero", "pos": {"slice": [0, 4, 0]}}\n ]\n}\n', 3, "slice step cannot be 0"),
+    (
+        "e.json",
+        '{\n "a": [\n  {"type": "Zero", "pos": {"slice": [0, 4, 0]}}\n ]\n}\n',
+        3,
+        "slice step cannot be 0",
+    ),
     ("e.json", '{"a": [}\n', 1, "invalid JSON"),
 ]
 
@@ -264,7 +295,10 @@ def test_a_bad_edits_file_is_named_by_file_and_line(tmp_path, name, content, lin
 
 
 def test_a_missing_edits_file_is_named(tmp_path):
-    with pytest.raises(splice.SpliceError, match=rf"cannot read {re.escape(str(tmp_path))}/nope.yaml: No such file.*expected an edits file"):
+    with pytest.raises(
+        splice.SpliceError,
+        match=rf"cannot read {re.escape(str(tmp_path))}/nope.yaml: No such file.*expected an edits file",
+    ):
         splice.Edits.load(tmp_path / "nope.yaml")
 
 
@@ -290,8 +324,14 @@ CONFIG_ERRORS = [
     (dict(sweep="sweep:\n  sites: [blocks.0.attn.z\n"), "sweep.yaml", 5, "expected ',' or ']'"),
     (dict(data="missing.jsonl"), "missing.jsonl", None, "No such file"),
     (dict(metric="nope"), "sweep.yaml", 8, "unknown metric 'nope'"),
-    (dict(sweep="sweep:\n  sites: blocks.0.attn.z\n  interventions: [{type: Zero, pos: {slice: [0, 2, 0]}}]\n"),
-     "sweep.yaml", 5, "slice step cannot be 0"),
+    (
+        dict(
+            sweep="sweep:\n  sites: blocks.0.attn.z\n  interventions: [{type: Zero, pos: {slice: [0, 2, 0]}}]\n"
+        ),
+        "sweep.yaml",
+        5,
+        "slice step cannot be 0",
+    ),
     (dict(run="run: {batchsize: 2}\n"), "sweep.yaml", 9, "unknown keys ['batchsize']"),
     (dict(data="[hi, 3]"), "sweep.yaml", 2, "expected a prompt string"),
 ]
@@ -340,20 +380,42 @@ def test_a_failed_cli_run_does_not_block_the_corrected_one(tmp_path, model_dir, 
     code, _, err = cli(capsys, "sweep", broken)
     assert code == 2 and "data field 'answer'" in err
     left_behind = (tmp_path / "ckpt.jsonl").exists()
-    fixed = write_config(tmp_path, model_dir, metric="answer_logprob", rows=[{"prompt": p["prompt"], "answer": "a"} for p in DATA])
+    fixed = write_config(
+        tmp_path,
+        model_dir,
+        metric="answer_logprob",
+        rows=[{"prompt": p["prompt"], "answer": "a"} for p in DATA],
+    )
     code, out, err = cli(capsys, "sweep", fixed)
     assert code == 0, err
     assert "answer_logprob: clean" in out and (tmp_path / "out" / "table.csv").exists()
     assert not left_behind  # the failed run wrote no checkpoint at all
 
 
-@pytest.mark.parametrize("case", ["yaml syntax", "missing config", "missing data", "alias", "bad slice",
-                                  "checkpoint missing keys", "checkpoint torn header"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "yaml syntax",
+        "missing config",
+        "missing data",
+        "alias",
+        "bad slice",
+        "checkpoint missing keys",
+        "checkpoint torn header",
+    ],
+)
 def test_cli_reports_file_errors_in_one_line(tmp_path, model_dir, capsys, case):
     config = write_config(tmp_path, model_dir)
     checkpoint = tmp_path / "ckpt.jsonl"
-    named = {"yaml syntax": "sweep.yaml", "missing config": "nope.yaml", "missing data": "missing.jsonl", "alias": "sweep.yaml",
-             "bad slice": "sweep.yaml", "checkpoint missing keys": "ckpt.jsonl", "checkpoint torn header": "ckpt.jsonl"}[case]
+    named = {
+        "yaml syntax": "sweep.yaml",
+        "missing config": "nope.yaml",
+        "missing data": "missing.jsonl",
+        "alias": "sweep.yaml",
+        "bad slice": "sweep.yaml",
+        "checkpoint missing keys": "ckpt.jsonl",
+        "checkpoint torn header": "ckpt.jsonl",
+    }[case]
     if case == "yaml syntax":
         config = write_config(tmp_path, model_dir, metrics="metrics: [kl_from_clean\n")
     elif case == "missing config":
@@ -363,11 +425,19 @@ def test_cli_reports_file_errors_in_one_line(tmp_path, model_dir, capsys, case):
     elif case == "alias":
         config = write_config(tmp_path, model_dir, metrics="metrics: &m [kl_from_clean]\n")
     elif case == "bad slice":
-        config = write_config(tmp_path, model_dir, sweep="sweep:\n  sites: blocks.0.attn.z\n  interventions: [{type: Zero, pos: {slice: [1]}}]\n")
+        config = write_config(
+            tmp_path,
+            model_dir,
+            sweep="sweep:\n  sites: blocks.0.attn.z\n  interventions: [{type: Zero, pos: {slice: [1]}}]\n",
+        )
     else:
         assert cli(capsys, "sweep", config)[0] == 0
         lines = checkpoint.read_text().splitlines()
-        checkpoint.write_text('{"splice_sweep": 1, "spec' if case == "checkpoint torn header" else "\n".join(lines[:2] + ['{"variant": 1}']) + "\n")
+        checkpoint.write_text(
+            '{"splice_sweep": 1, "spec'
+            if case == "checkpoint torn header"
+            else "\n".join(lines[:2] + ['{"variant": 1}']) + "\n"
+        )
     code, _, err = cli(capsys, "sweep", config)
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("splice: ") and named in err, err

@@ -3,15 +3,15 @@ suffix edits steer every generated token, prompt edits apply once, padding is ne
 
 import pytest
 import torch
+from conftest import build
+from families import FAMILIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import Cache, DynamicCache
 
 import splice
-from conftest import build
-from splice.engine.frame import Frame
-from transformers import Cache, DynamicCache
-from families import FAMILIES
 from splice import strategies as sst
+from splice.engine.frame import Frame
 
 PROMPT, NEW = 6, 5
 
@@ -27,14 +27,22 @@ def gen(request):
 def _generate(hf, ids, **kwargs):
     mask = kwargs.pop("attention_mask", torch.ones_like(ids))
     with torch.no_grad():
-        return hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs)
+        return hf.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs
+        )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_cached_and_uncached_generation_agree_under_any_edit(gen, data):
     model, hf = gen
-    ids = torch.randint(1, 90, (2, PROMPT), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    ids = torch.randint(
+        1, 90, (2, PROMPT), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    )
     edits = data.draw(sst.edits(model, PROMPT + NEW, 2, max_sites=2, negative=False))
     with model.edit(edits):
         cached = _generate(hf, ids, use_cache=True)
@@ -46,8 +54,10 @@ def test_suffix_edit_steers_every_generated_token(gen):
     model, hf = gen
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     marker = torch.full((model.dims.d_model,), 0.25)
-    with model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=slice(PROMPT, None))}), \
-            model.record("blocks.1.resid_post", mode="accumulate") as rec:
+    with (
+        model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=slice(PROMPT, None))}),
+        model.record("blocks.1.resid_post", mode="accumulate") as rec,
+    ):
         _generate(hf, ids)
     steps = rec["blocks.1.resid_post"]
     assert len(steps) == NEW and steps[0].shape[1] == PROMPT  # prefill, then one token per step
@@ -60,7 +70,10 @@ def test_prompt_edit_applies_once_and_persists_through_the_cache(gen):
     model, hf = gen
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     edit = {"blocks.0.resid_post": splice.Replace(torch.full((model.dims.d_model,), 3.0), pos=2)}
-    with model.edit(edit), model.record(["blocks.0.resid_post", "blocks.1.resid_post"], mode="accumulate") as rec:
+    with (
+        model.edit(edit),
+        model.record(["blocks.0.resid_post", "blocks.1.resid_post"], mode="accumulate") as rec,
+    ):
         steered = _generate(hf, ids)
     steps = rec["blocks.0.resid_post"]
     assert torch.all(steps[0][:, 2] == 3.0) and not torch.any(steps[0][:, 3:] == 3.0)
@@ -81,7 +94,11 @@ def test_left_padded_batch_counts_positions_per_row_and_never_edits_padding(gen)
     short, long = torch.randint(1, 90, (1, 4), generator=g), torch.randint(1, 90, (1, 7), generator=g)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
-    edit = {"blocks.1.resid_post": splice.Add(torch.randn(model.dims.d_model, generator=g) * 3, pos=[1, slice(5, None).start])}
+    edit = {
+        "blocks.1.resid_post": splice.Add(
+            torch.randn(model.dims.d_model, generator=g) * 3, pos=[1, slice(5, None).start]
+        )
+    }
     with model.edit(edit):
         together = _generate(hf, batch, attention_mask=mask)
         alone_short = _generate(hf, short)
@@ -90,7 +107,11 @@ def test_left_padded_batch_counts_positions_per_row_and_never_edits_padding(gen)
     assert torch.equal(together[1], alone_long[0])
     with torch.no_grad(), model.record("blocks.0.resid_pre") as clean:
         hf(batch, attention_mask=mask)
-    with torch.no_grad(), model.edit({"blocks.0.resid_pre": splice.Zero()}), model.record("blocks.0.resid_pre") as rec:
+    with (
+        torch.no_grad(),
+        model.edit({"blocks.0.resid_pre": splice.Zero()}),
+        model.record("blocks.0.resid_pre") as rec,
+    ):
         hf(batch, attention_mask=mask)
     x = rec["blocks.0.resid_pre"]
     assert torch.equal(x[0, :3], clean["blocks.0.resid_pre"][0, :3])  # padding untouched
@@ -163,8 +184,11 @@ def test_a_decoding_step_carrying_only_the_cache_gets_its_absolute_position(gen,
     marker = torch.full((model.dims.d_model,), 0.5)
     for pos, hit in ((PROMPT, True), (0, False), (PROMPT - 1, False)):
         cache = _prefill_cache(hf, ids)
-        with torch.no_grad(), model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=pos)}), \
-                model.record("blocks.1.resid_post") as rec:
+        with (
+            torch.no_grad(),
+            model.edit({"blocks.1.resid_post": splice.Replace(marker, pos=pos)}),
+            model.record("blocks.1.resid_post") as rec,
+        ):
             hf(input_ids=ids[:, :1], use_cache=True, **{keyword: cache})  # the token at position PROMPT
         assert bool(torch.all(rec["blocks.1.resid_post"] == 0.5)) is hit, (keyword, pos)
 
@@ -174,15 +198,24 @@ def test_past_length_is_read_from_any_cache_object_or_refused():
     k = torch.zeros(1, 2, 4, 8)
     cache.update(k, k, 0)
     ids = torch.ones(1, 1, dtype=torch.long)
-    for kwargs, args in (({"cache": cache}, ()), ({"past_key_values": cache}, ()), ({"kv_state_2030": cache}, ()),
-                         ({}, (ids, cache))):
+    for kwargs, args in (
+        ({"cache": cache}, ()),
+        ({"past_key_values": cache}, ()),
+        ({"kv_state_2030": cache}, ()),
+        ({}, (ids, cache)),
+    ):
         frame = Frame.from_call(args, {"input_ids": ids, **kwargs})
         assert frame.past == 4 and frame.cached and int(frame.positions()[0][0, 0]) == 4
     # A cache splice cannot read and nothing else to go on: refused, not assumed to start at 0.
     legacy = ((k, k),)
     with pytest.raises(splice.SpliceError, match=r"past_key_values.*cannot tell how many tokens came before"):
         Frame.from_call((), {"input_ids": ids, "past_key_values": legacy})
-    assert Frame.from_call((), {"input_ids": ids, "past_key_values": legacy, "cache_position": torch.tensor([4])}).past == 4
+    assert (
+        Frame.from_call(
+            (), {"input_ids": ids, "past_key_values": legacy, "cache_position": torch.tensor([4])}
+        ).past
+        == 4
+    )
     mask = torch.ones(1, 5, dtype=torch.long)
     assert Frame.from_call((), {"input_ids": ids, "cache": legacy, "attention_mask": mask}).past == 4
     assert Frame.from_call((), {"input_ids": ids, "use_cache": True}).past == 0  # a plain forward
@@ -195,8 +228,13 @@ def test_generate_refuses_an_edit_at_a_position_it_never_reaches(gen):
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(7))
     last = PROMPT + NEW - 1
     for pos in (last + 1, [2, last + 4], slice(last + 1, None)):
-        with pytest.raises(splice.SpliceError, match=rf"selects position {last + 1 if pos != [2, last + 4] else last + 4}.*ends at position {last}"):
+        with pytest.raises(
+            splice.SpliceError,
+            match=rf"selects position {last + 1 if pos != [2, last + 4] else last + 4}.*ends at position {last}",
+        ):
             model.generate(ids, edits={"blocks.0.resid_post": splice.Zero(pos=pos)}, max_new_tokens=NEW)
         assert model.hook_count == 0
-    out = model.generate(ids, edits={"blocks.0.resid_post": splice.Zero(pos=[2, last])}, max_new_tokens=NEW, return_tokens=True)
+    out = model.generate(
+        ids, edits={"blocks.0.resid_post": splice.Zero(pos=[2, last])}, max_new_tokens=NEW, return_tokens=True
+    )
     assert out.shape == (1, PROMPT + NEW)

@@ -10,8 +10,10 @@ HEAVY = ("transformers.modeling_utils", "transformers.integrations.sdpa_attentio
 
 
 def _new_modules(statement: str) -> set[str]:
-    code = ("import sys, json, torch, transformers; before = set(sys.modules); "
-            f"{statement}; print(json.dumps(sorted(set(sys.modules) - before)))")
+    code = (
+        "import sys, json, torch, transformers; before = set(sys.modules); "
+        f"{statement}; print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 

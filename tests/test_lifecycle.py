@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-
-import splice
 from conftest import build, hook_total
 from families import FAMILIES
+
+import splice
 
 
 def test_no_hooks_outside_contexts_and_output_unchanged(model, hf, ids):
@@ -76,11 +76,14 @@ def test_live_registry_changes_take_effect_without_reentering(model, hf, ids):
 
 def test_same_edits_on_two_models(family, ids):
     from conftest import build
+
     a, b = splice.Model(build(family, 0)), splice.Model(build(family, 1))
     edits = splice.Edits({"blocks.0.mlp.out": splice.Zero()})
     with a.edit(edits), b.edit(edits):
         edits["blocks.1.mlp.out"] = splice.Zero()
-        assert {k[0] for k in a.engine.installed()} >= {a.layout.module_path(a.layout.sites_of("blocks.1.mlp.out")[0])}
+        assert {k[0] for k in a.engine.installed()} >= {
+            a.layout.module_path(a.layout.sites_of("blocks.1.mlp.out")[0])
+        }
         assert len(b.engine.installed()) == len(a.engine.installed())
     assert a.hook_count == b.hook_count == 0
 
@@ -129,7 +132,9 @@ def test_generate_under_edits_and_hooks_removed(model, hf, ids):
     prompt = ids[:1, :5]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     clean = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-    with model.edit({"blocks.1.resid_post": splice.Add(torch.randn(model.dims.d_model) * 50, pos=slice(5, None))}):
+    with model.edit(
+        {"blocks.1.resid_post": splice.Add(torch.randn(model.dims.d_model) * 50, pos=slice(5, None))}
+    ):
         steered = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     assert torch.equal(steered[:, :5], prompt)
     assert not torch.equal(steered, clean)
@@ -155,7 +160,11 @@ def test_a_module_swapped_after_wrapping_is_the_one_hooked(family, ids):
     setattr(parent, name, new)
 
     def zero(module, args, output):  # the same edit by hand, on the new module
-        return torch.zeros_like(output) if isinstance(output, torch.Tensor) else (torch.zeros_like(output[0]),) + output[1:]
+        return (
+            torch.zeros_like(output)
+            if isinstance(output, torch.Tensor)
+            else (torch.zeros_like(output[0]),) + output[1:]
+        )
 
     with torch.no_grad():
         handle = new.register_forward_hook(zero)
@@ -182,7 +191,10 @@ def test_run_frames_its_forward_alone_and_inside_an_open_context(model, hf, ids)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded: positions count from its first real token
     inputs = {"input_ids": ids, "attention_mask": mask}
-    edits = {"blocks.1.attn.z": splice.Zero(heads=1, pos=-1), "blocks.0.resid_post": splice.Scale(2.0, pos=[1, 3])}
+    edits = {
+        "blocks.1.attn.z": splice.Zero(heads=1, pos=-1),
+        "blocks.0.resid_post": splice.Scale(2.0, pos=[1, 3]),
+    }
     with torch.no_grad():
         with model.edit(edits):
             expected = hf(**inputs).logits

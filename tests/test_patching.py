@@ -3,11 +3,11 @@ and gradients done by hand with plain hooks, and attribution tracks the exact sw
 
 import pytest
 import torch
-
-import splice
 from conftest import CharTokenizer, build
 from handhooks import hand_record, register
-from splice import Mean, Patch, Resample, metrics
+
+import splice
+from splice import Mean, Resample, metrics
 from splice.patching import attribution, patch_sweep, rank_correlation
 
 PAIRS = [("abcdefg", "abcxefg"), ("bcdefgh", "bcdyfgh"), ("cdefg", "cdzfg"), ("defghij", "dxfghij")]
@@ -22,13 +22,21 @@ def tmodel(family):
 
 
 def _close(a, b):
-    torch.testing.assert_close(torch.tensor(a.to_numpy(dtype=float)), torch.tensor(b.to_numpy(dtype=float)), rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(
+        torch.tensor(a.to_numpy(dtype=float)),
+        torch.tensor(b.to_numpy(dtype=float)),
+        rtol=1e-5,
+        atol=1e-5,
+        equal_nan=True,
+    )
 
 
 @pytest.mark.parametrize("sites,over", [("blocks.*.resid_pre", "pos"), ("blocks.*.attn.z", "heads")])
 def test_patching_sweep_batched_equals_one_variant_at_a_time(tmodel, sites, over):
     batched = patch_sweep(tmodel, DATA, sites, over, [METRIC], batch_size=3, max_rows=7, progress=False)
-    sequential = patch_sweep(tmodel, DATA, sites, over, [METRIC], batch_size=3, prefix_reuse=False, progress=False)
+    sequential = patch_sweep(
+        tmodel, DATA, sites, over, [METRIC], batch_size=3, prefix_reuse=False, progress=False
+    )
     _close(batched.value, sequential.value)
     _close(batched.corrupt, sequential.corrupt)
     _close(batched.clean, sequential.clean)
@@ -38,7 +46,11 @@ def test_patching_sweep_batched_equals_one_variant_at_a_time(tmodel, sites, over
 
 def test_mean_and_resample_in_a_sweep_equal_one_variant_at_a_time(tmodel):
     _, reference = tmodel.run(["qrstuvw", "rstuvwx", "stuvwxy"], record="blocks.*.mlp.out")
-    sweep = splice.Sweep(sites="blocks.*.mlp.out", interventions=[Mean(reference, pos=slice(1, None)), Resample(reference, seed=5)], metrics=[METRIC])
+    sweep = splice.Sweep(
+        sites="blocks.*.mlp.out",
+        interventions=[Mean(reference, pos=slice(1, None)), Resample(reference, seed=5)],
+        metrics=[METRIC],
+    )
     batched = sweep.run(tmodel, EVEN, batch_size=3, max_rows=7, progress=False)
     sequential = sweep.run(tmodel, EVEN, batch_size=3, prefix_reuse=False, progress=False)
     _close(batched.value, sequential.value)
@@ -74,7 +86,9 @@ def test_patching_table_matches_hand_written_patching(tmodel, family):
         handle.remove()
         row = table[(table.layer == layer) & (table.pos == pos)].iloc[0]
         assert row.value == pytest.approx(patched, abs=1e-5)
-        assert row.corrupt == pytest.approx(corrupt_value, abs=1e-5) and row.clean == pytest.approx(clean_value, abs=1e-5)
+        assert row.corrupt == pytest.approx(corrupt_value, abs=1e-5) and row.clean == pytest.approx(
+            clean_value, abs=1e-5
+        )
         span = clean_value - corrupt_value  # value errors of 1e-5 become 1e-5 / |span| after normalising
         assert row.normalised == pytest.approx((patched - corrupt_value) / span, abs=3e-5 / abs(span))
 
@@ -112,7 +126,9 @@ def test_attribution_has_the_exact_tables_layout_and_tracks_it(capsys):
         exact = patch_sweep(tmodel, DATA, sites, over, [METRIC], progress=False)
         approx = attribution(tmodel, DATA, sites, over, [METRIC])
         assert list(approx.columns) == list(exact.columns)
-        assert approx[["variant", "site", "layer", "head", "pos", "metric"]].equals(exact[["variant", "site", "layer", "head", "pos", "metric"]])
+        assert approx[["variant", "site", "layer", "head", "pos", "metric"]].equals(
+            exact[["variant", "site", "layer", "head", "pos", "metric"]]
+        )
         _close(approx.corrupt, exact.corrupt)
         _close(approx.clean, exact.clean)
         rho = rank_correlation(exact, approx)
@@ -122,5 +138,12 @@ def test_attribution_has_the_exact_tables_layout_and_tracks_it(capsys):
 
 def test_patch_field_sweep_refuses_missing_source_field(tmodel):
     with pytest.raises(splice.SpliceError, match="data field 'clean'"):
-        patch_sweep(tmodel, [{"prompt": "abc", "correct": "h", "wrong": "b"}], "blocks.0.resid_pre", "pos", [METRIC], progress=False)
+        patch_sweep(
+            tmodel,
+            [{"prompt": "abc", "correct": "h", "wrong": "b"}],
+            "blocks.0.resid_pre",
+            "pos",
+            [METRIC],
+            progress=False,
+        )
     assert tmodel.hook_count == 0

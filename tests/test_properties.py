@@ -4,14 +4,14 @@ import contextlib
 
 import pytest
 import torch
+from conftest import build, hook_total
+from families import FAMILIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.utils import ModelOutput
 
 import splice
 import splice.engine.sites
-from conftest import build, hook_total
-from families import FAMILIES
 from splice import strategies as sst
 
 BATCH, SEQ = 2, 8
@@ -29,19 +29,26 @@ def setup(request):
 
 def _given(strategy_fn):
     """@given over a strategy that needs the module-scoped model."""
+
     def deco(test):
         @SETTINGS
         @given(data=st.data())
         def wrapper(setup, data):
             model = setup[0]
             test(setup, data.draw(strategy_fn(model)))
+
         return wrapper
+
     return deco
 
 
 # Touching a scores/pattern site computes that layer's attention eagerly (to expose the
 # pattern), which agrees with sdpa to ~1e-7 but not bit for bit; those sites get their own test.
-MODULE_POINTS = [p for p in splice.engine.sites.LAYER_POINTS if p not in ("attn.scores", "attn.pattern")] + ["embed", "final_norm", "logits"]
+MODULE_POINTS = [p for p in splice.engine.sites.LAYER_POINTS if p not in ("attn.scores", "attn.pattern")] + [
+    "embed",
+    "final_norm",
+    "logits",
+]
 ATTENTION_POINTS = ["attn.scores", "attn.pattern"]
 
 
@@ -54,7 +61,9 @@ def test_identity_edits_leave_logits_bit_identical(setup, edits):
 
 
 def _site_and_selection(model, batch):
-    return sst.sites(model, MODULE_POINTS).flatmap(lambda site: sst.selections(model, site, SEQ, batch).map(lambda sel: (site, sel)))
+    return sst.sites(model, MODULE_POINTS).flatmap(
+        lambda site: sst.selections(model, site, SEQ, batch).map(lambda sel: (site, sel))
+    )
 
 
 @_given(lambda m: st.tuples(_site_and_selection(m, BATCH), _site_and_selection(m, 1)))
@@ -69,7 +78,9 @@ def test_patching_a_run_with_itself_and_its_own_mean_or_resample_are_bit_identic
         one_clean, reference = model.run(one, record=one_site, mode="accumulate")
         with model.edit({one_site: splice.Mean(reference, per_position=True, **one_sel)}):
             assert torch.equal(hf(one).logits, one_clean), (one_site, one_sel)
-        with model.edit({one_site: splice.Resample(reference, seed=len(str(one_sel)), **one_sel)}):  # one row to draw from: itself
+        with model.edit(
+            {one_site: splice.Resample(reference, seed=len(str(one_sel)), **one_sel)}
+        ):  # one row to draw from: itself
             assert torch.equal(hf(one).logits, one_clean), (one_site, one_sel)
     assert model.hook_count == 0
 
@@ -132,7 +143,9 @@ def test_the_tensor_the_model_produced_is_never_mutated(setup, edits):
                     if model.layout.point(site).io == "output":
                         handles.append(module.register_forward_hook(keep_out, prepend=True))
                     else:
-                        handles.append(module.register_forward_pre_hook(keep_in, with_kwargs=True, prepend=True))
+                        handles.append(
+                            module.register_forward_pre_hook(keep_in, with_kwargs=True, prepend=True)
+                        )
             try:
                 hf(ids)
             finally:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from handhooks import register
 
 import splice
-from handhooks import register
 
 pytestmark = pytest.mark.real
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The capital of France is"]
@@ -52,15 +52,26 @@ def test_hidden_state_parity_and_reconstruction(smol, batch, attn):
     assert torch.equal(smol.hf.model.norm(rec["blocks.29.resid_post"]), ref.hidden_states[30])
     for layer in range(30):
         s = lambda p: rec[f"blocks.{layer}.{p}"]  # noqa: E731
-        torch.testing.assert_close(s("resid_pre") + s("attn.out") + s("mlp.out"), s("resid_post"), rtol=0, atol=1e-4)
-        torch.testing.assert_close(smol.hf.model.layers[layer].self_attn.o_proj(s("attn.z").flatten(-2)), s("attn.out"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            s("resid_pre") + s("attn.out") + s("mlp.out"), s("resid_post"), rtol=0, atol=1e-4
+        )
+        torch.testing.assert_close(
+            smol.hf.model.layers[layer].self_attn.o_proj(s("attn.z").flatten(-2)),
+            s("attn.out"),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
-@pytest.mark.parametrize("site,heads", [("blocks.7.attn.q", 4), ("blocks.7.attn.k", 1), ("blocks.7.attn.v", 2), ("blocks.7.attn.z", 8)])
+@pytest.mark.parametrize(
+    "site,heads",
+    [("blocks.7.attn.q", 4), ("blocks.7.attn.k", 1), ("blocks.7.attn.v", 2), ("blocks.7.attn.z", 8)],
+)
 def test_gqa_head_edit_parity(smol, batch, site, heads):
     def hand(t):
         t[:, :, heads] = 0
         return t
+
     with torch.no_grad():
         handle = register(smol.hf, "llama", site, hand)
         try:

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import splice
 from families import FAMILIES, after_attn_proj, after_mlp_proj, parallel
 from handhooks import HEAD_POINTS, read_site
+
+import splice
 
 
 def test_resid_post_matches_hf_hidden_states(model, hf, ids):
@@ -29,7 +29,9 @@ def test_residual_reconstruction(model, family, ids):
         _, rec = model.run(ids, record="*")
     for layer in range(model.dims.n_layers):
         site = lambda p: rec[f"blocks.{layer}.{p}"]  # noqa: E731
-        torch.testing.assert_close(site("resid_pre") + site("attn.out") + site("mlp.out"), site("resid_post"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            site("resid_pre") + site("attn.out") + site("mlp.out"), site("resid_post"), rtol=0, atol=1e-5
+        )
         if parallel(family):
             assert f"blocks.{layer}.resid_mid" not in model.sites
             with pytest.raises(splice.SpliceError, match="parallel residual"):
@@ -48,14 +50,18 @@ def test_z_reproduces_attn_out_through_output_projection(model, family, ids):
             assert z.shape[-2:] == (model.dims.n_heads, model.dims.d_head)
             out_proj = model.hf.get_submodule(model.layout.points["attn.z"].module.replace("{l}", str(layer)))
             out = rec[f"blocks.{layer}.attn.out"]
-            torch.testing.assert_close(after_attn_proj(family, model.hf, layer, out_proj(z.flatten(-2))), out, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                after_attn_proj(family, model.hf, layer, out_proj(z.flatten(-2))), out, rtol=0, atol=1e-6
+            )
             # Per head: the sum of each head's contribution (through its slice of the projection) is attn.out.
             # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
             weight = out_proj.weight.T if isinstance(out_proj, torch.nn.Linear) else out_proj.weight
             per_head = torch.einsum("bphd,hdm->bphm", z, weight.view(z.shape[-2], z.shape[-1], -1))
             bias = getattr(out_proj, "bias", None)
             total = per_head.sum(-2) + (bias if bias is not None else 0)
-            torch.testing.assert_close(after_attn_proj(family, model.hf, layer, total), out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                after_attn_proj(family, model.hf, layer, total), out, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_qkv_match_a_hand_written_hook(model, hf, family, ids):
@@ -64,9 +70,13 @@ def test_qkv_match_a_hand_written_hook(model, hf, family, ids):
     for point in HEAD_POINTS:
         module, io = spec.hand_module(hf, point, 1)
         if io == "out":
-            handles.append(module.register_forward_hook(lambda mod, a, out, p=point: seen.__setitem__(p, out)))
+            handles.append(
+                module.register_forward_hook(lambda mod, a, out, p=point: seen.__setitem__(p, out))
+            )
         else:
-            handles.append(module.register_forward_pre_hook(lambda mod, a, p=point: seen.__setitem__(p, a[0])))
+            handles.append(
+                module.register_forward_pre_hook(lambda mod, a, p=point: seen.__setitem__(p, a[0]))
+            )
     try:
         with torch.no_grad():
             _, rec = model.run(ids, record="blocks.1.attn.*")
@@ -74,7 +84,9 @@ def test_qkv_match_a_hand_written_hook(model, hf, family, ids):
         for h in handles:
             h.remove()
     for point in HEAD_POINTS:
-        assert torch.equal(rec[f"blocks.1.{point}"], read_site(hf, family, f"blocks.1.{point}", seen[point])), point
+        assert torch.equal(
+            rec[f"blocks.1.{point}"], read_site(hf, family, f"blocks.1.{point}", seen[point])
+        ), point
     assert rec["blocks.1.attn.k"].shape[2] == model.dims.n_kv_heads
 
 
@@ -82,7 +94,12 @@ def test_mlp_post_and_ins(model, hf, family, ids):
     with torch.no_grad():
         _, rec = model.run(ids, record=["blocks.0.*"])
         down = hf.get_submodule(model.layout.points["mlp.post"].module.replace("{l}", "0"))
-        torch.testing.assert_close(after_mlp_proj(family, hf, 0, down(rec["blocks.0.mlp.post"])), rec["blocks.0.mlp.out"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            after_mlp_proj(family, hf, 0, down(rec["blocks.0.mlp.post"])),
+            rec["blocks.0.mlp.out"],
+            rtol=0,
+            atol=1e-6,
+        )
         norm1, norm2 = FAMILIES[family].norms(hf, 0)
         assert torch.equal(rec["blocks.0.attn.in"], norm1(rec["blocks.0.resid_pre"]))
         mlp_reads = rec["blocks.0.resid_pre"] if parallel(family) else rec["blocks.0.resid_mid"]
@@ -113,7 +130,11 @@ def test_accumulate_mode_keeps_one_entry_per_forward(model, ids):
 
 
 def test_recorded_values_are_the_edited_ones_and_are_copies(model, ids):
-    with torch.no_grad(), model.edit({"blocks.1.mlp.out": splice.Zero(pos=2)}), model.record("blocks.1.mlp.out") as rec:
+    with (
+        torch.no_grad(),
+        model.edit({"blocks.1.mlp.out": splice.Zero(pos=2)}),
+        model.record("blocks.1.mlp.out") as rec,
+    ):
         model(ids)
     value = rec["blocks.1.mlp.out"]
     assert torch.equal(value[:, 2], torch.zeros_like(value[:, 2]))
@@ -123,7 +144,10 @@ def test_recorded_values_are_the_edited_ones_and_are_copies(model, ids):
 
 def test_tl_aliases_and_tuples_name_the_same_tensor(model, ids):
     with torch.no_grad():
-        _, rec = model.run(ids, record=["blocks.1.hook_resid_post", ("z", 2), "blocks.0.attn.hook_q", "blocks.0.mlp.hook_post"])
+        _, rec = model.run(
+            ids,
+            record=["blocks.1.hook_resid_post", ("z", 2), "blocks.0.attn.hook_q", "blocks.0.mlp.hook_post"],
+        )
     assert torch.equal(rec["blocks.1.resid_post"], rec["blocks.1.hook_resid_post"])
     assert torch.equal(rec[("z", 2)], rec["blocks.2.attn.z"])
     assert set(rec) == {"blocks.1.resid_post", "blocks.2.attn.z", "blocks.0.attn.q", "blocks.0.mlp.post"}
@@ -134,16 +158,19 @@ def test_stop_after_record_equals_a_full_run_and_skips_the_rest(model, hf, ids):
     final norm; the model is left exactly as it was, even inside an open edit context."""
     layers = model.layout.points["resid_post"].module
     calls = []
-    watched = [hf.get_submodule(layers.replace("{l}", "2")),
-               hf.get_submodule(model.layout.points["final_norm"].module)]
+    watched = [
+        hf.get_submodule(layers.replace("{l}", "2")),
+        hf.get_submodule(model.layout.points["final_norm"].module),
+    ]
     handles = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(watched)]
     sites = ["blocks.0.attn.z", "blocks.1.resid_post"]
     try:
         with torch.no_grad():
             _, full = model.run(ids, record=sites)
             calls.clear()
-            logits, stopped = model.run(ids, record=sites, stop_after_record=True,
-                                        edits={"blocks.-1.mlp.out": splice.Zero()})  # never reached: no error
+            logits, stopped = model.run(
+                ids, record=sites, stop_after_record=True, edits={"blocks.-1.mlp.out": splice.Zero()}
+            )  # never reached: no error
         assert logits is None and calls == []
         for site in sites:
             assert torch.equal(stopped[site], full[site]), site

@@ -1,13 +1,14 @@
 """Interventions and registries round-trip through JSON/YAML; token helpers behave like TransformerLens'."""
 
+import dataclasses
 import json
 import warnings
 
 import pytest
 import torch
+from conftest import CharTokenizer
 
 import splice
-from conftest import CharTokenizer
 
 
 def test_repr_is_readable():
@@ -18,18 +19,25 @@ def test_repr_is_readable():
 
 def test_interventions_are_frozen_and_compare_by_value():
     z = splice.Zero(pos=[1, 2])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         z.pos = 3
     assert splice.Add(torch.ones(3)) == splice.Add(torch.ones(3))
     assert splice.Add(torch.ones(3)) != splice.Add(torch.zeros(3))
     assert splice.Zero(pos=[1, 2]) == splice.Zero(pos=(1, 2))
 
 
-@pytest.mark.parametrize("iv", [
-    splice.Zero(), splice.Zero(pos=4, dims=slice(0, 10)), splice.Scale(0.25, heads=[0, 3], pos=-1),
-    splice.Replace(torch.arange(6.0).view(2, 3), pos=slice(1, None, 2)), splice.Add(torch.randn(5), scale=-3.0, dims=[0, 4]),
-    splice.Zero(pos=torch.tensor([[True, False, True]])), splice.Replace(2.5, heads=1),
-])
+@pytest.mark.parametrize(
+    "iv",
+    [
+        splice.Zero(),
+        splice.Zero(pos=4, dims=slice(0, 10)),
+        splice.Scale(0.25, heads=[0, 3], pos=-1),
+        splice.Replace(torch.arange(6.0).view(2, 3), pos=slice(1, None, 2)),
+        splice.Add(torch.randn(5), scale=-3.0, dims=[0, 4]),
+        splice.Zero(pos=torch.tensor([[True, False, True]])),
+        splice.Replace(2.5, heads=1),
+    ],
+)
 def test_round_trip_json(iv):
     record = iv.to_dict()
     again = splice.Intervention.from_dict(json.loads(json.dumps(record)))
@@ -37,9 +45,13 @@ def test_round_trip_json(iv):
 
 
 def test_edits_save_and_load(tmp_path):
-    edits = splice.Edits({"blocks.3.attn.q": splice.Zero(pos=4, dims=slice(0, 10)),
-                          "blocks.*.mlp.out": [splice.Scale(0.5), splice.Add(torch.ones(4))],
-                          ("z", 2): splice.Zero(heads=5)})
+    edits = splice.Edits(
+        {
+            "blocks.3.attn.q": splice.Zero(pos=4, dims=slice(0, 10)),
+            "blocks.*.mlp.out": [splice.Scale(0.5), splice.Add(torch.ones(4))],
+            ("z", 2): splice.Zero(heads=5),
+        }
+    )
     assert list(edits) == ["blocks.3.attn.q", "blocks.*.mlp.out", "blocks.2.attn.z"]
     for name in ("edits.json", "edits.yaml"):
         edits.save(tmp_path / name)
@@ -78,7 +90,11 @@ def test_token_helpers_and_left_padding(hf):
         alone = model("ab")
     torch.testing.assert_close(padded[0, -2:], alone[0], rtol=1e-5, atol=1e-5)
     # Edits at pos=0 hit each row's first real token, never the padding.
-    with torch.no_grad(), model.record("blocks.0.resid_pre") as rec, model.edit({"blocks.0.resid_pre": splice.Zero(pos=0)}):
+    with (
+        torch.no_grad(),
+        model.record("blocks.0.resid_pre") as rec,
+        model.edit({"blocks.0.resid_pre": splice.Zero(pos=0)}),
+    ):
         model(["ab", "abcd"])
     x = rec["blocks.0.resid_pre"]
     assert x[0, 2].abs().sum() == 0 and x[0, :2].abs().sum() > 0 and x[1, 0].abs().sum() == 0
@@ -113,7 +129,10 @@ def test_an_untested_transformers_release_is_named_at_import():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_transformers(lower[0])
-    with pytest.warns(splice.UntestedVersionWarning, match=r"tested with transformers.*this is transformers 99\.0\.0.*make test-latest"):
+    with pytest.warns(
+        splice.UntestedVersionWarning,
+        match=r"tested with transformers.*this is transformers 99\.0\.0.*make test-latest",
+    ):
         assert not check_transformers("99.0.0")
     with pytest.warns(splice.UntestedVersionWarning):
         assert not check_transformers(upper[0])

@@ -3,10 +3,10 @@ it back by hand, identities, alignment rules, errors and round trips."""
 
 import pytest
 import torch
-
-import splice
 from conftest import VOCAB
 from handhooks import hand_and_splice, hand_record
+
+import splice
 from splice import Mean, Patch, Resample
 from splice.engine.interventions import Intervention
 from splice.patching import mean_reference
@@ -22,6 +22,7 @@ def _write(index, values):
     def edit(t):
         t[index] = values[index] if values.shape == t.shape else values
         return t
+
     return edit
 
 
@@ -38,7 +39,9 @@ def test_patch_matches_a_hand_written_patch(model, hf, family, ids, site):
     with torch.no_grad():
         for intervention, hand in cases:
             expected, got = hand_and_splice(model, hf, family, site, intervention, hand, ids)
-            assert torch.equal(got, expected), f"{site} {intervention!r}: max diff {(got - expected).abs().max():.3g}"
+            assert torch.equal(got, expected), (
+                f"{site} {intervention!r}: max diff {(got - expected).abs().max():.3g}"
+            )
 
 
 def test_patch_between_prompts_of_different_lengths_needs_source_pos(model, hf, family, ids):
@@ -57,7 +60,9 @@ def test_patch_between_prompts_of_different_lengths_needs_source_pos(model, hf, 
         return t
 
     with torch.no_grad():
-        expected, got = hand_and_splice(model, hf, family, site, Patch({site: longer}, pos=[3, -1], source_pos=[10, 11]), hand, ids)
+        expected, got = hand_and_splice(
+            model, hf, family, site, Patch({site: longer}, pos=[3, -1], source_pos=[10, 11]), hand, ids
+        )
     assert torch.equal(got, expected)
 
 
@@ -75,13 +80,18 @@ def test_patch_errors_name_the_problem(model, hf, ids):
     with pytest.raises(splice.SpliceError, match=r"3 rows but the batch has 2"):
         with torch.no_grad(), model.edit({site: Patch(recording)}):
             hf(ids)
-    with pytest.raises(splice.SpliceError, match=r"no activations for blocks.0.mlp.out; its source holds blocks.1.resid_post"):
+    with pytest.raises(
+        splice.SpliceError, match=r"no activations for blocks.0.mlp.out; its source holds blocks.1.resid_post"
+    ):
         with torch.no_grad(), model.edit({"blocks.0.mlp.out": Patch(recording)}):
             hf(ids)
     with pytest.raises(splice.SpliceError, match=r"names a data field; it only has values inside a sweep"):
         with torch.no_grad(), model.edit({site: Patch("clean")}):
             hf(ids)
-    with pytest.raises(splice.SpliceError, match=r"source for blocks.1.resid_post has shape \[2, 9, 3\]; the site is \[batch=2, pos=9, d_model="):
+    with pytest.raises(
+        splice.SpliceError,
+        match=r"source for blocks.1.resid_post has shape \[2, 9, 3\]; the site is \[batch=2, pos=9, d_model=",
+    ):
         with torch.no_grad(), model.edit({site: Patch(torch.zeros(2, 9, 3))}):
             hf(ids)
     with pytest.raises(splice.SpliceError, match="Patch needs a source"):
@@ -95,9 +105,22 @@ def test_mean_ablation_matches_a_hand_computed_mean(model, hf, family, ids):
     with torch.no_grad(), model.record(site, mode="accumulate") as recording:
         for r in references:
             hf(r)
-    by_hand = torch.cat([hand_record(hf, family, site, r).reshape(-1, model.dims.d_model) for r in references]).double().mean(0).float()
+    by_hand = (
+        torch.cat([hand_record(hf, family, site, r).reshape(-1, model.dims.d_model) for r in references])
+        .double()
+        .mean(0)
+        .float()
+    )
     with torch.no_grad():
-        expected, got = hand_and_splice(model, hf, family, site, Mean(recording, pos=slice(2, 5)), _write((slice(None), slice(2, 5)), by_hand), ids)
+        expected, got = hand_and_splice(
+            model,
+            hf,
+            family,
+            site,
+            Mean(recording, pos=slice(2, 5)),
+            _write((slice(None), slice(2, 5)), by_hand),
+            ids,
+        )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # float64 means summed in another order
 
 
@@ -106,7 +129,12 @@ def test_mean_per_position_with_the_prompt_itself_is_bit_identical(model, hf, id
     with torch.no_grad():
         clean = hf(one).logits
         _, recording = model.run(one, record=["blocks.0.attn.z", "blocks.1.mlp.in"], mode="accumulate")
-        with model.edit({"blocks.0.attn.z": Mean(recording, per_position=True, heads=0), "blocks.1.mlp.in": Mean(recording, per_position=True)}):
+        with model.edit(
+            {
+                "blocks.0.attn.z": Mean(recording, per_position=True, heads=0),
+                "blocks.1.mlp.in": Mean(recording, per_position=True),
+            }
+        ):
             assert torch.equal(hf(one).logits, clean)
 
 
@@ -125,7 +153,15 @@ def test_resample_draws_reproducibly_from_reference_rows(model, hf, family, ids)
     reference = hand_record(hf, family, site, _ids(6, 9, 21))
     draws = torch.randint(6, (2,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected, got = hand_and_splice(model, hf, family, site, Resample({site: reference}, seed=3), _write((slice(None),), reference[draws]), ids)
+        expected, got = hand_and_splice(
+            model,
+            hf,
+            family,
+            site,
+            Resample({site: reference}, seed=3),
+            _write((slice(None),), reference[draws]),
+            ids,
+        )
         assert torch.equal(got, expected)
         with model.edit({site: Resample({site: reference}, seed=3)}):
             again = hf(ids).logits
@@ -134,13 +170,17 @@ def test_resample_draws_reproducibly_from_reference_rows(model, hf, family, ids)
     assert torch.equal(again, got) and not torch.equal(other, got)
 
 
-@pytest.mark.parametrize("make", [
-    lambda t: Patch({"blocks.1.resid_post": t}, pos=[1, 2], source_pos=(3, 4)),
-    lambda t: Patch("clean", heads=2),
-    lambda t: Mean({"blocks.1.resid_post": t}, per_position=True),
-    lambda t: Mean(t),
-    lambda t: Resample({"blocks.1.resid_post": t}, seed=9, pos=-1),
-], ids=["patch", "patch-field", "mean-per-pos", "mean-tensor", "resample"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: Patch({"blocks.1.resid_post": t}, pos=[1, 2], source_pos=(3, 4)),
+        lambda t: Patch("clean", heads=2),
+        lambda t: Mean({"blocks.1.resid_post": t}, per_position=True),
+        lambda t: Mean(t),
+        lambda t: Resample({"blocks.1.resid_post": t}, seed=9, pos=-1),
+    ],
+    ids=["patch", "patch-field", "mean-per-pos", "mean-tensor", "resample"],
+)
 def test_round_trip_through_dict(make):
     intervention = make(torch.randn(2, 5, 4))
     again = Intervention.from_dict(intervention.to_dict())

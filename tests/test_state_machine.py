@@ -6,19 +6,25 @@ may remain; at the end the clean forward must be bit-identical to the one before
 
 import threading
 
+import handhooks
 import pytest
 import torch
+from conftest import build
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import handhooks
 import splice
-from conftest import build
 
 # Sites on distinct modules, so hand hooks compose the way splice's plan does (per site, edits in
 # opening order), and hand functions for the interventions drawn below.
-SITES = ["blocks.0.mlp.out", "blocks.0.attn.z", "blocks.1.attn.out", "blocks.1.resid_post", "blocks.2.resid_pre"]
+SITES = [
+    "blocks.0.mlp.out",
+    "blocks.0.attn.z",
+    "blocks.1.attn.out",
+    "blocks.1.resid_post",
+    "blocks.2.resid_pre",
+]
 HEADS = 4  # query heads of the smaller of the two families below (GPT-2: 4, Llama: 6)
 SEQ = 6
 
@@ -41,8 +47,12 @@ def interventions(site):
 
 def as_splice(spec):
     kind, value = spec
-    return {"scale": lambda: splice.Scale(value), "add": lambda: splice.Add(value),
-            "zero_pos": lambda: splice.Zero(pos=value), "zero_head": lambda: splice.Zero(heads=value)}[kind]()
+    return {
+        "scale": lambda: splice.Scale(value),
+        "add": lambda: splice.Add(value),
+        "zero_pos": lambda: splice.Zero(pos=value),
+        "zero_head": lambda: splice.Zero(heads=value),
+    }[kind]()
 
 
 def as_hand(spec):
@@ -59,6 +69,7 @@ def as_hand(spec):
         else:
             t[:, :, value] = 0
         return t
+
     return edit
 
 
@@ -81,9 +92,12 @@ def hand_forward(hf, family, ids, edits, record_sites=()):
                 if site in record_sites:
                     recorded[site] = t.clone()
                 return t
+
             return fn
 
-        handles = [handhooks.register(hf, family, site, composed(site)) for site in set(by_site) | set(record_sites)]
+        handles = [
+            handhooks.register(hf, family, site, composed(site)) for site in set(by_site) | set(record_sites)
+        ]
         try:
             with torch.no_grad():
                 result["logits"] = hf(ids).logits
@@ -152,7 +166,9 @@ class Contexts(RuleBasedStateMachine):
 
     # -- forwards ------------------------------------------------------------------------------
     def expected_edits(self):
-        return [(site, spec) for kind, _, _, specs in self.open if kind == "edit" for site, spec in specs.items()]
+        return [
+            (site, spec) for kind, _, _, specs in self.open if kind == "edit" for site, spec in specs.items()
+        ]
 
     def recorded_sites(self):
         return sorted({site for kind, _, _, sites in self.open if kind == "record" for site in sites})
@@ -161,7 +177,9 @@ class Contexts(RuleBasedStateMachine):
     def forward(self):
         with torch.no_grad():
             got = self.hf(self.ids).logits
-        expected, recorded = hand_forward(self.hf, self.family, self.ids, self.expected_edits(), self.recorded_sites())
+        expected, recorded = hand_forward(
+            self.hf, self.family, self.ids, self.expected_edits(), self.recorded_sites()
+        )
         assert torch.equal(got, expected)
         for kind, _, rec, sites in self.open:
             if kind == "record":
@@ -189,7 +207,9 @@ class Contexts(RuleBasedStateMachine):
             barrier.wait()
             with torch.no_grad():
                 for _ in range(5):
-                    out.setdefault("other", []).append(self.model.run(self.ids, edits={site: as_splice(spec)})[0])
+                    out.setdefault("other", []).append(
+                        self.model.run(self.ids, edits={site: as_splice(spec)})[0]
+                    )
 
         thread = threading.Thread(target=other)
         thread.start()
@@ -218,7 +238,9 @@ class Contexts(RuleBasedStateMachine):
             assert torch.equal(self.hf(self.ids).logits, self.clean)
 
 
-SETTINGS = settings(max_examples=20, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=20, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 class ContextsGPT2(Contexts):

@@ -7,9 +7,9 @@ from datetime import datetime
 
 import pytest
 import torch
+from conftest import CharTokenizer, build
 
 import splice
-from conftest import CharTokenizer, build
 from splice.steering import SteeringVector, coefficient_sweep, config_fingerprint, contrastive
 
 SITE = "blocks.1.resid_post"
@@ -95,8 +95,14 @@ def test_save_load_round_trip_with_provenance(tmp_path):
     assert record["positive_sha256"] == hashlib.sha256(json.dumps(POSITIVE).encode()).hexdigest()
     assert record["negative_sha256"] == hashlib.sha256(json.dumps(NEGATIVE).encode()).hexdigest()
     assert record["model"] == "GPT2LMHeadModel"  # no _name_or_path on a model built from a config
-    assert record["config_sha256"] == config_fingerprint(model.hf.config) and len(record["config_sha256"]) == 64
-    assert record["n_positive"] == 4 and record["n_negative"] == 4 and record["splice_version"] == splice.__version__
+    assert (
+        record["config_sha256"] == config_fingerprint(model.hf.config) and len(record["config_sha256"]) == 64
+    )
+    assert (
+        record["n_positive"] == 4
+        and record["n_negative"] == 4
+        and record["splice_version"] == splice.__version__
+    )
     assert record["shape"] == [model.dims.d_model] and record["norm"] == pytest.approx(sv.norm)
     assert datetime.fromisoformat(record["created"]).tzinfo is not None
     for path in (tmp_path / "vectors" / "love", tmp_path / "vectors" / "love.json", str(tensors)):
@@ -162,9 +168,21 @@ def test_coefficient_sweep_table():
     sv = contrastive(model, POSITIVE, NEGATIVE, SITE)
     big = 60.0 / sv.norm
     table = coefficient_sweep(model, sv, "the cat sat", [0.0, big, -big], max_new_tokens=6)
-    assert list(table.columns) == ["coefficient", "text", "changed", "n_tokens", "logprob_shift", "baseline_logprob_shift"]
+    assert list(table.columns) == [
+        "coefficient",
+        "text",
+        "changed",
+        "n_tokens",
+        "logprob_shift",
+        "baseline_logprob_shift",
+    ]
     zero = table.iloc[0]
-    assert zero.coefficient == 0 and not zero.changed and zero.logprob_shift == 0 and zero.baseline_logprob_shift == 0
+    assert (
+        zero.coefficient == 0
+        and not zero.changed
+        and zero.logprob_shift == 0
+        and zero.baseline_logprob_shift == 0
+    )
     assert table.changed[1:].any()
     assert (table.baseline_logprob_shift[1:] != 0).all() and table.logprob_shift.notna().all()
     assert model.hook_count == 0
@@ -172,11 +190,21 @@ def test_coefficient_sweep_table():
 
 @pytest.mark.real
 def test_love_vector_visibly_changes_smollm2_text(smol):
-    love = ["I love weddings, the flowers and the happy couple.", "We celebrated our wedding with family, full of joy and love.",
-            "The bride smiled at her groom as they exchanged rings.", "Love, kindness and romance filled the room."]
-    anger = ["I hate you and I am furious with everything.", "He screamed in anger and smashed the door.",
-             "She was full of rage, bitterness and hatred.", "Anger, hate and violence filled the room."]
-    sv = contrastive(smol, love, anger, "blocks.8.resid_post", positions=slice(1, None))  # skip the attention sink
+    love = [
+        "I love weddings, the flowers and the happy couple.",
+        "We celebrated our wedding with family, full of joy and love.",
+        "The bride smiled at her groom as they exchanged rings.",
+        "Love, kindness and romance filled the room.",
+    ]
+    anger = [
+        "I hate you and I am furious with everything.",
+        "He screamed in anger and smashed the door.",
+        "She was full of rage, bitterness and hatred.",
+        "Anger, hate and violence filled the room.",
+    ]
+    sv = contrastive(
+        smol, love, anger, "blocks.8.resid_post", positions=slice(1, None)
+    )  # skip the attention sink
     table = coefficient_sweep(smol, sv, "I went to the store and", [0.0, 4.0], max_new_tokens=12)
     print(table.to_string())
     assert not table.changed[0] and table.changed[1], table.text.tolist()

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-
-import splice
 from conftest import VOCAB, build
 from handhooks import register
+
+import splice
 from splice import Add, Clamp, Mean, Patch, Project, ProjectOut, Replace, Resample, Scale, Zero
 from splice.engine.interventions import Intervention
 
@@ -59,13 +59,26 @@ def _randn(*shape, seed=0):
 
 def test_a_mask_narrower_than_the_sequence_is_refused_naming_both_widths(model, hf, ids):
     narrow = torch.ones(2, 5, dtype=torch.bool)
-    _refused(model, hf, ids, Zero(pos=narrow), r"pos mask at blocks\.1\.resid_post has 5 columns but the sequence has 9 tokens.*5\.\.8.*Pad the mask with False to at least 9")
+    _refused(
+        model,
+        hf,
+        ids,
+        Zero(pos=narrow),
+        r"pos mask at blocks\.1\.resid_post has 5 columns but the sequence has 9 tokens.*5\.\.8.*Pad the mask with False to at least 9",
+    )
 
 
 def test_a_mask_narrower_than_the_longest_padded_row_is_refused(model, hf, ids):
     padding = torch.ones(2, 9, dtype=torch.long)
     padding[1, :2] = 0  # row 1 is left-padded: 7 real tokens, row 0 has 9
-    _refused(model, hf, ids, Zero(pos=torch.ones(2, 8, dtype=torch.bool)), r"8 columns but the sequence has 9 tokens", attention_mask=padding)
+    _refused(
+        model,
+        hf,
+        ids,
+        Zero(pos=torch.ones(2, 8, dtype=torch.bool)),
+        r"8 columns but the sequence has 9 tokens",
+        attention_mask=padding,
+    )
 
 
 def test_a_mask_wider_than_the_sequence_edits_exactly_its_true_positions(model, ids):
@@ -80,8 +93,17 @@ def test_a_mask_wider_than_the_sequence_edits_exactly_its_true_positions(model, 
 
 def test_generation_needs_a_mask_as_wide_as_prompt_plus_new_tokens(model, hf, ids):
     prompt, new = ids[:, :6], 3
-    generate = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    with pytest.raises(splice.SpliceError, match=r"6 columns but the sequence has 7 tokens.*prompt length plus the new tokens"):
+    generate = dict(
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
+    with pytest.raises(
+        splice.SpliceError,
+        match=r"6 columns but the sequence has 7 tokens.*prompt length plus the new tokens",
+    ):
         with torch.no_grad(), model.edit({SITE: Zero(pos=torch.ones(2, 6, dtype=torch.bool))}):
             hf.generate(prompt, **generate)
     wide = torch.zeros(2, 6 + new, dtype=torch.bool)
@@ -96,14 +118,21 @@ def test_generation_needs_a_mask_as_wide_as_prompt_plus_new_tokens(model, hf, id
 # -- 2. Mean (and every source) of nothing ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("reference, match", [
-    (torch.zeros(0, 9, D), r"Mean source for this site is empty \(shape \[0, 9, 48\]\).*NaN"),
-    (torch.zeros(3, 0, D), r"Mean source for this site is empty \(shape \[3, 0, 48\]\)"),
-    ({SITE: torch.zeros(0, 9, D)}, r"Mean source for blocks\.1\.resid_post is empty"),
-    ({SITE: [torch.randn(2, 9, D), torch.zeros(2, 0, D)]}, r"Mean source for blocks\.1\.resid_post is empty \(shape \[2, 0, 48\]\)"),
-    ({SITE: []}, r"Mean source for blocks\.1\.resid_post holds no forwards"),
-    ({}, r"Mean source holds no sites"),
-], ids=["no-rows", "no-positions", "dict-no-rows", "one-empty-forward", "no-forwards", "no-sites"])
+@pytest.mark.parametrize(
+    "reference, match",
+    [
+        (torch.zeros(0, 9, D), r"Mean source for this site is empty \(shape \[0, 9, 48\]\).*NaN"),
+        (torch.zeros(3, 0, D), r"Mean source for this site is empty \(shape \[3, 0, 48\]\)"),
+        ({SITE: torch.zeros(0, 9, D)}, r"Mean source for blocks\.1\.resid_post is empty"),
+        (
+            {SITE: [torch.randn(2, 9, D), torch.zeros(2, 0, D)]},
+            r"Mean source for blocks\.1\.resid_post is empty \(shape \[2, 0, 48\]\)",
+        ),
+        ({SITE: []}, r"Mean source for blocks\.1\.resid_post holds no forwards"),
+        ({}, r"Mean source holds no sites"),
+    ],
+    ids=["no-rows", "no-positions", "dict-no-rows", "one-empty-forward", "no-forwards", "no-sites"],
+)
 @pytest.mark.parametrize("per_position", [False, True])
 def test_mean_of_an_empty_reference_is_refused_when_built(reference, match, per_position):
     with pytest.raises(splice.SpliceError, match=match):
@@ -120,7 +149,9 @@ def test_mean_of_a_recording_that_never_ran_is_refused_when_built(model):
 @pytest.mark.parametrize("make", [Patch, Resample], ids=["patch", "resample"])
 def test_a_source_with_no_rows_is_refused_when_built(make):
     # Before: Patch divided by zero rows mid-forward, Resample failed inside torch.randint.
-    with pytest.raises(splice.SpliceError, match=r"source for blocks\.1\.resid_post is empty \(shape \[0, 9, 48\]\)"):
+    with pytest.raises(
+        splice.SpliceError, match=r"source for blocks\.1\.resid_post is empty \(shape \[0, 9, 48\]\)"
+    ):
         make({SITE: torch.zeros(0, 9, D)})
 
 
@@ -144,7 +175,9 @@ OWNED = [  # (shape of the user's tensor t, build from t, the edit by hand on th
 
 
 @pytest.mark.parametrize("name, shape, make, hand, exact", OWNED, ids=[o[0] for o in OWNED])
-def test_changing_the_users_tensor_after_building_does_not_change_the_edit(model, ids, name, shape, make, hand, exact):
+def test_changing_the_users_tensor_after_building_does_not_change_the_edit(
+    model, ids, name, shape, make, hand, exact
+):
     t = _randn(*shape, seed=4)
     original = t.clone()
     edit = make(t)
@@ -157,12 +190,18 @@ def test_changing_the_users_tensor_after_building_does_not_change_the_edit(model
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("make, field", [(Add, "vector"), (Patch, "source"), (Resample, "reference")], ids=["add", "patch", "resample"])
+@pytest.mark.parametrize(
+    "make, field",
+    [(Add, "vector"), (Patch, "source"), (Resample, "reference")],
+    ids=["add", "patch", "resample"],
+)
 def test_a_value_is_copied_once_not_again_when_a_sweep_rebuilds_the_intervention(make, field):
     v = torch.ones(2, 9, D)
     edit = make(v)
     assert getattr(edit, field) is not v and torch.equal(getattr(edit, field), v)
-    assert getattr(dataclasses.replace(edit, pos=3), field) is getattr(edit, field)  # no copy per sweep variant
+    assert getattr(dataclasses.replace(edit, pos=3), field) is getattr(
+        edit, field
+    )  # no copy per sweep variant
 
 
 @pytest.mark.parametrize("as_recording", [True, False], ids=["recording", "dict"])
@@ -173,13 +212,20 @@ def test_a_recording_changed_in_place_after_building_is_refused(model, hf, ids, 
     edit = make(source)
     assert torch.equal(_after(model, ids, edit), rec[SITE])  # shared, not copied: patching itself is exact
     rec[SITE][:, 3] = 0.0
-    _refused(model, hf, ids, edit, rf"{make.__name__} source for blocks\.1\.resid_post was changed in place after the {make.__name__} was built")
+    _refused(
+        model,
+        hf,
+        ids,
+        edit,
+        rf"{make.__name__} source for blocks\.1\.resid_post was changed in place after the {make.__name__} was built",
+    )
     assert torch.equal(_after(model, ids, make(source)), rec[SITE])  # rebuilt: takes the new values
 
 
 def test_gradients_reach_the_users_tensor_through_the_copy(model, hf, ids):
     """Replace values and Clamp bounds are copied with clone, which keeps autograd: the gradient
     equals that of a hand-written hook using the user's tensor directly."""
+
     def grads(use_splice):
         value = _randn(D, seed=5).requires_grad_(True)
         bound = torch.full((D,), 0.05, requires_grad=True)
@@ -188,10 +234,15 @@ def test_gradients_reach_the_users_tensor_through_the_copy(model, hf, ids):
             with model.edit(edits):
                 loss = hf(ids).logits.square().sum()
         else:
+
             def replace(t):
                 t[:, 2] = value
                 return t
-            handles = [register(hf, FAMILY, SITE, replace), register(hf, FAMILY, "blocks.0.resid_post", lambda t: torch.clamp(t, max=bound))]
+
+            handles = [
+                register(hf, FAMILY, SITE, replace),
+                register(hf, FAMILY, "blocks.0.resid_post", lambda t: torch.clamp(t, max=bound)),
+            ]
             try:
                 loss = hf(ids).logits.square().sum()
             finally:
@@ -199,6 +250,7 @@ def test_gradients_reach_the_users_tensor_through_the_copy(model, hf, ids):
                     h.remove()
         loss.backward()
         return value.grad, bound.grad
+
     (v_got, b_got), (v_ref, b_ref) = grads(True), grads(False)
     assert v_got.abs().sum() > 0 and b_got.abs().sum() > 0
     torch.testing.assert_close(v_got, v_ref, rtol=1e-6, atol=1e-7)
@@ -208,28 +260,48 @@ def test_gradients_reach_the_users_tensor_through_the_copy(model, hf, ids):
 # -- 4. repeated indices --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selection, match", [
-    ({"heads": [1, 1]}, r"heads \[1, 1\] lists 1 twice"),
-    ({"pos": [2, 5, 2]}, r"pos \[2, 5, 2\] lists 2 twice"),
-    ({"dims": (0, 3, 3)}, r"dims \[0, 3, 3\] lists 3 twice"),
-    ({"rows": [0, 0]}, r"rows \[0, 0\] lists 0 twice"),
-    ({"heads": torch.tensor([2, 2])}, r"heads \[2, 2\] lists 2 twice"),
-], ids=["heads", "pos", "dims", "rows", "heads-tensor"])
+@pytest.mark.parametrize(
+    "selection, match",
+    [
+        ({"heads": [1, 1]}, r"heads \[1, 1\] lists 1 twice"),
+        ({"pos": [2, 5, 2]}, r"pos \[2, 5, 2\] lists 2 twice"),
+        ({"dims": (0, 3, 3)}, r"dims \[0, 3, 3\] lists 3 twice"),
+        ({"rows": [0, 0]}, r"rows \[0, 0\] lists 0 twice"),
+        ({"heads": torch.tensor([2, 2])}, r"heads \[2, 2\] lists 2 twice"),
+    ],
+    ids=["heads", "pos", "dims", "rows", "heads-tensor"],
+)
 def test_a_repeated_index_is_refused_when_built(selection, match):
     with pytest.raises(splice.SpliceError, match=match + r".*edited once.*list each index once"):
         Add(1.0, **selection)
 
 
 def test_positions_that_only_coincide_at_run_time_are_refused_in_the_forward(model, hf, ids):
-    _refused(model, hf, ids, Add(1.0, pos=[1, -8]), r"pos \[1, -8\] at blocks\.1\.resid_post names one element twice: 1 and -8 both mean index 1 of a 9-token sequence")
+    _refused(
+        model,
+        hf,
+        ids,
+        Add(1.0, pos=[1, -8]),
+        r"pos \[1, -8\] at blocks\.1\.resid_post names one element twice: 1 and -8 both mean index 1 of a 9-token sequence",
+    )
     padding = torch.ones(2, 9, dtype=torch.long)
     padding[1, :2] = 0  # per-row positions: row 0 has 9 tokens (1 == -8), row 1 has 7
-    _refused(model, hf, ids, Add(1.0, pos=[1, -8]), r"pos \[1, -8\] at blocks\.1\.resid_post names one element twice.*of row 0 \(9 tokens\)", attention_mask=padding)
+    _refused(
+        model,
+        hf,
+        ids,
+        Add(1.0, pos=[1, -8]),
+        r"pos \[1, -8\] at blocks\.1\.resid_post names one element twice.*of row 0 \(9 tokens\)",
+        attention_mask=padding,
+    )
 
 
 def test_heads_that_coincide_on_the_site_are_refused_before_any_forward(model, hf, ids):
     n = model.dims.n_heads
-    with pytest.raises(splice.SpliceError, match=rf"head \[0, -{n}\] at blocks\.1\.attn\.z names one element twice: 0 and -{n} both mean index 0"):
+    with pytest.raises(
+        splice.SpliceError,
+        match=rf"head \[0, -{n}\] at blocks\.1\.attn\.z names one element twice: 0 and -{n} both mean index 0",
+    ):
         with model.edit({"blocks.1.attn.z": Zero(heads=[0, -n])}):
             pytest.fail("the with body must not run")
     assert model.hook_count == 0
@@ -261,11 +333,27 @@ def test_listed_positions_pair_with_values_in_the_order_given(model, ids):
 NAN, INF = float("nan"), float("inf")
 REFUSED = [
     ("scale-nan", lambda: Scale(NAN), r"Scale factor is NaN: NaN is refused in every intervention value"),
-    ("scale-inf", lambda: Scale(INF), r"Scale factor is \+/-inf: infinite values are accepted only by Replace"),
-    ("add-nan", lambda: Add(torch.tensor([0.0, NAN, NAN])), r"Add vector contains NaN \(2 of 3 values, first at index \(1,\)\)"),
-    ("add-inf", lambda: Add(torch.tensor([0.0, -INF])), r"Add vector contains \+/-inf \(1 of 2 values, first at index \(1,\)\)"),
+    (
+        "scale-inf",
+        lambda: Scale(INF),
+        r"Scale factor is \+/-inf: infinite values are accepted only by Replace",
+    ),
+    (
+        "add-nan",
+        lambda: Add(torch.tensor([0.0, NAN, NAN])),
+        r"Add vector contains NaN \(2 of 3 values, first at index \(1,\)\)",
+    ),
+    (
+        "add-inf",
+        lambda: Add(torch.tensor([0.0, -INF])),
+        r"Add vector contains \+/-inf \(1 of 2 values, first at index \(1,\)\)",
+    ),
     ("add-scale", lambda: Add(torch.ones(3), scale=INF), r"Add scale is \+/-inf"),
-    ("replace-nan", lambda: Replace(torch.tensor([[1.0], [NAN]])), r"Replace value contains NaN \(1 of 2 values, first at index \(1, 0\)\)"),
+    (
+        "replace-nan",
+        lambda: Replace(torch.tensor([[1.0], [NAN]])),
+        r"Replace value contains NaN \(1 of 2 values, first at index \(1, 0\)\)",
+    ),
     ("clamp-nan", lambda: Clamp(min=NAN), r"Clamp min is NaN"),
     ("clamp-tensor-nan", lambda: Clamp(max=torch.tensor([1.0, NAN])), r"Clamp max contains NaN"),
     ("project-inf", lambda: Project(torch.tensor([1.0, INF])), r"Project directions contains \+/-inf"),
@@ -307,25 +395,69 @@ def test_an_infinite_replace_round_trips_through_json():
 # -- other silent failures of the selection / value layer ---------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: Zero(dims=slice(0.5, 4)), r"dims slice\(0\.5, 4, None\): the slice start must be an int or None; got 0\.5"),
-    (lambda: Zero(heads=slice(0, 2, 0)), r"heads slice\(0, 2, 0\): slices must step forward \(step >= 1\); got step 0"),
-    (lambda: Zero(pos=slice(None, None, -1)), r"pos slice\(None, None, -1\): slices must step forward"),
-    (lambda: Patch(torch.ones(1, 9, D), source_pos=slice(5, 0, -1)), r"source_pos slice\(5, 0, -1\): slices must step forward"),
-    (lambda: Zero(pos=slice(4, 4)), r"pos slice\(4, 4, None\) selects nothing on any axis"),
-    (lambda: Zero(dims=slice(-2, -5)), r"dims slice\(-2, -5, None\) selects nothing on any axis"),
-    (lambda: Zero(heads=1.0), r"heads must be an int, slice or list of ints; got 1\.0 \(float\)"),
-    (lambda: Zero(dims=[0, 2.0]), r"dims must be an int, slice or list of ints; \[0, 2\.0\] holds 2\.0 \(float\)"),
-    (lambda: Zero(heads=torch.tensor([True, False])), r"heads got a bool tensor \[2\]: heads takes indices; a \[batch, pos\] bool mask is only for pos="),
-    (lambda: Zero(dims=torch.tensor([0.0, 1.0])), r"dims must be an int, slice or list of ints; got a torch\.float32 tensor"),
-    (lambda: Add([1.0, 2.0]), r"Add vector must be a number or a tensor; got list"),
-    (lambda: Scale(True), r"Scale factor must be a number or a tensor; got bool"),
-    (lambda: Clamp(min=torch.tensor([0.0, 2.0]), max=torch.tensor([1.0, 1.0])), r"Clamp min is greater than max at 1 of 2 element\(s\), first at index \(1,\) \(min 2 > max 1\)"),
-    (lambda: Clamp(min=0.5, max=torch.tensor([1.0, 0.2])), r"Clamp min is greater than max at 1 of 2"),
-    (lambda: Patch({SITE: torch.ones(1, 9, D)}, pos=torch.ones(1, 9, dtype=torch.bool), source_pos=[1]), r"source_pos= pairs source positions with a list or slice of pos=, not with a bool mask"),
-], ids=["float-slice", "step-0", "negative-step", "source-pos-negative-step", "empty-slice", "empty-negative-slice", "float-index",
-        "float-in-list", "bool-tensor-heads", "float-tensor-dims", "list-value", "bool-value", "clamp-crossed-tensors",
-        "clamp-crossed-mixed", "source-pos-with-mask"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: Zero(dims=slice(0.5, 4)),
+            r"dims slice\(0\.5, 4, None\): the slice start must be an int or None; got 0\.5",
+        ),
+        (
+            lambda: Zero(heads=slice(0, 2, 0)),
+            r"heads slice\(0, 2, 0\): slices must step forward \(step >= 1\); got step 0",
+        ),
+        (lambda: Zero(pos=slice(None, None, -1)), r"pos slice\(None, None, -1\): slices must step forward"),
+        (
+            lambda: Patch(torch.ones(1, 9, D), source_pos=slice(5, 0, -1)),
+            r"source_pos slice\(5, 0, -1\): slices must step forward",
+        ),
+        (lambda: Zero(pos=slice(4, 4)), r"pos slice\(4, 4, None\) selects nothing on any axis"),
+        (lambda: Zero(dims=slice(-2, -5)), r"dims slice\(-2, -5, None\) selects nothing on any axis"),
+        (lambda: Zero(heads=1.0), r"heads must be an int, slice or list of ints; got 1\.0 \(float\)"),
+        (
+            lambda: Zero(dims=[0, 2.0]),
+            r"dims must be an int, slice or list of ints; \[0, 2\.0\] holds 2\.0 \(float\)",
+        ),
+        (
+            lambda: Zero(heads=torch.tensor([True, False])),
+            r"heads got a bool tensor \[2\]: heads takes indices; a \[batch, pos\] bool mask is only for pos=",
+        ),
+        (
+            lambda: Zero(dims=torch.tensor([0.0, 1.0])),
+            r"dims must be an int, slice or list of ints; got a torch\.float32 tensor",
+        ),
+        (lambda: Add([1.0, 2.0]), r"Add vector must be a number or a tensor; got list"),
+        (lambda: Scale(True), r"Scale factor must be a number or a tensor; got bool"),
+        (
+            lambda: Clamp(min=torch.tensor([0.0, 2.0]), max=torch.tensor([1.0, 1.0])),
+            r"Clamp min is greater than max at 1 of 2 element\(s\), first at index \(1,\) \(min 2 > max 1\)",
+        ),
+        (lambda: Clamp(min=0.5, max=torch.tensor([1.0, 0.2])), r"Clamp min is greater than max at 1 of 2"),
+        (
+            lambda: Patch(
+                {SITE: torch.ones(1, 9, D)}, pos=torch.ones(1, 9, dtype=torch.bool), source_pos=[1]
+            ),
+            r"source_pos= pairs source positions with a list or slice of pos=, not with a bool mask",
+        ),
+    ],
+    ids=[
+        "float-slice",
+        "step-0",
+        "negative-step",
+        "source-pos-negative-step",
+        "empty-slice",
+        "empty-negative-slice",
+        "float-index",
+        "float-in-list",
+        "bool-tensor-heads",
+        "float-tensor-dims",
+        "list-value",
+        "bool-value",
+        "clamp-crossed-tensors",
+        "clamp-crossed-mixed",
+        "source-pos-with-mask",
+    ],
+)
 def test_malformed_selections_and_values_are_refused_when_built(make, match):
     with pytest.raises(splice.SpliceError, match=match):
         make()
@@ -334,17 +466,36 @@ def test_malformed_selections_and_values_are_refused_when_built(make, match):
 def test_integer_tensors_and_numpy_integers_select_like_ints(model, ids):
     np = pytest.importorskip("numpy")
     expected = _after(model, ids, Zero(heads=3, pos=[np.int64(2)]), site="blocks.1.attn.z")
-    assert torch.equal(_after(model, ids, Zero(heads=torch.tensor(3), pos=torch.tensor([2])), site="blocks.1.attn.z"), expected)
+    assert torch.equal(
+        _after(model, ids, Zero(heads=torch.tensor(3), pos=torch.tensor([2])), site="blocks.1.attn.z"),
+        expected,
+    )
     clean = _after(model, ids, site="blocks.1.attn.z")
     clean[:, 2, 3] = 0
     assert torch.equal(expected, clean)
 
 
-@pytest.mark.parametrize("site, edit, match", [
-    ("blocks.1.attn.z", Zero(dims=slice(0, 12)), r"dim slice\(0, 12, None\) reaches beyond the axis at blocks\.1\.attn\.z: it has size 8"),
-    ("blocks.1.attn.z", Zero(heads=slice(-9, None)), r"head slice\(-9, None, None\) reaches beyond the axis at blocks\.1\.attn\.z: it has size 6"),
-    (SITE, Zero(rows=slice(1, 4)), r"row slice\(1, 4, None\) reaches beyond the axis at blocks\.1\.resid_post: it has size 2"),
-], ids=["dims", "heads", "rows"])
+@pytest.mark.parametrize(
+    "site, edit, match",
+    [
+        (
+            "blocks.1.attn.z",
+            Zero(dims=slice(0, 12)),
+            r"dim slice\(0, 12, None\) reaches beyond the axis at blocks\.1\.attn\.z: it has size 8",
+        ),
+        (
+            "blocks.1.attn.z",
+            Zero(heads=slice(-9, None)),
+            r"head slice\(-9, None, None\) reaches beyond the axis at blocks\.1\.attn\.z: it has size 6",
+        ),
+        (
+            SITE,
+            Zero(rows=slice(1, 4)),
+            r"row slice\(1, 4, None\) reaches beyond the axis at blocks\.1\.resid_post: it has size 2",
+        ),
+    ],
+    ids=["dims", "heads", "rows"],
+)
 def test_a_slice_beyond_a_fixed_axis_is_refused(model, hf, ids, site, edit, match):
     _refused(model, hf, ids, edit, match, site=site)
 
@@ -362,7 +513,13 @@ def test_key_position_slices_are_still_clipped_to_the_keys_there_are(model, ids)
 @pytest.mark.parametrize("make", [Patch, Resample], ids=["patch", "resample"])
 def test_a_one_position_source_is_not_broadcast_over_a_longer_forward(model, hf, ids, make):
     # Before: a source recorded from one token was silently written to every position.
-    _refused(model, hf, ids, make({SITE: _randn(2, 1, D, seed=9)}), r"source for blocks\.1\.resid_post has 1 positions but this forward has 9.*source_pos=")
+    _refused(
+        model,
+        hf,
+        ids,
+        make({SITE: _randn(2, 1, D, seed=9)}),
+        r"source for blocks\.1\.resid_post has 1 positions but this forward has 9.*source_pos=",
+    )
 
 
 def test_a_mean_over_positions_is_still_broadcast_but_a_per_position_one_is_not(model, hf, ids):
@@ -370,14 +527,22 @@ def test_a_mean_over_positions_is_still_broadcast_but_a_per_position_one_is_not(
     clean = _after(model, ids)
     expected = reference.double().mean(0).float().expand_as(clean)
     assert torch.equal(_after(model, ids, Mean({SITE: reference})), expected)
-    _refused(model, hf, ids, Mean({SITE: reference}, per_position=True), r"Mean source for blocks\.1\.resid_post has 1 positions but this forward has 9")
+    _refused(
+        model,
+        hf,
+        ids,
+        Mean({SITE: reference}, per_position=True),
+        r"Mean source for blocks\.1\.resid_post has 1 positions but this forward has 9",
+    )
 
 
 @pytest.mark.parametrize("dtype", ["Tensor", "Size", "nope", 3])
 def test_a_saved_tensor_with_an_unknown_dtype_is_refused(dtype):
     record = Add(torch.ones(3)).to_dict()
     record["vector"]["dtype"] = dtype
-    with pytest.raises(splice.SpliceError, match=rf"cannot decode a tensor with dtype {dtype!r}: expected a torch dtype name"):
+    with pytest.raises(
+        splice.SpliceError, match=rf"cannot decode a tensor with dtype {dtype!r}: expected a torch dtype name"
+    ):
         Intervention.from_dict(record)
 
 

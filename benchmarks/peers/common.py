@@ -107,8 +107,14 @@ def make_tokenizer(vocab_size: int):
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         last = f"t{vocab_size - 1}"
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=last, eos_token=last, pad_token=last,
-                                unk_token="t0", padding_side="left").save_pretrained(str(path))
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=last,
+            eos_token=last,
+            pad_token=last,
+            unk_token="t0",
+            padding_side="left",
+        ).save_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
 
 

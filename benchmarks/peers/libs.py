@@ -17,9 +17,7 @@ Peer modules are imported inside the classes, so this file imports in every venv
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+from collections.abc import Callable
 
 import common as C
 
@@ -70,8 +68,11 @@ class HandHooks(Library):
     key, label = "hand", "hand-written torch hooks"
 
     def _with(self, module, hook, pre: bool, inp_ids):
-        handle = (module.register_forward_pre_hook(hook, with_kwargs=True) if pre
-                  else module.register_forward_hook(hook))
+        handle = (
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            if pre
+            else module.register_forward_hook(hook)
+        )
         try:
             return self.hf(inp_ids).logits
         finally:
@@ -83,19 +84,22 @@ class HandHooks(Library):
 
         def hook(module, args, kwargs):
             z = args[0].clone()
-            z[..., head * d:(head + 1) * d] = 0
+            z[..., head * d : (head + 1) * d] = 0
             return (z,) + tuple(args[1:]), kwargs
 
         return self._with(self.hf.transformer.h[layer].attn.c_proj, hook, True, inp.ids)
 
     def scale_mlp(self, inp):
-        return self._with(self.hf.transformer.h[C.SCALE_LAYER].mlp, lambda m, a, out: out * C.SCALE, False, inp.ids)
+        return self._with(
+            self.hf.transformer.h[C.SCALE_LAYER].mlp, lambda m, a, out: out * C.SCALE, False, inp.ids
+        )
 
     def add_last(self, inp):
         def hook(module, args, out):
             out = out.clone()
             out[:, -1] += inp.v
             return out
+
         return self._with(self.hf.transformer.h[C.ADD_LAYER], hook, False, inp.ids)
 
     def patch_pos(self, inp):
@@ -121,8 +125,10 @@ class HandHooks(Library):
 
     def record_resid(self, inp):
         out = {}
-        handles = [block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o.clone()))
-                   for i, block in enumerate(self.hf.transformer.h)]
+        handles = [
+            block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o.clone()))
+            for i, block in enumerate(self.hf.transformer.h)
+        ]
         try:
             self.hf(inp.ids)
         finally:
@@ -146,6 +152,7 @@ class Splice(Library):
     def __init__(self, tiny: bool = False):
         super().__init__(tiny)
         import splice
+
         self.splice = splice
         self.version = splice.__version__
         self.m = splice.Model(self.hf)
@@ -174,8 +181,12 @@ class Splice(Library):
     def sweep(self, ids, heads, a, b):
         layers = sorted({l for l, _ in heads})
         data = [{"input_ids": row, "a": a, "b": b} for row in ids.tolist()]
-        sweep = self.splice.Sweep(sites=[f"blocks.{l}.attn.z" for l in layers], interventions=self.splice.Zero(),
-                                  over="heads", metrics=[self.splice.metrics.logit_diff("a", "b")])
+        sweep = self.splice.Sweep(
+            sites=[f"blocks.{l}.attn.z" for l in layers],
+            interventions=self.splice.Zero(),
+            over="heads",
+            metrics=[self.splice.metrics.logit_diff("a", "b")],
+        )
         table = sweep.run(self.m, data, batch_size=len(data), progress=False)
         table = table[table.variant >= 0]
         value = {(int(r.layer), int(r.head)): float(r.value) for r in table.itertuples()}
@@ -190,6 +201,7 @@ def _tl_hooks_zero(head):
     def hook(z, hook):  # [batch, pos, head, d_head]
         z[:, :, head] = 0
         return z
+
     return hook
 
 
@@ -211,6 +223,7 @@ class _TLBase(Library):
         def hook(x, hook):
             x[:, -1] += inp.v
             return x
+
         return self._logits(inp.ids, [(f"blocks.{C.ADD_LAYER}.hook_resid_post", hook)])
 
     def patch_pos(self, inp):
@@ -222,6 +235,7 @@ class _TLBase(Library):
         def hook(x, hook):
             x[:, C.PATCH_POS] = source[:, C.PATCH_POS]
             return x
+
         return self._logits(inp.ids, [(name, hook)])
 
     def record_resid(self, inp):
@@ -231,7 +245,11 @@ class _TLBase(Library):
     def sweep(self, ids, heads, a, b):
         """TransformerLens' idiom: a `run_with_hooks` loop, one forward per head."""
         return self.loop_sweep(
-            lambda layer, head: self._logits(ids, [(f"blocks.{layer}.attn.hook_z", _tl_hooks_zero(head))]), heads, a, b)
+            lambda layer, head: self._logits(ids, [(f"blocks.{layer}.attn.hook_z", _tl_hooks_zero(head))]),
+            heads,
+            a,
+            b,
+        )
 
 
 class TL3(_TLBase):
@@ -248,16 +266,31 @@ class TL3(_TLBase):
         self.version = _dist_version("transformer-lens")
         c = self.config
         cfg = HookedTransformerConfig(
-            n_layers=c.n_layer, d_model=c.n_embd, d_head=self.d_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
-            d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new", normalization_type="LN",
-            eps=c.layer_norm_epsilon, positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")
+            n_layers=c.n_layer,
+            d_model=c.n_embd,
+            d_head=self.d_head,
+            n_heads=c.n_head,
+            d_mlp=4 * c.n_embd,
+            d_vocab=c.vocab_size,
+            n_ctx=c.n_positions,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            eps=c.layer_norm_epsilon,
+            positional_embedding_type="standard",
+            original_architecture="GPT2LMHeadModel",
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.9 announces its own removal in 4.0
             self.model = HookedTransformer(cfg)
         # TL's own GPT-2 conversion; no LayerNorm folding or centring, so logits equal HF's
         self.model.load_and_process_state_dict(
-            convert_gpt2_weights(self.hf, cfg), fold_ln=False, center_writing_weights=False,
-            center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
+            convert_gpt2_weights(self.hf, cfg),
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
+        )
         self.model.eval()
         del transformer_lens
 
@@ -272,7 +305,8 @@ class TL4(_TLBase):
         self.version = _dist_version("transformer-lens")
         wrapped = C.build_hf(tiny)  # the bridge switches the model it wraps to eager attention
         self.model = TransformerBridge.boot_transformers(
-            "gpt2", hf_model=wrapped, tokenizer=C.make_tokenizer(self.config.vocab_size))
+            "gpt2", hf_model=wrapped, tokenizer=C.make_tokenizer(self.config.vocab_size)
+        )
         self.model.eval()
 
 
@@ -297,7 +331,7 @@ class NNsight(Library):
     def zero_head(self, inp):
         d, head = self.d_head, self.head
         with self.lm.trace(inp.ids):
-            self.h[C.ZERO_LAYER].attn.c_proj.input[..., head * d:(head + 1) * d] = 0
+            self.h[C.ZERO_LAYER].attn.c_proj.input[..., head * d : (head + 1) * d] = 0
             logits = self.lm.output.logits.save()
         return logits
 
@@ -342,12 +376,12 @@ class NNsight(Library):
         """nnsight's idiom for many variants: several invokes (batched rows) per trace."""
         d, values = self.d_head, []
         for start in range(0, len(heads), self.heads_per_trace):
-            chunk = heads[start:start + self.heads_per_trace]
+            chunk = heads[start : start + self.heads_per_trace]
             saved = []
             with self.lm.trace() as tracer:
                 for layer, head in chunk:
                     with tracer.invoke(ids):
-                        self.h[layer].attn.c_proj.input[..., head * d:(head + 1) * d] = 0
+                        self.h[layer].attn.c_proj.input[..., head * d : (head + 1) * d] = 0
                         last = self.lm.output.logits[:, -1]
                         saved.append((last[:, a] - last[:, b]).mean().save())
             values += [float(v) for v in saved]
@@ -379,48 +413,96 @@ class Pyvene(Library):
         return self._models[key]
 
     def _zero_model(self, layer):
-        return self._model(("zero", layer), [{"layer": layer, "component": "head_attention_value_output",
-                                               "unit": "h.pos", "intervention_type": self.pv.ZeroIntervention}])
+        return self._model(
+            ("zero", layer),
+            [
+                {
+                    "layer": layer,
+                    "component": "head_attention_value_output",
+                    "unit": "h.pos",
+                    "intervention_type": self.pv.ZeroIntervention,
+                }
+            ],
+        )
 
     def _zero(self, ids, layer, head):
         batch, seq = ids.shape
         model = self._zero_model(layer)
-        _, out = model({"input_ids": ids},
-                       unit_locations={"base": [[[[head]] * batch, [list(range(seq))] * batch]]})  # [heads, positions]
+        _, out = model(
+            {"input_ids": ids}, unit_locations={"base": [[[[head]] * batch, [list(range(seq))] * batch]]}
+        )  # [heads, positions]
         return out.logits
 
     def zero_head(self, inp):
         return self._zero(inp.ids, C.ZERO_LAYER, self.head)
 
     def scale_mlp(self, inp):
-        model = self._model("scale", [{"layer": C.SCALE_LAYER, "component": "mlp_output",
-                                       "intervention": lambda base, source=None, **kw: base * C.SCALE}])
+        model = self._model(
+            "scale",
+            [
+                {
+                    "layer": C.SCALE_LAYER,
+                    "component": "mlp_output",
+                    "intervention": lambda base, source=None, **kw: base * C.SCALE,
+                }
+            ],
+        )
         _, out = model({"input_ids": inp.ids})
         return out.logits
 
     def add_last(self, inp):
         batch, seq = inp.ids.shape
-        model = self._model("add", [{"layer": C.ADD_LAYER, "component": "block_output",
-                                     "intervention_type": self.pv.AdditionIntervention}])
-        _, out = model({"input_ids": inp.ids}, source_representations=inp.v,
-                       unit_locations={"base": [[[seq - 1]] * batch]})
+        model = self._model(
+            "add",
+            [
+                {
+                    "layer": C.ADD_LAYER,
+                    "component": "block_output",
+                    "intervention_type": self.pv.AdditionIntervention,
+                }
+            ],
+        )
+        _, out = model(
+            {"input_ids": inp.ids},
+            source_representations=inp.v,
+            unit_locations={"base": [[[seq - 1]] * batch]},
+        )
         return out.logits
 
     def patch_pos(self, inp):
         batch = inp.ids.shape[0]
-        model = self._model("patch", [{"layer": C.PATCH_LAYER, "component": "block_input",
-                                       "intervention_type": self.pv.VanillaIntervention}])
+        model = self._model(
+            "patch",
+            [
+                {
+                    "layer": C.PATCH_LAYER,
+                    "component": "block_input",
+                    "intervention_type": self.pv.VanillaIntervention,
+                }
+            ],
+        )
         where = [[[C.PATCH_POS]] * batch]
-        _, out = model({"input_ids": inp.ids}, [{"input_ids": inp.other}],
-                       unit_locations={"sources->base": (where, where)})
+        _, out = model(
+            {"input_ids": inp.ids},
+            [{"input_ids": inp.other}],
+            unit_locations={"sources->base": (where, where)},
+        )
         return out.logits
 
     def record_resid(self, inp):
         batch, seq = inp.ids.shape
-        model = self._model("record", [{"layer": l, "component": "block_output",
-                                        "intervention_type": self.pv.CollectIntervention,
-                                        "max_number_of_units": seq}  # default 1 would collect 1/seq of d_model
-                                       for l in range(self.n_layer)])
+        model = self._model(
+            "record",
+            [
+                {
+                    "layer": l,
+                    "component": "block_output",
+                    "intervention_type": self.pv.CollectIntervention,
+                    "max_number_of_units": seq,
+                }  # default 1 would collect 1/seq of d_model
+                for l in range(self.n_layer)
+            ],
+        )
         positions = [[list(range(seq))] * batch] * self.n_layer
         (_, collected), _ = model({"input_ids": inp.ids}, unit_locations={"base": positions})
         return [t.reshape(batch, seq, -1) for t in collected]
@@ -432,6 +514,7 @@ class Pyvene(Library):
 
 def _dist_version(name: str) -> str:
     from importlib.metadata import version
+
     return version(name)
 
 

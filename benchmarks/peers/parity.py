@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import traceback
@@ -34,6 +33,7 @@ VENVS = {"tl3": "tl3", "tl4": "tl4", "nnsight": "nnsight", "pyvene": "pyvene"}
 
 def max_diff(a, b) -> float:
     import torch
+
     if isinstance(a, list):
         if len(a) != len(b):
             return float("inf")
@@ -46,16 +46,22 @@ def max_diff(a, b) -> float:
 
 def worker(peer: str) -> dict:
     """Runs inside one venv; returns the cells as JSON-able data."""
+    import common as C
+    import libs
     import torch
     import transformers
 
-    import common as C
-    import libs
-
     C.quiet_transformers()
     torch.set_num_threads(2)
-    report = {"peer": peer, "python": sys.executable, "torch": torch.__version__,
-              "transformers": transformers.__version__, "cells": {}, "splice_vs_hand": {}, "effect": {}}
+    report = {
+        "peer": peer,
+        "python": sys.executable,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cells": {},
+        "splice_vs_hand": {},
+        "effect": {},
+    }
     splice_lib = libs.Splice()
     hand = libs.HandHooks()
     report["splice"] = splice_lib.version
@@ -94,8 +100,12 @@ def worker(peer: str) -> dict:
 def run_worker(peer: str, python: Path) -> dict:
     if not python.exists():
         return {"peer": peer, "failed": f"{python} missing: run `bash benchmarks/peers/setup.sh` first"}
-    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", peer],
-                          stdout=subprocess.PIPE, text=True, cwd=str(HERE))
+    proc = subprocess.run(
+        [str(python), str(Path(__file__).resolve()), "--worker", peer],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(HERE),
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
         return {"peer": peer, "failed": f"worker exited {proc.returncode}"}
@@ -141,11 +151,16 @@ def main() -> int:
     ok = [r for r in reports if "failed" not in r]
     effect = ok[0]["effect"] if ok and ok[0]["peer"] == "splice" else {}
     header = ["edit", "edit effect"] + [
-        r["label"] if r["peer"] == "splice" else f"{r['label']} {r['version']}" for r in ok]
-    rows = [[C.EDIT_LABELS[e], f"{effect[e]:.2f}" if e in effect else ""] + [cell_text(r["cells"][e]) for r in ok]
-            for e in C.EDITS]
-    print(f"max abs difference of logits (recording: of resid_post), {BATCH} x {SEQ} random tokens, "
-          f"tolerance {TOL:g}; peers are compared with splice in the same process\n")
+        r["label"] if r["peer"] == "splice" else f"{r['label']} {r['version']}" for r in ok
+    ]
+    rows = [
+        [C.EDIT_LABELS[e], f"{effect[e]:.2f}" if e in effect else ""] + [cell_text(r["cells"][e]) for r in ok]
+        for e in C.EDITS
+    ]
+    print(
+        f"max abs difference of logits (recording: of resid_post), {BATCH} x {SEQ} random tokens, "
+        f"tolerance {TOL:g}; peers are compared with splice in the same process\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
@@ -153,10 +168,14 @@ def main() -> int:
     print()
     for r in ok:
         worst = max(r["splice_vs_hand"].values())
-        print(f"{r['peer']:8s} torch {r['torch']}, transformers {r['transformers']}, splice {r['splice']}, "
-              f"weights {r['digest']}; splice vs hand hooks there: max {worst:.1e}")
+        print(
+            f"{r['peer']:8s} torch {r['torch']}, transformers {r['transformers']}, splice {r['splice']}, "
+            f"weights {r['digest']}; splice vs hand hooks there: max {worst:.1e}"
+        )
     if ok and ok[0]["peer"] == "splice":
-        print(f"splice's recording vs HF output_hidden_states (layers 0-10): {ok[0]['record_vs_hidden_states']:.1e}")
+        print(
+            f"splice's recording vs HF output_hidden_states (layers 0-10): {ok[0]['record_vs_hidden_states']:.1e}"
+        )
     if len(digests) > 1:
         bad.append(f"processes loaded different weights: {digests}")
     if bad:

@@ -45,8 +45,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 PEERS = ("tl3", "tl4", "nnsight", "pyvene")
-PEER_NAMES = {"tl3": "TL 3.9 HookedTransformer", "tl4": "TL 4.3 TransformerBridge", "nnsight": "nnsight 0.8.1",
-              "pyvene": "pyvene 0.1.8"}
+PEER_NAMES = {
+    "tl3": "TL 3.9 HookedTransformer",
+    "tl4": "TL 4.3 TransformerBridge",
+    "nnsight": "nnsight 0.8.1",
+    "pyvene": "pyvene 0.1.8",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,9 +94,14 @@ def summarise(times: dict, closing: float, pairs: dict) -> dict:
     for name, samples in times.items():
         ratios = [t / b for t, b in zip(samples, brackets)]
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-        row = {"median_ms": statistics.median(samples) * 1e3, "ratio_to_bare": statistics.median(ratios),
-               "ratio_iqr": q[2] - q[0], "extra_ms": statistics.median((t - b) * 1e3 for t, b in zip(samples, brackets)),
-               "runs": len(samples), "ratio_to_splice": None}
+        row = {
+            "median_ms": statistics.median(samples) * 1e3,
+            "ratio_to_bare": statistics.median(ratios),
+            "ratio_iqr": q[2] - q[0],
+            "extra_ms": statistics.median((t - b) * 1e3 for t, b in zip(samples, brackets)),
+            "runs": len(samples),
+            "ratio_to_splice": None,
+        }
         if name in pairs:
             row["ratio_to_splice"] = statistics.median(t / s for t, s in zip(samples, times[pairs[name]]))
         out[name] = row
@@ -100,11 +109,10 @@ def summarise(times: dict, closing: float, pairs: dict) -> dict:
 
 
 def worker(peer: str, args) -> dict:
-    import torch
-    import transformers
-
     import common as C
     import libs
+    import torch
+    import transformers
 
     C.quiet_transformers()
     rows = []
@@ -115,7 +123,7 @@ def worker(peer: str, args) -> dict:
     splice_lib, peer_lib = libs.Splice(), libs.PEERS[peer]()
     meta.update(splice=splice_lib.version, version=peer_lib.version, digest=C.weights_digest(splice_lib.hf))
     inp = C.make_inputs(args.batch, args.seq, splice_lib.config.vocab_size, splice_lib.config.n_embd)
-    variants, pairs, unexpressed = {"bare": lambda: splice_lib.hf(inp.ids)}, {}, {}
+    variants, pairs, unexpressed = {"bare": lambda: splice_lib.hf(inp.ids)}, {}, {}  # noqa: F821 - del below frees the models; the lambdas run before it
     for edit in args.edits:
         variants[f"splice:{edit}"] = lambda f=splice_lib.call(edit): f(inp)
         try:
@@ -129,18 +137,32 @@ def worker(peer: str, args) -> dict:
         times, closing = round_robin(variants, args.rounds, args.warmup, 1, f"{peer} {args.batch}x{args.seq}")
     for name, stats in summarise(times, closing, pairs).items():
         lib, _, edit = name.partition(":")
-        rows.append({"section": f"gpt2-small {args.batch}x{args.seq}, 2 threads", "process": peer, "library": lib,
-                     "variant": edit or "bare HF forward", **stats})
+        rows.append(
+            {
+                "section": f"gpt2-small {args.batch}x{args.seq}, 2 threads",
+                "process": peer,
+                "library": lib,
+                "variant": edit or "bare HF forward",
+                **stats,
+            }
+        )
     for edit, reason in unexpressed.items():
-        rows.append({"section": f"gpt2-small {args.batch}x{args.seq}, 2 threads", "process": peer, "library": peer,
-                     "variant": edit, "note": f"cannot express: {reason}"})
+        rows.append(
+            {
+                "section": f"gpt2-small {args.batch}x{args.seq}, 2 threads",
+                "process": peer,
+                "library": peer,
+                "variant": edit,
+                "note": f"cannot express: {reason}",
+            }
+        )
 
     # 2. the head-ablation sweep
     if args.sweep_layers:
         ids = C.sweep_ids(args.sweep_prompts, args.sweep_seq, splice_lib.config.vocab_size)
         heads = [(l, h) for l in args.sweep_layers for h in range(splice_lib.n_head)]
         with torch.inference_mode():
-            bare_s = statistics.median(timed(lambda: splice_lib.hf(ids)) for _ in range(3))
+            bare_s = statistics.median(timed(lambda: splice_lib.hf(ids)) for _ in range(3))  # noqa: F821
             for lib in (splice_lib, peer_lib):  # warm-up on 2 prompts, one layer
                 lib.sweep(ids[:2], [h for h in heads if h[0] == heads[0][0]], C.SWEEP_A, C.SWEEP_B)
             runs = {"splice": [], peer: []}
@@ -149,18 +171,31 @@ def worker(peer: str, args) -> dict:
                     start = time.perf_counter()
                     values = lib.sweep(ids, heads, C.SWEEP_A, C.SWEEP_B)
                     runs[lib.key].append((time.perf_counter() - start, values))
-                    print(f"  {peer} sweep: {lib.key} {r + 1}/{args.sweep_repeats} "
-                          f"{runs[lib.key][-1][0]:.1f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"  {peer} sweep: {lib.key} {r + 1}/{args.sweep_repeats} "
+                        f"{runs[lib.key][-1][0]:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         splice_s = statistics.median(t for t, _ in runs["splice"])
         diff = max(abs(a - b) for a, b in zip(runs["splice"][0][1], runs[peer][0][1]))
         for key in ("splice", peer):
             seconds = statistics.median(t for t, _ in runs[key])
-            rows.append({"section": f"sweep {len(heads)} heads, {args.sweep_prompts}x{args.sweep_seq}, 2 threads",
-                         "process": peer, "library": key, "variant": "head-ablation sweep",
-                         "median_ms": seconds * 1e3, "ratio_to_bare": seconds / bare_s,
-                         "ratio_to_splice": seconds / splice_s, "runs": len(runs[key]),
-                         "note": f"bare forward {bare_s * 1e3:.0f} ms; max |values - splice| {diff:.1e}"
-                         if key != "splice" else f"bare forward {bare_s * 1e3:.0f} ms"})
+            rows.append(
+                {
+                    "section": f"sweep {len(heads)} heads, {args.sweep_prompts}x{args.sweep_seq}, 2 threads",
+                    "process": peer,
+                    "library": key,
+                    "variant": "head-ablation sweep",
+                    "median_ms": seconds * 1e3,
+                    "ratio_to_bare": seconds / bare_s,
+                    "ratio_to_splice": seconds / splice_s,
+                    "runs": len(runs[key]),
+                    "note": f"bare forward {bare_s * 1e3:.0f} ms; max |values - splice| {diff:.1e}"
+                    if key != "splice"
+                    else f"bare forward {bare_s * 1e3:.0f} ms",
+                }
+            )
     del splice_lib, peer_lib
     gc.collect()
 
@@ -173,10 +208,12 @@ def worker(peer: str, args) -> dict:
     s_tiny, p_tiny, hand = libs.Splice(tiny=True), libs.PEERS[peer](tiny=True), libs.HandHooks(tiny=True)
     tiny_inp = C.make_inputs(1, 8, s_tiny.config.vocab_size, s_tiny.config.n_embd)
     edits = {f"blocks.{C.ZERO_LAYER}.attn.z": s_tiny.splice.Zero(heads=s_tiny.head)}
-    variants = {"bare": lambda: s_tiny.hf(tiny_inp.ids),
-                "hand:zero_head": lambda: hand.zero_head(tiny_inp),
-                "splice:zero_head": lambda: s_tiny.zero_head(tiny_inp),
-                "splice-held:zero_head": lambda: s_tiny.hf(tiny_inp.ids)}  # inside an open edit context
+    variants = {
+        "bare": lambda: s_tiny.hf(tiny_inp.ids),
+        "hand:zero_head": lambda: hand.zero_head(tiny_inp),
+        "splice:zero_head": lambda: s_tiny.zero_head(tiny_inp),
+        "splice-held:zero_head": lambda: s_tiny.hf(tiny_inp.ids),
+    }  # inside an open edit context
     if "zero_head" not in p_tiny.cannot:
         variants[f"{peer}:zero_head"] = lambda: p_tiny.zero_head(tiny_inp)
 
@@ -198,8 +235,15 @@ def worker(peer: str, args) -> dict:
         print(file=sys.stderr)
     for name, stats in summarise(times, closing, {f"{peer}:zero_head": "splice:zero_head"}).items():
         lib, _, edit = name.partition(":")
-        rows.append({"section": "tiny 1x8, 1 thread", "process": peer, "library": lib,
-                     "variant": edit or "bare HF forward", **stats})
+        rows.append(
+            {
+                "section": "tiny 1x8, 1 thread",
+                "process": peer,
+                "library": lib,
+                "variant": edit or "bare HF forward",
+                **stats,
+            }
+        )
     meta["rows"] = rows
     return meta
 
@@ -213,8 +257,12 @@ def run_worker(peer: str, argv: list[str]) -> dict:
     if not python.exists():
         return {"peer": peer, "failed": f"{python} missing: run `bash benchmarks/peers/setup.sh` first"}
     print(f"{peer}: starting worker", file=sys.stderr, flush=True)
-    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", peer, *argv],
-                          stdout=subprocess.PIPE, text=True, cwd=str(HERE))
+    proc = subprocess.run(
+        [str(python), str(Path(__file__).resolve()), "--worker", peer, *argv],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(HERE),
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
         return {"peer": peer, "failed": f"worker exited {proc.returncode}"}
@@ -234,10 +282,12 @@ def markdown(table, reports) -> str:
     if len(big):
         section = big.section.iloc[0]
         bare = big[big.library == "bare"]
-        out.append(f"**{section}**: bare HF forward median {bare.median_ms.median():.0f} ms "
-                   f"(per process: {', '.join(f'{p} {m:.0f}' for p, m in zip(bare.process, bare.median_ms))}). "
-                   "Cells: ratio to bare HF (ratio to splice, same process). splice's column is the median "
-                   "of its ratio to bare over the peer processes.\n")
+        out.append(
+            f"**{section}**: bare HF forward median {bare.median_ms.median():.0f} ms "
+            f"(per process: {', '.join(f'{p} {m:.0f}' for p, m in zip(bare.process, bare.median_ms))}). "
+            "Cells: ratio to bare HF (ratio to splice, same process). splice's column is the median "
+            "of its ratio to bare over the peer processes.\n"
+        )
         head = ["edit", "splice"] + [PEER_NAMES.get(p, p) for p in peers]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for edit in C.EDITS:
@@ -256,25 +306,42 @@ def markdown(table, reports) -> str:
             out.append("| " + " | ".join(cells) + " |")
     sweep = table[table.section.str.startswith("sweep")]
     if len(sweep):
-        out.append(f"\n**{sweep.section.iloc[0]}** (seconds; ratio to one bare forward of the same batch; "
-                   "ratio to splice's sweep in the same process)\n")
-        out += ["| process | library | seconds | x bare forward | x splice | note |", "|---|---|---|---|---|---|"]
+        out.append(
+            f"\n**{sweep.section.iloc[0]}** (seconds; ratio to one bare forward of the same batch; "
+            "ratio to splice's sweep in the same process)\n"
+        )
+        out += [
+            "| process | library | seconds | x bare forward | x splice | note |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sweep.itertuples():
             name = "splice" if r.library == "splice" else PEER_NAMES.get(r.library, r.library)
-            out.append(f"| {r.process} | {name} | {r.median_ms / 1e3:.1f} | {fmt(r.ratio_to_bare, 1)} | "
-                       f"{fmt(r.ratio_to_splice)} | {r.note} |")
+            out.append(
+                f"| {r.process} | {name} | {r.median_ms / 1e3:.1f} | {fmt(r.ratio_to_bare, 1)} | "
+                f"{fmt(r.ratio_to_splice)} | {r.note} |"
+            )
     tiny = table[table.section.str.startswith("tiny")]
     if len(tiny):
-        out.append(f"\n**{tiny.section.iloc[0]}**, Zero head 3 of layer 3: extra ms per call over bare "
-                   "(paired median) and ratio to bare\n")
-        names = {"bare": "bare HF forward", "hand": "hand-written torch pre-hook",
-                 "splice": "splice m.run(ids, edits=...) (context per call)",
-                 "splice-held": "splice inside one open edit() context"}
-        out += ["| process | variant | median ms | extra ms | x bare | x splice |", "|---|---|---|---|---|---|"]
+        out.append(
+            f"\n**{tiny.section.iloc[0]}**, Zero head 3 of layer 3: extra ms per call over bare "
+            "(paired median) and ratio to bare\n"
+        )
+        names = {
+            "bare": "bare HF forward",
+            "hand": "hand-written torch pre-hook",
+            "splice": "splice m.run(ids, edits=...) (context per call)",
+            "splice-held": "splice inside one open edit() context",
+        }
+        out += [
+            "| process | variant | median ms | extra ms | x bare | x splice |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in tiny.itertuples():
             name = names.get(r.library, PEER_NAMES.get(r.library, r.library))
-            out.append(f"| {r.process} | {name} | {r.median_ms:.2f} | {fmt(r.extra_ms, 3)} | "
-                       f"{fmt(r.ratio_to_bare)} | {fmt(r.ratio_to_splice)} |")
+            out.append(
+                f"| {r.process} | {name} | {r.median_ms:.2f} | {fmt(r.extra_ms, 3)} | "
+                f"{fmt(r.ratio_to_bare)} | {fmt(r.ratio_to_splice)} |"
+            )
     return "\n".join(out)
 
 
@@ -286,8 +353,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--sweep-layers", type=int, nargs="*", default=list(range(12)),
-                        help="layers whose heads the sweep ablates (default all 12; none to skip)")
+    parser.add_argument(
+        "--sweep-layers",
+        type=int,
+        nargs="*",
+        default=list(range(12)),
+        help="layers whose heads the sweep ablates (default all 12; none to skip)",
+    )
     parser.add_argument("--sweep-prompts", type=int, default=16)
     parser.add_argument("--sweep-seq", type=int, default=32)
     parser.add_argument("--sweep-repeats", type=int, default=1)
@@ -296,9 +368,14 @@ def main() -> int:
     parser.add_argument("--tiny-rounds", type=int, default=30)
     parser.add_argument("--tiny-calls", type=int, default=50)
     parser.add_argument("--tiny-warmup", type=int, default=100)
-    parser.add_argument("--out", help="results CSV name under results/ (default speed.csv, speed-quick.csv with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds, 1 warm-up, sweep of layer 11's 12 heads on 4 x 16, small tiny run")
+    parser.add_argument(
+        "--out", help="results CSV name under results/ (default speed.csv, speed-quick.csv with --quick)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 rounds, 1 warm-up, sweep of layer 11's 12 heads on 4 x 16, small tiny run",
+    )
     args = parser.parse_args()
     import common as C
 
@@ -319,8 +396,11 @@ def main() -> int:
     argv = [a for a in sys.argv[1:] if a != "--peers" and a not in args.peers]
     if args.out:
         argv = [a for a in argv if a not in ("--out", args.out)]
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"1-minute load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"1-minute load average at start {os.getloadavg()[0]:.2f}",
+        file=sys.stderr,
+    )
     reports = [run_worker(p, argv) for p in args.peers]
     rows = [row for r in reports if "failed" not in r for row in r["rows"]]
     table = pd.DataFrame(rows)
@@ -336,10 +416,14 @@ def main() -> int:
         if "failed" in r:
             print(f"{r['peer']}: FAILED ({r['failed']})")
         else:
-            print(f"{r['peer']}: {r['version']}, splice {r['splice']}, torch {r['torch']}, "
-                  f"transformers {r['transformers']}, weights {r['digest']}")
-    print(f"1-minute load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); written to {out}"
-          + (" (--quick: smoke run, not a measurement)" if args.quick else ""))
+            print(
+                f"{r['peer']}: {r['version']}, splice {r['splice']}, torch {r['torch']}, "
+                f"transformers {r['transformers']}, weights {r['digest']}"
+            )
+    print(
+        f"1-minute load average at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); written to {out}"
+        + (" (--quick: smoke run, not a measurement)" if args.quick else "")
+    )
     return 0
 
 

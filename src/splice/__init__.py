@@ -30,14 +30,39 @@ from .version import __version__ as __version__
 
 __all__ = [
     # the model and its contexts
-    "Model", "load", "load_hf", "embedded_model_dir", "Edits", "Recording", "Layout",
+    "Model",
+    "load",
+    "load_hf",
+    "embedded_model_dir",
+    "Edits",
+    "Recording",
+    "Layout",
     # interventions
-    "Intervention", "Zero", "Scale", "Replace", "Add", "Project", "ProjectOut", "Clamp", "Apply", "Patch", "Mean", "Resample",
+    "Intervention",
+    "Zero",
+    "Scale",
+    "Replace",
+    "Add",
+    "Project",
+    "ProjectOut",
+    "Clamp",
+    "Apply",
+    "Patch",
+    "Mean",
+    "Resample",
     # sweeps and features
-    "Sweep", "metrics", "patching", "steering", "plot",
+    "Sweep",
+    "metrics",
+    "patching",
+    "steering",
+    "plot",
     # architectures
-    "ARCHITECTURES", "Architecture", "Dims", "Point",
+    "ARCHITECTURES",
+    "Architecture",
+    "Dims",
+    "Point",
     # errors and warnings
-    "SpliceError", "UntestedVersionWarning",
+    "SpliceError",
+    "UntestedVersionWarning",
 ]
 check_transformers(_transformers.__version__)

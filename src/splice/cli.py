@@ -23,7 +23,9 @@ def _sites(args) -> int:
     model = load(args.model)
     shown = {name: shape for name, shape in model.sites.items() if matches_filter(name, args.filter)}
     if not shown:
-        raise SpliceError(f"no site of this model matches --filter {args.filter!r} (a glob like 'blocks.*.attn.q' or text like 'attn.')")
+        raise SpliceError(
+            f"no site of this model matches --filter {args.filter!r} (a glob like 'blocks.*.attn.q' or text like 'attn.')"
+        )
     print(model)
     width = max(len(n) for n in shown)
     for name, shape in shown.items():
@@ -34,17 +36,19 @@ def _sites(args) -> int:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from .sweeps.config import load_config
     from .errors import SpliceError
     from .loading import load
     from .plot import sweep_heatmap
+    from .sweeps.config import load_config
 
     config = load_config(args.config)
     output = config.output
     stem = Path(output.get("table", f"out/{config.sweep.name}.csv"))
     checkpoint = config.run.get("checkpoint")
     if checkpoint and Path(checkpoint).resolve() == stem.with_suffix(".jsonl").resolve():
-        raise SpliceError(f"run.checkpoint {checkpoint} is also where the table's JSONL copy goes; name it differently")
+        raise SpliceError(
+            f"run.checkpoint {checkpoint} is also where the table's JSONL copy goes; name it differently"
+        )
     model = load(config.model)
     table = config.sweep.run(model, config.data, **config.run)
     top = int(output.get("top", 10))
@@ -53,28 +57,45 @@ def _sweep(args) -> int:
         clean = table[(table["metric"] == metric) & (table["variant"] == -1)]["value"].iloc[0]
         print(f"\n{metric}: clean {clean:.4f}; the {top} variants with the largest effect")
         ranked = rows.reindex(rows["effect"].abs().sort_values(ascending=False).index).head(top)
-        print(ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(index=False))
+        print(
+            ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(
+                index=False
+            )
+        )
     stem.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(stem.with_suffix(".csv"), index=False)
     table.to_json(stem.with_suffix(".jsonl"), orient="records", lines=True)
     print(f"\ntable: {stem.with_suffix('.csv')} and {stem.with_suffix('.jsonl')}")
     if output.get("heatmap", True):
-        picture = sweep_heatmap(table, output.get("heatmap") if isinstance(output.get("heatmap"), str) else stem.with_suffix(".png"))
+        picture = sweep_heatmap(
+            table,
+            output.get("heatmap") if isinstance(output.get("heatmap"), str) else stem.with_suffix(".png"),
+        )
         print(f"heatmap: {picture}")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="splice", description="Activation editing for Hugging Face transformers.")
+    parser = argparse.ArgumentParser(
+        prog="splice", description="Activation editing for Hugging Face transformers."
+    )
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"splice {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     sites = commands.add_parser("sites", help="list every site of a model with its shape")
-    sites.add_argument("model", nargs="?", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M)")
-    sites.add_argument("--filter", default="", help="only names containing this text ('blocks.3.') or matching this glob ('blocks.*.attn.q')")
+    sites.add_argument(
+        "model", nargs="?", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M)"
+    )
+    sites.add_argument(
+        "--filter",
+        default="",
+        help="only names containing this text ('blocks.3.') or matching this glob ('blocks.*.attn.q')",
+    )
     sites.set_defaults(run=_sites)
-    sweep = commands.add_parser("sweep", help="run a sweep described in a YAML file; writes a table and a heatmap")
+    sweep = commands.add_parser(
+        "sweep", help="run a sweep described in a YAML file; writes a table and a heatmap"
+    )
     sweep.add_argument("config", help="YAML sweep config (see splice.sweeps.config)")
     sweep.set_defaults(run=_sweep)
     args = parser.parse_args(argv)

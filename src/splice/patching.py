@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SpliceError
 from .engine.frame import Frame
 from .engine.interventions import Add
-from .sweeps.metrics import Metric
 from .engine.selection import locate
 from .engine.sources import Patch
-from .sweeps.sweep import Sweep
+from .errors import SpliceError
 from .sweeps.data import PromptBatch, as_items, batches_of, source_batch
+from .sweeps.metrics import Metric
+from .sweeps.sweep import Sweep
 from .sweeps.tables import patching_table, tidy_table
 
 __all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
@@ -40,7 +40,11 @@ def cache(model, inputs, sites="*"):
 def mean_reference(model, prompts, sites, per_position: bool = False, batch_size: int = 16) -> dict:
     """{site: mean activation} over `prompts`, counting real tokens only (padding is left out),
     for `Mean(reference=...)`. With per_position=True every prompt must have one length."""
-    names = model.resolve(sites) if isinstance(sites, (str, tuple)) else [n for key in sites for n in model.resolve(key)]
+    names = (
+        model.resolve(sites)
+        if isinstance(sites, (str, tuple))
+        else [n for key in sites for n in model.resolve(key)]
+    )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -48,7 +52,9 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
         batch = PromptBatch(model, as_items(prompts[i : i + batch_size]))
         mask = batch.kwargs.get("attention_mask")
         if per_position and mask is not None:
-            raise SpliceError("mean_reference(per_position=True) needs prompts of one length (these are padded)")
+            raise SpliceError(
+                "mean_reference(per_position=True) needs prompts of one length (these are padded)"
+            )
         with torch.no_grad(), model.record(names) as recording:
             model.hf(**batch.kwargs, use_cache=False)
         for name in names:
@@ -63,7 +69,9 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
                     x = x * mask.view(shape).to(x)
                 total = x.sum((0, p), keepdim=True)
             sums[name] = sums[name] + total if name in sums else total
-        real = len(batch) if per_position else int(mask.sum()) if mask is not None else batch.input_ids.numel()
+        real = (
+            len(batch) if per_position else int(mask.sum()) if mask is not None else batch.input_ids.numel()
+        )
         count += real
     return {name: (total / count).to(recording[name].dtype) for name, total in sums.items()}
 
@@ -84,8 +92,16 @@ def _sweep(sites, over, metrics, source) -> Sweep:
     return Sweep(sites=sites, interventions=Patch(source), over=over, metrics=metrics, name="patching")
 
 
-def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(), source: str = "clean",
-                batch_size: int = 16, **run_kwargs):
+def patch_sweep(
+    model,
+    data,
+    sites="blocks.*.resid_pre",
+    over="pos",
+    metrics=(),
+    source: str = "clean",
+    batch_size: int = 16,
+    **run_kwargs,
+):
     """Exact activation patching from the `source` field's run into the corrupted prompts, one
     variant per site x `over` (e.g. every (layer, pos) of resid_pre, or every head of attn.z),
     run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=).
@@ -100,30 +116,52 @@ def patch_sweep(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
 
 def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
     sizes = {"batch": batch, "pos": seq, "k_pos": seq}
-    return [sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))]
+    return [
+        sizes.get(a, s)
+        for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))
+    ]
 
 
 def _region_sums(delta: torch.Tensor, intervention, axes, frame: Frame, name: str) -> torch.Tensor:
     """Per-row sums of `delta` over the region `intervention` selects (rows with nothing: 0)."""
-    region = locate(intervention.pos, intervention.heads, intervention.dims, None, tuple(delta.shape), axes, frame, name)
+    region = locate(
+        intervention.pos, intervention.heads, intervention.dims, None, tuple(delta.shape), axes, frame, name
+    )
     out = torch.zeros(delta.shape[0], dtype=delta.dtype)
     if region is None:
         return out
     selected = delta[region.index]
     if region.masked:
         return out.index_add(0, region.index[0].reshape(-1), selected.reshape(selected.shape[0], -1).sum(-1))
-    rows = torch.arange(delta.shape[0])[region.index[0]] if isinstance(region.index[0], slice) else region.index[0].reshape(-1)
+    rows = (
+        torch.arange(delta.shape[0])[region.index[0]]
+        if isinstance(region.index[0], slice)
+        else region.index[0].reshape(-1)
+    )
     return out.index_copy(0, rows, selected.reshape(selected.shape[0], -1).sum(-1))
 
 
-def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(), source: str = "clean", batch_size: int = 16):
+def attribution(
+    model,
+    data,
+    sites="blocks.*.resid_pre",
+    over="pos",
+    metrics=(),
+    source: str = "clean",
+    batch_size: int = 16,
+):
     """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
     same columns) from one clean forward and one corrupted forward + backward per prompt batch.
     Gradients are taken with torch.autograd.grad, so no parameter's .grad is touched."""
     sweep = _sweep(sites, over, metrics, source)
     items = as_items(data)
     batches = batches_of(model, items, batch_size)
-    shortest = min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1] for b in batches)
+    shortest = min(
+        int(b.kwargs["attention_mask"].sum(-1).min())
+        if "attention_mask" in b.kwargs
+        else b.input_ids.shape[1]
+        for b in batches
+    )
     variants = sweep.variants(model, shortest)
     names = sorted({v.site for v in variants})
     per_variant = {(v.id, m.name): [] for v in variants for m in sweep.metrics}
@@ -135,16 +173,27 @@ def attribution(model, data, sites="blocks.*.resid_pre", over="pos", metrics=(),
         n, seq = batch.input_ids.shape
         frame = Frame(n, seq, 0, batch.kwargs.get("attention_mask"), batch.kwargs.get("position_ids"))
         for metric in sweep.metrics:
-            probes = {name: torch.zeros(_probe_shape(model, name, n, seq), device=model.device, requires_grad=True) for name in names}
-            with torch.enable_grad(), model.edit({name: Add(probe) for name, probe in probes.items()}), model.record(names) as corrupt_acts:
+            probes = {
+                name: torch.zeros(_probe_shape(model, name, n, seq), device=model.device, requires_grad=True)
+                for name in names
+            }
+            with (
+                torch.enable_grad(),
+                model.edit({name: Add(probe) for name, probe in probes.items()}),
+                model.record(names) as corrupt_acts,
+            ):
                 logits = model.hf(**batch.kwargs, use_cache=False).logits
                 values = metric(logits, logits.detach(), batch)
                 grads = torch.autograd.grad(values.sum(), [probes[name] for name in names], allow_unused=True)
             baseline[metric.name] += values.tolist()
-            deltas = {name: ((clean_acts[name] - corrupt_acts[name]) * (0 if g is None else g)).detach().float() for name, g in zip(names, grads)}
+            deltas = {
+                name: ((clean_acts[name] - corrupt_acts[name]) * (0 if g is None else g)).detach().float()
+                for name, g in zip(names, grads)
+            }
             for v in variants:
                 estimate = _region_sums(deltas[v.site], v.intervention, _axes(model, v.site), frame, v.site)
                 per_variant[(v.id, metric.name)] += (values.detach() + estimate).tolist()
+
     def mean(variant_id, metric):
         values = baseline[metric] if variant_id == -1 else per_variant[(variant_id, metric)]
         return sum(values) / len(values)

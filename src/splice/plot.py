@@ -7,8 +7,18 @@ from pathlib import Path
 import torch
 
 
-def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "layer", cmap: str = "RdBu_r",
-            center: float | None = 0.0, colorbar: str = "", annotate_top: int = 0, xticklabels=None):
+def heatmap(
+    values,
+    path,
+    title: str = "",
+    xlabel: str = "head",
+    ylabel: str = "layer",
+    cmap: str = "RdBu_r",
+    center: float | None = 0.0,
+    colorbar: str = "",
+    annotate_top: int = 0,
+    xticklabels=None,
+):
     """Save a [rows, cols] grid (tensor, array or DataFrame) as a heatmap PNG; returns the path.
 
     With `center`, the colour scale is symmetric around it (effects of ablations read as
@@ -24,7 +34,11 @@ def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "
     if hasattr(values, "to_numpy"):  # DataFrame
         labels_x, labels_y = [str(c) for c in values.columns], [str(i) for i in values.index]
         values = values.to_numpy()
-    grid = values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
+    grid = (
+        values.detach().cpu().float().numpy()
+        if isinstance(values, torch.Tensor)
+        else np.asarray(values, dtype=float)
+    )
     rows, cols = grid.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
     if center is None:
@@ -35,7 +49,9 @@ def heatmap(values, path, title: str = "", xlabel: str = "head", ylabel: str = "
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.set_xticks(range(cols), xticklabels or labels_x or range(cols), fontsize=7, rotation=90 if xticklabels else 0)
+    ax.set_xticks(
+        range(cols), xticklabels or labels_x or range(cols), fontsize=7, rotation=90 if xticklabels else 0
+    )
     ax.set_yticks(range(rows), labels_y or range(rows), fontsize=7)
     fig.colorbar(image, ax=ax, label=colorbar)
     if annotate_top:
@@ -61,4 +77,6 @@ def sweep_heatmap(table, path, metric: str | None = None, value: str = "effect",
     grid = rows.pivot_table(index="layer", columns=columns, values=value, aggfunc="mean")
     clean = table[(table["variant"] == -1) & (table["metric"] == metric)]["value"]
     label = f"{metric} {value}" + (f" (clean {clean.iloc[0]:.3g})" if len(clean) else "")
-    return heatmap(grid, path, title=title or f"{metric}: {value} per {columns}", xlabel=columns, colorbar=label)
+    return heatmap(
+        grid, path, title=title or f"{metric}: {value} per {columns}", xlabel=columns, colorbar=label
+    )

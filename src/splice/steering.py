@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,9 @@ import torch
 
 from .engine import tokens as tok
 from .engine.codec import decode, encode
-from .errors import SpliceError
 from .engine.edits import Edits
 from .engine.interventions import Add
+from .errors import SpliceError
 
 FORMAT = "splice-steering-vector/1"
 
@@ -44,7 +44,11 @@ def _sha256_tensor(t: torch.Tensor) -> str:
 
 def config_fingerprint(config) -> str:
     """sha256 of a model config, without the fields that name where or how it was loaded."""
-    record = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    record = {
+        k: v
+        for k, v in config.to_dict().items()
+        if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -86,13 +90,17 @@ def _selected(mask: torch.Tensor, positions, prompts: list[str]) -> torch.Tensor
         target = lengths + positions if positions < 0 else torch.full_like(lengths, positions)
         bad = [p for p, t, n in zip(prompts, target.tolist(), lengths.tolist()) if not 0 <= t < n]
         if bad:
-            raise SpliceError(f"position {positions} is outside {len(bad)} prompt(s), e.g. {bad[0]!r} ({int(lengths[prompts.index(bad[0])])} tokens)")
+            raise SpliceError(
+                f"position {positions} is outside {len(bad)} prompt(s), e.g. {bad[0]!r} ({int(lengths[prompts.index(bad[0])])} tokens)"
+            )
         return real & (rel == target[:, None])
     picked = torch.zeros_like(real)
     for row, n in enumerate(lengths.tolist()):
         chosen = list(range(n))[positions]
         if not chosen:
-            raise SpliceError(f"positions {positions} selects no token of prompt {prompts[row]!r} ({n} tokens)")
+            raise SpliceError(
+                f"positions {positions} selects no token of prompt {prompts[row]!r} ({n} tokens)"
+            )
         picked[row] = real[row] & torch.isin(rel[row], torch.tensor(chosen, device=rel.device))
     return picked
 
@@ -135,8 +143,10 @@ class SteeringVector:
 
     def __repr__(self):
         pos = self.positions if isinstance(self.positions, str) else repr(self.positions)
-        return (f"SteeringVector({self.site}, {list(self.vector.shape)} norm {self.norm:.4g}, positions={pos}, "
-                f"{self.n_positive}+{self.n_negative} prompts, model={self.model!r})")
+        return (
+            f"SteeringVector({self.site}, {list(self.vector.shape)} norm {self.norm:.4g}, positions={pos}, "
+            f"{self.n_positive}+{self.n_negative} prompts, model={self.model!r})"
+        )
 
     def __eq__(self, other):
         if not isinstance(other, SteeringVector):
@@ -171,31 +181,44 @@ class SteeringVector:
         tensors.parent.mkdir(parents=True, exist_ok=True)
         vector = self.vector.detach().cpu().contiguous()
         save_file({"vector": vector}, str(tensors), metadata={"format": FORMAT, "site": self.site})
-        record = {"format": FORMAT, **self.provenance(), "shape": list(vector.shape),
-                  "dtype": str(vector.dtype).removeprefix("torch."), "vector_sha256": _sha256_tensor(vector)}
+        record = {
+            "format": FORMAT,
+            **self.provenance(),
+            "shape": list(vector.shape),
+            "dtype": str(vector.dtype).removeprefix("torch."),
+            "vector_sha256": _sha256_tensor(vector),
+        }
         meta.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         return tensors, meta
 
     @classmethod
-    def load(cls, path) -> "SteeringVector":
+    def load(cls, path) -> SteeringVector:
         """Read what `save` wrote; the vector must match the checksum in the JSON."""
         from safetensors.torch import load_file
 
         tensors, meta = cls._paths(path)
         for file in (tensors, meta):
             if not file.exists():
-                raise SpliceError(f"steering vector file {file} does not exist (save writes .safetensors + .json)")
+                raise SpliceError(
+                    f"steering vector file {file} does not exist (save writes .safetensors + .json)"
+                )
         record = json.loads(meta.read_text())
         if record.get("format") != FORMAT:
-            raise SpliceError(f"{meta} is not a splice steering vector (format {record.get('format')!r}, expected {FORMAT!r})")
+            raise SpliceError(
+                f"{meta} is not a splice steering vector (format {record.get('format')!r}, expected {FORMAT!r})"
+            )
         vector = load_file(str(tensors))["vector"]
         if _sha256_tensor(vector) != record.get("vector_sha256"):
-            raise SpliceError(f"{tensors} does not match the checksum in {meta}: the files belong to different vectors")
+            raise SpliceError(
+                f"{tensors} does not match the checksum in {meta}: the files belong to different vectors"
+            )
         names = {f.name for f in fields(cls)} - {"vector"}
         return cls(vector=vector, **{k: decode(v) for k, v in record.items() if k in names})
 
 
-def contrastive(model, positive_prompts, negative_prompts, site, positions="last", batch_size: int = 16) -> SteeringVector:
+def contrastive(
+    model, positive_prompts, negative_prompts, site, positions="last", batch_size: int = 16
+) -> SteeringVector:
     """Mean activation at `site` over `positive_prompts` minus the mean over `negative_prompts`.
 
     Activations are recorded with `model.record(site, mode="accumulate")` over left-padded batches;
@@ -211,7 +234,9 @@ def contrastive(model, positive_prompts, negative_prompts, site, positions="last
     resolved = model.layout.sites_of(name)[0]
     axes, shape = model.layout.axes(resolved), model.layout.shape(resolved)
     if axes[:2] != ("batch", "pos") or any(s is None for s in shape[2:]):
-        raise SpliceError(f"{name} has axes [{', '.join(axes)}]; a steering vector needs a [batch, pos, ...] site of fixed width")
+        raise SpliceError(
+            f"{name} has axes [{', '.join(axes)}]; a steering vector needs a [batch, pos, ...] site of fixed width"
+        )
     with torch.no_grad():
         mean_pos, dtype = _mean_activation(model, positive, name, positions, batch_size)
         mean_neg, _ = _mean_activation(model, negative, name, positions, batch_size)
@@ -219,11 +244,18 @@ def contrastive(model, positive_prompts, negative_prompts, site, positions="last
     from .version import __version__
 
     return SteeringVector(
-        vector=vector, site=name, positions=positions, model=model_name(model),
-        config_sha256=config_fingerprint(model.hf.config), positive_sha256=_sha256_texts(positive),
-        negative_sha256=_sha256_texts(negative), n_positive=len(positive), n_negative=len(negative),
-        norm=float(vector.double().norm()), splice_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        vector=vector,
+        site=name,
+        positions=positions,
+        model=model_name(model),
+        config_sha256=config_fingerprint(model.hf.config),
+        positive_sha256=_sha256_texts(positive),
+        negative_sha256=_sha256_texts(negative),
+        n_positive=len(positive),
+        n_negative=len(negative),
+        norm=float(vector.double().norm()),
+        splice_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
@@ -234,7 +266,9 @@ def _new_token_logprobs(model, full: torch.Tensor, n_prompt: int, edits=None) ->
     return logprobs.gather(-1, full[0, n_prompt:, None])[:, 0]
 
 
-def coefficient_sweep(model, sv: SteeringVector, prompt: str, coefficients, max_new_tokens: int = 20, pos="generated"):
+def coefficient_sweep(
+    model, sv: SteeringVector, prompt: str, coefficients, max_new_tokens: int = 20, pos="generated"
+):
     """Greedy completions of `prompt` steered by `sv` at each coefficient, as a pandas DataFrame.
 
     `pos`: "generated" (default) steers the generated tokens only (`slice(n_prompt, None)`; the
@@ -254,8 +288,13 @@ def coefficient_sweep(model, sv: SteeringVector, prompt: str, coefficients, max_
 
     def complete(edits):
         with torch.no_grad(), model.edit(edits):
-            out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=tok.pad_token_id(model.tokenizer))
+            out = model.hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id(model.tokenizer),
+            )
         return out[:, : n_prompt + max_new_tokens]
 
     def logprobs(full, edits=None):
@@ -272,7 +311,17 @@ def coefficient_sweep(model, sv: SteeringVector, prompt: str, coefficients, max_
         edits = sv.edit(c, pos=where)
         full = complete(edits)
         text = model.tokenizer.decode(full[0, n_prompt:].tolist(), skip_special_tokens=True)
-        rows.append({"coefficient": float(c), "text": text, "changed": text != baseline_text, "n_tokens": full.shape[1] - n_prompt,
-                     "logprob_shift": shift(logprobs(full, edits), logprobs(full)),
-                     "baseline_logprob_shift": shift(logprobs(baseline, edits), baseline_clean)})
-    return pd.DataFrame(rows, columns=["coefficient", "text", "changed", "n_tokens", "logprob_shift", "baseline_logprob_shift"])
+        rows.append(
+            {
+                "coefficient": float(c),
+                "text": text,
+                "changed": text != baseline_text,
+                "n_tokens": full.shape[1] - n_prompt,
+                "logprob_shift": shift(logprobs(full, edits), logprobs(full)),
+                "baseline_logprob_shift": shift(logprobs(baseline, edits), baseline_clean),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["coefficient", "text", "changed", "n_tokens", "logprob_shift", "baseline_logprob_shift"],
+    )

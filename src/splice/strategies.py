@@ -30,7 +30,9 @@ def _axis(size: int, negative: bool = True):
         st.none(),
         st.integers(-size if negative else 0, size - 1),
         st.lists(st.integers(0, size - 1), min_size=1, max_size=min(size, 4), unique=True),
-        st.tuples(st.integers(0, size - 1), st.integers(1, size)).filter(lambda t: t[0] < t[1]).map(lambda t: slice(*t)),
+        st.tuples(st.integers(0, size - 1), st.integers(1, size))
+        .filter(lambda t: t[0] < t[1])
+        .map(lambda t: slice(*t)),
     )
 
 
@@ -43,7 +45,9 @@ def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
         st.integers(min_pos, seq - 1).map(lambda p: slice(p, None)),
         st.integers(min_pos, seq - 1).flatmap(lambda p: st.integers(1, 3).map(lambda k: slice(p, None, k))),
         st.lists(st.lists(st.booleans(), min_size=seq, max_size=seq), min_size=batch, max_size=batch).map(
-            lambda rows: torch.tensor([[b and i >= min_pos for i, b in enumerate(r)] for r in rows], dtype=torch.bool)
+            lambda rows: torch.tensor(
+                [[b and i >= min_pos for i, b in enumerate(r)] for r in rows], dtype=torch.bool
+            )
         ),
     ]
     if min_pos == 0:
@@ -61,14 +65,20 @@ def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negativ
     heads = st.none() if head is None else _axis(head)
     dims = _axis(seq, negative) if last == "k_pos" else _axis(last)  # key positions of a seq-long input
     rows = st.one_of(st.none(), _axis(batch, negative)) if batch > 1 else st.none()
-    return st.fixed_dictionaries({"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims, "rows": rows})
+    return st.fixed_dictionaries(
+        {"pos": positions(seq, batch, min_pos, negative), "heads": heads, "dims": dims, "rows": rows}
+    )
 
 
 def _vector(last: int):
-    return st.integers(0, 2**16).map(lambda seed: torch.randn(last, generator=torch.Generator().manual_seed(seed)))
+    return st.integers(0, 2**16).map(
+        lambda seed: torch.randn(last, generator=torch.Generator().manual_seed(seed))
+    )
 
 
-def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False, negative: bool = True):
+def interventions(
+    model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False, negative: bool = True
+):
     """Interventions valid at `site`. With identity=True, only ones that must change nothing
     (Scale(1), Add(0), ProjectOut of no directions, an unbounded Clamp), for no-op properties."""
     last = model.sites[site][-1]
@@ -96,14 +106,23 @@ def interventions(model, site: str, seq: int, batch: int, min_pos: int = 0, iden
     return selections(model, site, seq, batch, min_pos, negative).flatmap(build)
 
 
-def edits(model, seq: int, batch: int, max_sites: int = 3, min_pos: int = 0, identity: bool = False, points=None, negative: bool = True):
+def edits(
+    model,
+    seq: int,
+    batch: int,
+    max_sites: int = 3,
+    min_pos: int = 0,
+    identity: bool = False,
+    points=None,
+    negative: bool = True,
+):
     """An `Edits` registry of 0..max_sites sites with one intervention each (negative=False:
     no negative positions, e.g. for edits used during generation)."""
     site_lists = st.lists(sites(model, points), min_size=0, max_size=max_sites, unique=True)
 
     def fill(names):
-        return st.tuples(*[interventions(model, n, seq, batch, min_pos, identity, negative) for n in names]).map(
-            lambda ivs: Edits(dict(zip(names, ivs)))
-        )
+        return st.tuples(
+            *[interventions(model, n, seq, batch, min_pos, identity, negative) for n in names]
+        ).map(lambda ivs: Edits(dict(zip(names, ivs))))
 
     return site_lists.flatmap(fill)

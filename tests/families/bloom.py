@@ -9,7 +9,9 @@ VOCAB = 97
 
 
 def tiny():
-    config = BloomConfig(n_layer=3, hidden_size=48, n_head=6, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = BloomConfig(
+        n_layer=3, hidden_size=48, n_head=6, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
     return BloomForCausalLM(config)
 
 
@@ -32,11 +34,19 @@ def hand_module(hf, point, layer):
     block = hf.transformer.h[layer]
     a, m = block.self_attention, block.mlp
     return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.query_key_value, "out"),
-        "attn.k": (a.query_key_value, "out"), "attn.v": (a.query_key_value, "out"), "attn.z": (a.dense, "in"),
-        "attn.out": (a.dense, "out"), "mlp.in": (m, "in"), "mlp.post": (m.dense_4h_to_h, "in"),
-        "mlp.out": (m.dense_4h_to_h, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.transformer.ln_f, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (a, "in"),
+        "attn.q": (a.query_key_value, "out"),
+        "attn.k": (a.query_key_value, "out"),
+        "attn.v": (a.query_key_value, "out"),
+        "attn.z": (a.dense, "in"),
+        "attn.out": (a.dense, "out"),
+        "mlp.in": (m, "in"),
+        "mlp.post": (m.dense_4h_to_h, "in"),
+        "mlp.out": (m.dense_4h_to_h, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.transformer.ln_f, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 
@@ -55,4 +65,5 @@ def hand_heads(hf, point):
         parts = list(t.view(*t.shape[:-1], heads, 3, d_head).unbind(-2))
         parts[which] = new
         return torch.stack(parts, dim=-2).reshape(t.shape)
+
     return read, write

@@ -9,9 +9,20 @@ PARALLEL_RESIDUAL = True
 
 def tiny():
     config = FalconConfig(
-        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, ffn_hidden_size=80, vocab_size=VOCAB,
-        max_position_embeddings=64, multi_query=True, parallel_attn=True, new_decoder_architecture=False, alibi=False,
-        bias=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        ffn_hidden_size=80,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        alibi=False,
+        bias=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return FalconForCausalLM(config)
 
@@ -37,11 +48,19 @@ def hand_module(hf, point, layer):
     block = hf.transformer.h[layer]
     a = block.self_attention
     return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.query_key_value, "out"),
-        "attn.k": (a.query_key_value, "out"), "attn.v": (a.query_key_value, "out"), "attn.z": (a.dense, "in"),
-        "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"), "mlp.post": (block.mlp.dense_4h_to_h, "in"),
-        "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.transformer.ln_f, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (a, "in"),
+        "attn.q": (a.query_key_value, "out"),
+        "attn.k": (a.query_key_value, "out"),
+        "attn.v": (a.query_key_value, "out"),
+        "attn.z": (a.dense, "in"),
+        "attn.out": (a, "out"),
+        "mlp.in": (block.mlp, "in"),
+        "mlp.post": (block.mlp.dense_4h_to_h, "in"),
+        "mlp.out": (block.mlp, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.transformer.ln_f, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 
@@ -64,6 +83,7 @@ def hand_heads(hf, point):
             out = t.view(*t.shape[:-1], heads + 2, d_head).clone()
             out[..., rows, :] = new
             return out.reshape(t.shape)
+
         return read, write
 
     def read(t):  # (heads, 3, d_head): per head q, k, v
@@ -73,4 +93,5 @@ def hand_heads(hf, point):
         out = t.view(*t.shape[:-1], heads, 3, d_head).clone()
         out[..., which, :] = new
         return out.reshape(t.shape)
+
     return read, write

@@ -10,8 +10,16 @@ VOCAB = 97
 
 def tiny():
     config = GemmaConfig(
-        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return GemmaForCausalLM(config)

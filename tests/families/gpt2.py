@@ -6,7 +6,9 @@ VOCAB = 97
 
 
 def tiny():
-    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -26,11 +28,19 @@ def mlp(hf, layer):
 def hand_module(hf, point, layer):
     block = hf.transformer.h[layer]
     return {
-        "resid_pre": (block, "in"), "attn.in": (block.attn, "in"), "attn.q": (block.attn.c_attn, "out"),
-        "attn.k": (block.attn.c_attn, "out"), "attn.v": (block.attn.c_attn, "out"),
-        "attn.z": (block.attn.c_proj, "in"), "attn.out": (block.attn, "out"), "mlp.in": (block.mlp, "in"),
-        "mlp.post": (block.mlp.c_proj, "in"), "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.transformer.ln_f, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (block.attn, "in"),
+        "attn.q": (block.attn.c_attn, "out"),
+        "attn.k": (block.attn.c_attn, "out"),
+        "attn.v": (block.attn.c_attn, "out"),
+        "attn.z": (block.attn.c_proj, "in"),
+        "attn.out": (block.attn, "out"),
+        "mlp.in": (block.mlp, "in"),
+        "mlp.post": (block.mlp.c_proj, "in"),
+        "mlp.out": (block.mlp, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.transformer.ln_f, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 
@@ -49,4 +59,5 @@ def hand_heads(hf, point):
         parts = list(t.split(width, dim=-1))
         parts[which] = new.reshape(*t.shape[:-1], width)
         return __import__("torch").cat(parts, dim=-1)
+
     return read, write

@@ -10,8 +10,16 @@ PARALLEL_RESIDUAL = True
 
 def tiny():
     config = GPTNeoXConfig(
-        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, intermediate_size=80, vocab_size=VOCAB,
-        max_position_embeddings=64, use_parallel_residual=True, rotary_pct=0.25, bos_token_id=0, eos_token_id=0,
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        intermediate_size=80,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        use_parallel_residual=True,
+        rotary_pct=0.25,
+        bos_token_id=0,
+        eos_token_id=0,
         pad_token_id=0,
     )
     return GPTNeoXForCausalLM(config)
@@ -34,11 +42,19 @@ def hand_module(hf, point, layer):
     block = hf.gpt_neox.layers[layer]
     a = block.attention
     return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.query_key_value, "out"),
-        "attn.k": (a.query_key_value, "out"), "attn.v": (a.query_key_value, "out"), "attn.z": (a.dense, "in"),
-        "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"), "mlp.post": (block.mlp.dense_4h_to_h, "in"),
-        "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.gpt_neox.final_layer_norm, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (a, "in"),
+        "attn.q": (a.query_key_value, "out"),
+        "attn.k": (a.query_key_value, "out"),
+        "attn.v": (a.query_key_value, "out"),
+        "attn.z": (a.dense, "in"),
+        "attn.out": (a, "out"),
+        "mlp.in": (block.mlp, "in"),
+        "mlp.post": (block.mlp.dense_4h_to_h, "in"),
+        "mlp.out": (block.mlp, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.gpt_neox.final_layer_norm, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 
@@ -58,4 +74,5 @@ def hand_heads(hf, point):
         parts = list(t.view(*t.shape[:-1], heads, 3 * d_head).chunk(3, dim=-1))
         parts[which] = new
         return torch.cat(parts, dim=-1).reshape(t.shape)
+
     return read, write

@@ -9,8 +9,16 @@ PARALLEL_RESIDUAL = True
 
 def tiny():
     config = GPTJConfig(
-        n_layer=3, n_embd=48, n_head=6, rotary_dim=4, n_inner=80, n_positions=64, vocab_size=VOCAB,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        n_layer=3,
+        n_embd=48,
+        n_head=6,
+        rotary_dim=4,
+        n_inner=80,
+        n_positions=64,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return GPTJForCausalLM(config)
 
@@ -32,10 +40,19 @@ def hand_module(hf, point, layer):
     block = hf.transformer.h[layer]
     a = block.attn
     return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.q_proj, "out"), "attn.k": (a.k_proj, "out"),
-        "attn.v": (a.v_proj, "out"), "attn.z": (a.out_proj, "in"), "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"),
-        "mlp.post": (block.mlp.fc_out, "in"), "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.transformer.ln_f, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (a, "in"),
+        "attn.q": (a.q_proj, "out"),
+        "attn.k": (a.k_proj, "out"),
+        "attn.v": (a.v_proj, "out"),
+        "attn.z": (a.out_proj, "in"),
+        "attn.out": (a, "out"),
+        "mlp.in": (block.mlp, "in"),
+        "mlp.post": (block.mlp.fc_out, "in"),
+        "mlp.out": (block.mlp, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.transformer.ln_f, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 

@@ -7,8 +7,17 @@ VOCAB = 97
 
 def tiny():
     config = LlamaConfig(
-        num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config)
 
@@ -30,10 +39,19 @@ def hand_module(hf, point, layer):
     block = hf.model.layers[layer]
     a = block.self_attn
     return {
-        "resid_pre": (block, "in"), "attn.in": (a, "in"), "attn.q": (a.q_proj, "out"), "attn.k": (a.k_proj, "out"),
-        "attn.v": (a.v_proj, "out"), "attn.z": (a.o_proj, "in"), "attn.out": (a, "out"), "mlp.in": (block.mlp, "in"),
-        "mlp.post": (block.mlp.down_proj, "in"), "mlp.out": (block.mlp, "out"), "resid_post": (block, "out"),
-        "final_norm": (hf.model.norm, "out"), "logits": (hf.lm_head, "out"),
+        "resid_pre": (block, "in"),
+        "attn.in": (a, "in"),
+        "attn.q": (a.q_proj, "out"),
+        "attn.k": (a.k_proj, "out"),
+        "attn.v": (a.v_proj, "out"),
+        "attn.z": (a.o_proj, "in"),
+        "attn.out": (a, "out"),
+        "mlp.in": (block.mlp, "in"),
+        "mlp.post": (block.mlp.down_proj, "in"),
+        "mlp.out": (block.mlp, "out"),
+        "resid_post": (block, "out"),
+        "final_norm": (hf.model.norm, "out"),
+        "logits": (hf.lm_head, "out"),
     }[point]
 
 

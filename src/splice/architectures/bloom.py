@@ -10,19 +10,23 @@ sites do not add up) and `pretraining_tp > 1` with `slow_but_exact` (the project
 applied slice by slice, never called as modules)."""
 
 from ..errors import SpliceError
-from .views import WHOLE, Heads
 from .table import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
+from .views import WHOLE, Heads
 
 LAYER = "transformer.h.{l}"
 
 
 def dims(config) -> Dims:
     if config.apply_residual_connection_post_layernorm:
-        raise SpliceError("splice does not support BLOOM with apply_residual_connection_post_layernorm=True: "
-                          "its residual stream is the normalised one, so the residual sites do not add up")
+        raise SpliceError(
+            "splice does not support BLOOM with apply_residual_connection_post_layernorm=True: "
+            "its residual stream is the normalised one, so the residual sites do not add up"
+        )
     if config.pretraining_tp > 1 and config.slow_but_exact:
-        raise SpliceError("splice does not support BLOOM with pretraining_tp > 1 and slow_but_exact=True: "
-                          "the output projections are applied in slices and never called; set slow_but_exact=False")
+        raise SpliceError(
+            "splice does not support BLOOM with pretraining_tp > 1 and slow_but_exact=True: "
+            "the output projections are applied in slices and never called; set slow_but_exact=False"
+        )
     d_model, heads = config.hidden_size, config.n_head
     return Dims(config.n_layer, d_model, heads, heads, d_model // heads, 4 * d_model, config.vocab_size)
 
@@ -32,13 +36,15 @@ def points(d: Dims) -> dict[str, Point]:
     qkv = f"{attn}.query_key_value"
     table = residual_stream_points(LAYER, attn, mlp, "transformer.ln_f")
     table.update(interleaved_qkv_points(qkv, d.n_heads))
-    table.update({
-        "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
-        "attn.out": Point(f"{attn}.dense", "output"),
-        "resid_mid": Point(attn, "output", WHOLE),  # the attention module adds the residual itself
-        "mlp.post": Point(f"{mlp}.dense_4h_to_h", "input"),
-        "mlp.out": Point(f"{mlp}.dense_4h_to_h", "output"),
-    })
+    table.update(
+        {
+            "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
+            "attn.out": Point(f"{attn}.dense", "output"),
+            "resid_mid": Point(attn, "output", WHOLE),  # the attention module adds the residual itself
+            "mlp.post": Point(f"{mlp}.dense_4h_to_h", "input"),
+            "mlp.out": Point(f"{mlp}.dense_4h_to_h", "output"),
+        }
+    )
     return table
 
 

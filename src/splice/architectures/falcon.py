@@ -10,8 +10,8 @@ block returns `resid_pre + attn.out + mlp.out`; otherwise the block is sequentia
 Rotary and ALiBi variants share the table (sites are taken before rotary)."""
 
 from ..errors import SpliceError
-from .views import Heads, InterleavedHeads
 from .table import Architecture, Dims, Point, residual_stream_points
+from .views import Heads, InterleavedHeads
 
 LAYER = "transformer.h.{l}"
 
@@ -29,8 +29,15 @@ def dims(config) -> Dims:
             f"splice does not support Falcon's grouped query_key_value yet ({kv} KV heads for {heads} heads, "
             "laid out [q ... q k v] per KV head); multi-query and full multi-head Falcon are supported"
         )
-    return Dims(config.num_hidden_layers, config.hidden_size, heads, kv, config.hidden_size // heads,
-                config.ffn_hidden_size, config.vocab_size)
+    return Dims(
+        config.num_hidden_layers,
+        config.hidden_size,
+        heads,
+        kv,
+        config.hidden_size // heads,
+        config.ffn_hidden_size,
+        config.vocab_size,
+    )
 
 
 def points(d: Dims) -> dict[str, Point]:
@@ -38,20 +45,30 @@ def points(d: Dims) -> dict[str, Point]:
     qkv, width = f"{attn}.query_key_value", d.n_heads * d.d_head
     table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "transformer.ln_f")
     if d.n_kv_heads == 1:  # multi-query: [Q (heads) | K (one head) | V (one head)]
-        views = (Heads(d.n_heads, 0, width), Heads(1, width, width + d.d_head), Heads(1, width + d.d_head, width + 2 * d.d_head))
+        views = (
+            Heads(d.n_heads, 0, width),
+            Heads(1, width, width + d.d_head),
+            Heads(1, width + d.d_head, width + 2 * d.d_head),
+        )
     else:  # per head [q k v]
         views = tuple(InterleavedHeads(d.n_heads, 3, i) for i in range(3))
-    table.update({
-        "attn.q": Point(qkv, "output", views[0]),
-        "attn.k": Point(qkv, "output", views[1]),
-        "attn.v": Point(qkv, "output", views[2]),
-        "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
-        "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
-    })
+    table.update(
+        {
+            "attn.q": Point(qkv, "output", views[0]),
+            "attn.k": Point(qkv, "output", views[1]),
+            "attn.v": Point(qkv, "output", views[2]),
+            "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
+            "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
+        }
+    )
     return table
 
 
 ARCHITECTURE = Architecture(
-    "falcon", ("falcon",), "transformer", dims, points,
+    "falcon",
+    ("falcon",),
+    "transformer",
+    dims,
+    points,
     parallel_residual=lambda config: bool(config.parallel_attn or config.new_decoder_architecture),
 )

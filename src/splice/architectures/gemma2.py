@@ -18,8 +18,15 @@ LAYER = "model.layers.{l}"
 
 def points(d: Dims) -> dict[str, Point]:
     table = llama.points(d)
-    table.update(residual_stream_points(LAYER, f"{LAYER}.self_attn", f"{LAYER}.mlp", "model.norm",
-                                        attn_out=f"{LAYER}.post_attention_layernorm"))
+    table.update(
+        residual_stream_points(
+            LAYER,
+            f"{LAYER}.self_attn",
+            f"{LAYER}.mlp",
+            "model.norm",
+            attn_out=f"{LAYER}.post_attention_layernorm",
+        )
+    )
     table["mlp.out"] = Point(f"{LAYER}.post_feedforward_layernorm", "output")
     table["logits"] = Point("", "output", field="logits")  # the model's own output
     return table

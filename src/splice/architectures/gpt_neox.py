@@ -3,16 +3,23 @@
 axis), partial rotary after the split, and a parallel residual unless `use_parallel_residual` is
 false (then attention and MLP are sequential, as in GPT-2)."""
 
-from .views import Heads
 from .table import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
+from .views import Heads
 
 LAYER = "gpt_neox.layers.{l}"
 
 
 def dims(config) -> Dims:
     heads = config.num_attention_heads
-    return Dims(config.num_hidden_layers, config.hidden_size, heads, heads, config.hidden_size // heads,
-                config.intermediate_size, config.vocab_size)
+    return Dims(
+        config.num_hidden_layers,
+        config.hidden_size,
+        heads,
+        heads,
+        config.hidden_size // heads,
+        config.intermediate_size,
+        config.vocab_size,
+    )
 
 
 def points(d: Dims) -> dict[str, Point]:
@@ -20,14 +27,20 @@ def points(d: Dims) -> dict[str, Point]:
     qkv = f"{attn}.query_key_value"
     table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "gpt_neox.final_layer_norm")
     table.update(interleaved_qkv_points(qkv, d.n_heads))
-    table.update({
-        "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
-        "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
-    })
+    table.update(
+        {
+            "attn.z": Point(f"{attn}.dense", "input", Heads(d.n_heads)),
+            "mlp.post": Point(f"{LAYER}.mlp.dense_4h_to_h", "input"),
+        }
+    )
     return table
 
 
 ARCHITECTURE = Architecture(
-    "gpt_neox", ("gpt_neox",), "gpt_neox", dims, points,
+    "gpt_neox",
+    ("gpt_neox",),
+    "gpt_neox",
+    dims,
+    points,
     parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", True)),
 )

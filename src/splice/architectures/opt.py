@@ -9,8 +9,8 @@ Post-norm OPT (`do_layer_norm_before=False`, i.e. opt-350m) is refused: its resi
 renormalised after each sublayer and it has no final norm."""
 
 from ..errors import SpliceError
-from .views import Heads, Tokens
 from .table import Architecture, Dims, Point, residual_stream_points
+from .views import Heads, Tokens
 
 LAYER = "model.decoder.layers.{l}"
 
@@ -27,22 +27,31 @@ def dims(config) -> Dims:
             f"({config.hidden_size}): the final norm would not feed lm_head directly"
         )
     heads = config.num_attention_heads
-    return Dims(config.num_hidden_layers, config.hidden_size, heads, heads, config.hidden_size // heads,
-                config.ffn_dim, config.vocab_size)
+    return Dims(
+        config.num_hidden_layers,
+        config.hidden_size,
+        heads,
+        heads,
+        config.hidden_size // heads,
+        config.ffn_dim,
+        config.vocab_size,
+    )
 
 
 def points(d: Dims) -> dict[str, Point]:
     attn = f"{LAYER}.self_attn"
     table = residual_stream_points(LAYER, attn, f"{LAYER}.fc1", "model.decoder.final_layer_norm")
-    table.update({
-        "attn.q": Point(f"{attn}.q_proj", "output", Heads(d.n_heads)),
-        "attn.k": Point(f"{attn}.k_proj", "output", Heads(d.n_heads)),
-        "attn.v": Point(f"{attn}.v_proj", "output", Heads(d.n_heads)),
-        "attn.z": Point(f"{attn}.out_proj", "input", Heads(d.n_heads)),
-        "mlp.in": Point(f"{LAYER}.fc1", "input", Tokens()),
-        "mlp.post": Point(f"{LAYER}.fc2", "input", Tokens()),
-        "mlp.out": Point(f"{LAYER}.fc2", "output", Tokens()),
-    })
+    table.update(
+        {
+            "attn.q": Point(f"{attn}.q_proj", "output", Heads(d.n_heads)),
+            "attn.k": Point(f"{attn}.k_proj", "output", Heads(d.n_heads)),
+            "attn.v": Point(f"{attn}.v_proj", "output", Heads(d.n_heads)),
+            "attn.z": Point(f"{attn}.out_proj", "input", Heads(d.n_heads)),
+            "mlp.in": Point(f"{LAYER}.fc1", "input", Tokens()),
+            "mlp.post": Point(f"{LAYER}.fc2", "input", Tokens()),
+            "mlp.out": Point(f"{LAYER}.fc2", "output", Tokens()),
+        }
+    )
     return table
 
 

@@ -4,9 +4,9 @@ fused `gate_up_proj` feeding `down_proj`. Each sublayer's output passes a residu
 modules' outputs, i.e. exactly what joins the residual stream (identical to the sublayer outputs in
 eval mode or with `resid_pdrop=0`)."""
 
-from .views import Heads
 from . import llama
 from .table import Architecture, Dims, Point, residual_stream_points
+from .views import Heads
 
 LAYER = "model.layers.{l}"
 
@@ -14,15 +14,19 @@ LAYER = "model.layers.{l}"
 def points(d: Dims) -> dict[str, Point]:
     attn, qkv = f"{LAYER}.self_attn", f"{LAYER}.self_attn.qkv_proj"
     q_width, kv_width = d.n_heads * d.d_head, d.n_kv_heads * d.d_head
-    table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "model.norm", attn_out=f"{LAYER}.resid_attn_dropout")
-    table.update({
-        "mlp.out": Point(f"{LAYER}.resid_mlp_dropout", "output"),
-        "attn.q": Point(qkv, "output", Heads(d.n_heads, 0, q_width)),
-        "attn.k": Point(qkv, "output", Heads(d.n_kv_heads, q_width, q_width + kv_width)),
-        "attn.v": Point(qkv, "output", Heads(d.n_kv_heads, q_width + kv_width, q_width + 2 * kv_width)),
-        "attn.z": Point(f"{attn}.o_proj", "input", Heads(d.n_heads)),
-        "mlp.post": Point(f"{LAYER}.mlp.down_proj", "input"),
-    })
+    table = residual_stream_points(
+        LAYER, attn, f"{LAYER}.mlp", "model.norm", attn_out=f"{LAYER}.resid_attn_dropout"
+    )
+    table.update(
+        {
+            "mlp.out": Point(f"{LAYER}.resid_mlp_dropout", "output"),
+            "attn.q": Point(qkv, "output", Heads(d.n_heads, 0, q_width)),
+            "attn.k": Point(qkv, "output", Heads(d.n_kv_heads, q_width, q_width + kv_width)),
+            "attn.v": Point(qkv, "output", Heads(d.n_kv_heads, q_width + kv_width, q_width + 2 * kv_width)),
+            "attn.z": Point(f"{attn}.o_proj", "input", Heads(d.n_heads)),
+            "mlp.post": Point(f"{LAYER}.mlp.down_proj", "input"),
+        }
+    )
     return table
 
 

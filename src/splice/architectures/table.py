@@ -26,8 +26,12 @@ class Dims:
 
     def size(self, axis: str) -> int | None:
         return {
-            "d_model": self.d_model, "head": self.n_heads, "kv_head": self.n_kv_heads,
-            "d_head": self.d_head, "d_mlp": self.d_mlp, "vocab": self.vocab,
+            "d_model": self.d_model,
+            "head": self.n_heads,
+            "kv_head": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "vocab": self.vocab,
         }.get(axis)
 
 
@@ -69,7 +73,9 @@ class Architecture:
     logits_transform: Callable[[object], Callable | None] = field(default=lambda config: None)
 
 
-def residual_stream_points(layer: str, attn: str, mlp: str, final_norm: str, attn_out: str | None = None) -> dict[str, Point]:
+def residual_stream_points(
+    layer: str, attn: str, mlp: str, final_norm: str, attn_out: str | None = None
+) -> dict[str, Point]:
     """The sites every pre-norm decoder family shares, from the paths of its layer, attention
     module, MLP module and final norm. `attn_out` is the module whose output is the attention's
     residual contribution, if not the attention module itself (Gemma2's post-attention norm)."""
@@ -92,4 +98,6 @@ def residual_stream_points(layer: str, attn: str, mlp: str, final_norm: str, att
 
 def interleaved_qkv_points(qkv: str, heads: int) -> dict[str, Point]:
     """q/k/v of a fused projection laid out per head as [q k v] (GPT-NeoX, BLOOM, Falcon)."""
-    return {f"attn.{part}": Point(qkv, "output", InterleavedHeads(heads, 3, i)) for i, part in enumerate("qkv")}
+    return {
+        f"attn.{part}": Point(qkv, "output", InterleavedHeads(heads, 3, i)) for i, part in enumerate("qkv")
+    }

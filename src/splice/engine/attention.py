@@ -20,13 +20,15 @@ import torch
 from ..errors import SpliceError
 from .sites import Site
 
-_ROUTES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, int]]" = weakref.WeakKeyDictionary()
+_ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, int]] = weakref.WeakKeyDictionary()
 SUPPORTED = ("sdpa", "eager")
 
 
 def _original(kind: str, module):
     if kind == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # at first use: it imports modeling_utils (~1.7 s)
+        from transformers.integrations.sdpa_attention import (
+            sdpa_attention_forward,  # at first use: it imports modeling_utils (~1.7 s)
+        )
 
         return sdpa_attention_forward
     return sys.modules[type(module).__module__].eager_attention_forward  # the family's own eager
@@ -47,10 +49,14 @@ def _blocked(module, q_len: int, k_len: int, attention_mask, device):
     return ~mask if mask.dtype == torch.bool else mask < 0  # additive masks hold 0 or the dtype minimum
 
 
-def _attention_with_sites(engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+def _attention_with_sites(
+    engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs
+):
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (
+        scaling if scaling is not None else query.shape[-1] ** -0.5
+    )
     if kwargs.get("softcap") is not None:
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
     blocked = _blocked(module, scores.shape[-2], scores.shape[-1], attention_mask, scores.device)
@@ -60,13 +66,20 @@ def _attention_with_sites(engine, frame, layer, module, query, key, value, atten
     action = frame.plan.get(f"blocks.{layer}.attn.scores")
     if action is not None:
         # Masked pairs stay masked whatever the edit did (a scaled minimum would overflow).
-        scores = engine.process(action, scores, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, lowest))
+        scores = engine.process(
+            action,
+            scores,
+            frame,
+            settle=None if blocked is None else lambda t: t.masked_fill(blocked, lowest),
+        )
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     action = frame.plan.get(f"blocks.{layer}.attn.pattern")
     if action is not None:
         # Pairs the mask forbids stay at 0: an edit must not let a token attend to a future (or
         # padding) key, which cached decoding could not reproduce.
-        pattern = engine.process(action, pattern, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, 0.0))
+        pattern = engine.process(
+            action, pattern, frame, settle=None if blocked is None else lambda t: t.masked_fill(blocked, 0.0)
+        )
     weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, pattern
@@ -78,10 +91,16 @@ def _make(kind: str):
         if route is not None:
             engine, layer = route
             frame = engine.frame(query.transpose(1, 2))
-            if frame is not None and (f"blocks.{layer}.attn.scores" in frame.plan.actions
-                                      or f"blocks.{layer}.attn.pattern" in frame.plan.actions):
-                return _attention_with_sites(engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs)
-        return _original(kind, module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if frame is not None and (
+                f"blocks.{layer}.attn.scores" in frame.plan.actions
+                or f"blocks.{layer}.attn.pattern" in frame.plan.actions
+            ):
+                return _attention_with_sites(
+                    engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs
+                )
+        return _original(kind, module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
 
     return attention
 

@@ -26,7 +26,9 @@ def _dtype(name) -> torch.dtype:
     hand-edited "Tensor" or "Size", which getattr(torch, name) would turn into a class (or a crash)."""
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise SpliceError(f"cannot decode a tensor with dtype {name!r}: expected a torch dtype name such as 'float32', 'bfloat16' or 'bool'")
+        raise SpliceError(
+            f"cannot decode a tensor with dtype {name!r}: expected a torch dtype name such as 'float32', 'bfloat16' or 'bool'"
+        )
     return dtype
 
 

@@ -40,13 +40,19 @@ def _as_directions(value, kind: str) -> torch.Tensor:
             return torch.zeros(_EMPTY_SHAPE)
         if not all(isinstance(v, torch.Tensor) for v in value):
             kinds = sorted({type(v).__name__ for v in value})
-            raise SpliceError(f"{kind} directions: a list must hold 1-D tensors (one direction each); got {', '.join(kinds)}")
+            raise SpliceError(
+                f"{kind} directions: a list must hold 1-D tensors (one direction each); got {', '.join(kinds)}"
+            )
         widths = {tuple(v.shape) for v in value}
         if any(v.dim() != 1 for v in value) or len(widths) > 1:
-            raise SpliceError(f"{kind} directions: a list must hold 1-D tensors of one width; got shapes {[list(v.shape) for v in value]}")
+            raise SpliceError(
+                f"{kind} directions: a list must hold 1-D tensors of one width; got shapes {[list(v.shape) for v in value]}"
+            )
         value = torch.stack([v.detach() for v in value])
     if not isinstance(value, torch.Tensor):
-        raise SpliceError(f"{kind} directions must be a [d] or [k, d] tensor or a list of [d] tensors; got {type(value).__name__}")
+        raise SpliceError(
+            f"{kind} directions must be a [d] or [k, d] tensor or a list of [d] tensors; got {type(value).__name__}"
+        )
     value = value.detach()
     if value.dim() not in (1, 2):
         raise SpliceError(f"{kind} directions must be a [d] or [k, d] tensor; got shape {list(value.shape)}")
@@ -120,8 +126,6 @@ class _Directional(Intervention, registered=False):
         return ((x @ basis.T) @ basis).to(region.dtype)
 
 
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class Project(_Directional):
     """Keep only the component of the selected vectors in the span of `directions` (last axis)."""
@@ -188,8 +192,20 @@ class Clamp(Intervention):
     def compute(self, region, at):
         if self.min is None and self.max is None:
             return region
-        lo = None if self.min is None else broadcast_to_region(as_value(self.min, region, "Clamp min", at.site), region, at, "Clamp min")
-        hi = None if self.max is None else broadcast_to_region(as_value(self.max, region, "Clamp max", at.site), region, at, "Clamp max")
+        lo = (
+            None
+            if self.min is None
+            else broadcast_to_region(
+                as_value(self.min, region, "Clamp min", at.site), region, at, "Clamp min"
+            )
+        )
+        hi = (
+            None
+            if self.max is None
+            else broadcast_to_region(
+                as_value(self.max, region, "Clamp max", at.site), region, at, "Clamp max"
+            )
+        )
         return torch.clamp(region, min=lo, max=hi)
 
 
@@ -219,5 +235,7 @@ class Apply(Intervention):
 
     def __repr__(self):
         name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
-        inner = [name] + [f"{n}={v!r}" for n in ("pos", "heads", "dims", "rows") if (v := getattr(self, n)) is not None]
+        inner = [name] + [
+            f"{n}={v!r}" for n in ("pos", "heads", "dims", "rows") if (v := getattr(self, n)) is not None
+        ]
         return f"Apply({', '.join(inner)})"

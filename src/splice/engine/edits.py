@@ -11,8 +11,8 @@ import json
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
-from . import files
 from ..errors import SpliceError
+from . import files
 from .interventions import Intervention
 from .sites import canonical_name
 
@@ -23,7 +23,9 @@ def _as_list(key, value) -> tuple[Intervention, ...]:
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if not isinstance(item, Intervention):
-            raise SpliceError(f"edits[{key!r}] must be an Intervention or a list of them (e.g. Zero(), Scale(0.5)); got {item!r}")
+            raise SpliceError(
+                f"edits[{key!r}] must be an Intervention or a list of them (e.g. Zero(), Scale(0.5)); got {item!r}"
+            )
     return tuple(items)
 
 
@@ -33,7 +35,7 @@ class Edits(MutableMapping):
 
     def __init__(self, mapping=None, /, **kwargs):
         self._items: dict[str, tuple[Intervention, ...]] = {}
-        self._listeners: list[Callable[["Edits"], None]] = []
+        self._listeners: list[Callable[[Edits], None]] = []
         self.version = 0  # bumped by every change: a forward's plan is rebuilt when it moves
         for key, value in dict(mapping or {}, **kwargs).items():
             self._items[canonical_name(key)] = _as_list(key, value)
@@ -96,14 +98,16 @@ class Edits(MutableMapping):
         return {key: [iv.to_dict() for iv in items] for key, items in self._items.items()}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "Edits":
+    def from_dict(cls, record: dict) -> Edits:
         """The inverse of `to_dict`; a bad record is named by its key path."""
         return cls._from_document(files.Document(record))
 
     @classmethod
-    def _from_document(cls, doc: files.Document) -> "Edits":
+    def _from_document(cls, doc: files.Document) -> Edits:
         if not isinstance(doc.data, dict):
-            raise doc.error((), f"expected a mapping of site -> intervention record(s); got {type(doc.data).__name__}")
+            raise doc.error(
+                (), f"expected a mapping of site -> intervention record(s); got {type(doc.data).__name__}"
+            )
         out = cls()
         for key, value in doc.data.items():
             try:
@@ -122,7 +126,7 @@ class Edits(MutableMapping):
         files.write_atomic(path, text.encode())
 
     @classmethod
-    def load(cls, path) -> "Edits":
+    def load(cls, path) -> Edits:
         """Read a file written by `save` (YAML through the safe loader, without aliases); any
         mistake is an error naming the file, line and key."""
         return cls._from_document(files.load_document(path, EDITS_FILE))

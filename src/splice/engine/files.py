@@ -32,8 +32,12 @@ class _Loader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise yaml.composer.ComposerError(
-                None, None, "YAML anchors and aliases (&name, *name) are refused: splice files never need them, "
-                "and nested aliases can expand a small file into millions of values; write the values out", event.start_mark)
+                None,
+                None,
+                "YAML anchors and aliases (&name, *name) are refused: splice files never need them, "
+                "and nested aliases can expand a small file into millions of values; write the values out",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -82,7 +86,9 @@ class Document:
 
 def _child(node, key):
     if isinstance(node, yaml.MappingNode):
-        return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)), None)
+        return next(
+            (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)), None
+        )
     if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
         return node.value[key]
     return None
@@ -110,7 +116,9 @@ def parse_json(text, where: str, what: str, line: int | None = None):
         return json.loads(text)
     except json.JSONDecodeError as error:
         at = error.lineno if line is None else line
-        raise SpliceError(f"{where} line {at}: invalid JSON ({error.msg}, column {error.colno}); expected {what}") from None
+        raise SpliceError(
+            f"{where} line {at}: invalid JSON ({error.msg}, column {error.colno}); expected {what}"
+        ) from None
     except (UnicodeDecodeError, RecursionError) as error:
         at = f" line {line}" if line is not None else ""
         raise SpliceError(f"{where}{at}: unreadable JSON ({type(error).__name__}); expected {what}") from None
@@ -133,7 +141,9 @@ def load_yaml(path, what: str) -> Document:
         line = f" line {error.problem_mark.line + 1}" if error.problem_mark is not None else ""
         raise SpliceError(f"{path}{line}: {problem}; expected {what}") from None
     except (yaml.YAMLError, RecursionError) as error:
-        raise SpliceError(f"{path}: unreadable YAML ({_one_line(error) or type(error).__name__}); expected {what}") from None
+        raise SpliceError(
+            f"{path}: unreadable YAML ({_one_line(error) or type(error).__name__}); expected {what}"
+        ) from None
     return Document(data, path, text)
 
 
@@ -173,8 +183,11 @@ def _check_value(doc: Document, keys: tuple, value) -> None:
     elif isinstance(value, dict):
         kind = next((k for k in _RECORDS if k in value), None)
         if kind is None or set(value) - _RECORDS[kind]:
-            raise doc.error(keys, "expected a tensor, slice or mapping record ({tensor: [...], dtype: float32}, "
-                                  f"{{slice: [start, stop, step]}} or {{mapping: {{...}}}}); got keys {sorted(map(str, value))}")
+            raise doc.error(
+                keys,
+                "expected a tensor, slice or mapping record ({tensor: [...], dtype: float32}, "
+                f"{{slice: [start, stop, step]}} or {{mapping: {{...}}}}); got keys {sorted(map(str, value))}",
+            )
         _CHECKS[kind](doc, keys, value)
 
 
@@ -182,11 +195,17 @@ def _check_tensor(doc: Document, keys: tuple, value: dict) -> None:
     """Size and shape; the dtype name is checked where it is decoded."""
     shape = _shape(value["tensor"])
     if math.prod(shape) > MAX_TENSOR_ELEMENTS:
-        raise doc.error(keys, f"a tensor of shape {shape} ({math.prod(shape):,} numbers) is over the limit of "
-                              f"{MAX_TENSOR_ELEMENTS:,} for values in YAML/JSON (splice.engine.files.MAX_TENSOR_ELEMENTS); "
-                              "expected a smaller value (save large tensors with safetensors)")
+        raise doc.error(
+            keys,
+            f"a tensor of shape {shape} ({math.prod(shape):,} numbers) is over the limit of "
+            f"{MAX_TENSOR_ELEMENTS:,} for values in YAML/JSON (splice.engine.files.MAX_TENSOR_ELEMENTS); "
+            "expected a smaller value (save large tensors with safetensors)",
+        )
     if not _rectangular(value["tensor"], shape):
-        raise doc.error(keys, f"expected {{tensor: ...}} to hold a number or a rectangular nested list of numbers (shape {shape} from its first elements)")
+        raise doc.error(
+            keys,
+            f"expected {{tensor: ...}} to hold a number or a rectangular nested list of numbers (shape {shape} from its first elements)",
+        )
 
 
 def _shape(nested) -> list[int]:
@@ -203,15 +222,23 @@ def _shape(nested) -> list[int]:
 def _rectangular(nested, shape: list[int]) -> bool:
     if not shape:
         return isinstance(nested, (int, float))
-    return isinstance(nested, list) and len(nested) == shape[0] and all(_rectangular(x, shape[1:]) for x in nested)
+    return (
+        isinstance(nested, list)
+        and len(nested) == shape[0]
+        and all(_rectangular(x, shape[1:]) for x in nested)
+    )
 
 
 def _check_slice(doc: Document, keys: tuple, value: dict) -> None:
     bounds = value["slice"]
     if not isinstance(bounds, list) or len(bounds) != 3 or not all(b is None or is_int(b) for b in bounds):
-        raise doc.error(keys, f"expected {{slice: [start, stop, step]}}, three integers or nulls; got {bounds!r}")
+        raise doc.error(
+            keys, f"expected {{slice: [start, stop, step]}}, three integers or nulls; got {bounds!r}"
+        )
     if bounds[2] == 0:
-        raise doc.error(keys, f"a slice step cannot be 0; expected a nonzero step or null in {{slice: {bounds!r}}}")
+        raise doc.error(
+            keys, f"a slice step cannot be 0; expected a nonzero step or null in {{slice: {bounds!r}}}"
+        )
 
 
 def _check_mapping(doc: Document, keys: tuple, value: dict) -> None:

@@ -18,8 +18,16 @@ class Frame:
     began), the sites that fired, and the layer inputs saved for views that need them. Owned by
     the execution context that runs the forward; never shared between threads."""
 
-    def __init__(self, batch: int, seq: int, past: int = 0, attention_mask=None, position_ids=None,
-                 cached: bool = False, plan=None):
+    def __init__(
+        self,
+        batch: int,
+        seq: int,
+        past: int = 0,
+        attention_mask=None,
+        position_ids=None,
+        cached: bool = False,
+        plan=None,
+    ):
         self.batch, self.seq, self.past = batch, seq, past
         self.cached = cached  # part of a generation (KV cache or generate's logits_to_keep): later forwards reach further positions
         self._mask = attention_mask
@@ -32,7 +40,7 @@ class Frame:
         self.fired: set[str] = set()
         self.layer_inputs: dict[int, torch.Tensor] = {}
 
-    def resized(self, batch: int, attention_mask=None) -> "Frame":
+    def resized(self, batch: int, attention_mask=None) -> Frame:
         """The same forward (plan, fired sites, outer forward) over a different number of rows, as
         when a sweep's replay lets more variants join."""
         frame = Frame(batch, self.seq, self.past, attention_mask, None, self.cached, self.plan)
@@ -40,7 +48,7 @@ class Frame:
         return frame
 
     @classmethod
-    def from_call(cls, args, kwargs) -> "Frame":
+    def from_call(cls, args, kwargs) -> Frame:
         """Build a frame from the arguments of a Hugging Face causal-LM forward, whatever their
         keywords (transformers renames them: the KV cache came as `past_key_values` up to 5.23
         and as `cache` from 5.24)."""
@@ -85,7 +93,7 @@ class Frame:
             self._positions = (pos, valid, lengths)
         return self._positions
 
-    def tail(self, n: int) -> "Frame":
+    def tail(self, n: int) -> Frame:
         """The frame of only the last n positions (logits computed for the last tokens only)."""
         ids = self._position_ids[..., -n:] if self._position_ids is not None else None
         sub = Frame(self.batch, n, self.past + self.seq - n, self._mask, ids, self.cached)
@@ -114,13 +122,15 @@ def past_length(args, kwargs, seq: int, mask, position_ids) -> tuple[bool, int]:
     assuming 0 would silently move every position-selected edit to the wrong token."""
     values = list(kwargs.items()) + [(f"argument {i}", v) for i, v in enumerate(args)]
     caches = [(name, v) for name, v in values if isinstance(v, Cache)]
-    for name, cache in caches:
+    for _name, cache in caches:
         try:
             return True, int(cache.get_seq_length())
         except Exception:  # noqa: BLE001 - an unreadable cache falls through to the other sources
             continue
     cache_position = kwargs.get("cache_position")
-    carried = [name for name, v in values if v is not None and _looks_like_cache(name) and name != "cache_position"]
+    carried = [
+        name for name, v in values if v is not None and _looks_like_cache(name) and name != "cache_position"
+    ]
     has_cache = bool(caches or carried)
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return has_cache, int(cache_position.reshape(-1)[0])

@@ -20,10 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .layout import Layout
-from .attention import AttentionRouting
 from ..errors import SpliceError
+from .attention import AttentionRouting
 from .frame import Frame
+from .layout import Layout
 from .plan import EMPTY, EditScope, Plan, apply_action, build_plan, check_same
 
 
@@ -55,12 +55,12 @@ class State(NamedTuple):
 
 # Engine -> State, per execution context. Replaced, never mutated, so a copied context (a new
 # asyncio task) cannot change its parent's.
-_STATE: ContextVar[dict] = ContextVar("splice_state", default={})
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()
+_STATE: ContextVar[dict] = ContextVar("splice_state", default={})  # noqa: B039 - never mutated (above)
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 _ENGINES_LOCK = threading.Lock()
 
 
-def engine_for(model: nn.Module) -> "Engine":
+def engine_for(model: nn.Module) -> Engine:
     """The engine of an HF model, created on first use: two wrappers of one model share it."""
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)
@@ -69,7 +69,7 @@ def engine_for(model: nn.Module) -> "Engine":
         return engine
 
 
-def _set_state(engine: "Engine", state: State | None):
+def _set_state(engine: Engine, state: State | None):
     states = dict(_STATE.get())
     if state is None:
         states.pop(engine, None)
@@ -98,7 +98,7 @@ class Opened:
 
     __slots__ = ("engine", "scopes")
 
-    def __init__(self, engine: "Engine", scopes: tuple):
+    def __init__(self, engine: Engine, scopes: tuple):
         self.engine, self.scopes = engine, scopes
 
     def __enter__(self):
@@ -114,7 +114,7 @@ class Dispatcher:
 
     __slots__ = ("engine", "entries", "arg", "field", "layer_input_of", "handle")
 
-    def __init__(self, engine: "Engine", module: nn.Module, io: str, entries: list):
+    def __init__(self, engine: Engine, module: nn.Module, io: str, entries: list):
         self.engine, self.entries = engine, entries
         point = entries[0][1]
         self.arg, self.field = point.arg, point.field
@@ -175,10 +175,10 @@ class Forward:
 
     __slots__ = ("engine", "frame")
 
-    def __init__(self, engine: "Engine", frame: Frame):
+    def __init__(self, engine: Engine, frame: Frame):
         self.engine, self.frame = engine, frame
 
-    def __enter__(self) -> "Forward":
+    def __enter__(self) -> Forward:
         self.engine.begin(self.frame)
         return self
 
@@ -295,7 +295,9 @@ class Engine:
             self._dispatchers.pop(key).handle.remove()
         for key, layer in wanted.items():
             if key not in self._dispatchers:
-                self._dispatchers[key] = Dispatcher(self, layout.module_at(key[0]), key[1], layout.sites_at(key))
+                self._dispatchers[key] = Dispatcher(
+                    self, layout.module_at(key[0]), key[1], layout.sites_at(key)
+                )
             self._dispatchers[key].layer_input_of = layer
         if attention:
             self.attention.activate()

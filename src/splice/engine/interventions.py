@@ -15,8 +15,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .codec import decode, encode
 from ..errors import SpliceError
+from .codec import decode, encode
 from .selection import normalize_index, normalize_pos
 
 
@@ -31,7 +31,7 @@ class At(NamedTuple):
     axes: tuple = ()  # the site's axis names, e.g. ("batch", "pos", "head", "d_head")
 
 
-_REGISTRY: dict[str, type["Intervention"]] = {}
+_REGISTRY: dict[str, type[Intervention]] = {}
 SELECTION = ("pos", "heads", "dims", "rows")
 
 
@@ -47,9 +47,19 @@ def _describe(value) -> str:
 
 def _same(a, b) -> bool:
     if isinstance(a, dict) or isinstance(b, dict):
-        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_same(a[k], b[k]) for k in a)
+        )
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and torch.equal(a.detach().cpu(), b.detach().cpu())
+        )
     return a == b
 
 
@@ -62,7 +72,7 @@ class ValueField(NamedTuple):
 
 
 # Copies made by `own`, by id (weakly: an entry goes when its tensor does).
-_OWNED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_OWNED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def own(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,11 +98,17 @@ def refuse_non_finite(value: torch.Tensor, what: str, infinite_ok: bool = False)
     if not bool(bad.any()):
         return
     kind = "NaN" if bool(nan.any()) else "+/-inf"
-    where = f"{what} is {kind}" if v.dim() == 0 else (
-        f"{what} contains {kind} ({int(bad.sum())} of {v.numel()} values, first at index {tuple(bad.nonzero()[0].tolist())})"
+    where = (
+        f"{what} is {kind}"
+        if v.dim() == 0
+        else (
+            f"{what} contains {kind} ({int(bad.sum())} of {v.numel()} values, first at index {tuple(bad.nonzero()[0].tolist())})"
+        )
     )
     if kind == "NaN":
-        raise SpliceError(f"{where}: NaN is refused in every intervention value, since it would spread through every later activation")
+        raise SpliceError(
+            f"{where}: NaN is refused in every intervention value, since it would spread through every later activation"
+        )
     raise SpliceError(
         f"{where}: infinite values are accepted only by Replace (e.g. Replace(float('-inf'), dims=k) at "
         "attn.scores masks key k) and as Clamp bounds; pass finite values"
@@ -119,7 +135,9 @@ def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
     """A user value as a tensor on `like`'s device and dtype; refuses non-float tensors."""
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.is_complex()) and value.numel() > 1:
-            raise SpliceError(f"{what} at {site} has dtype {value.dtype}; activations are {like.dtype}: pass a floating-point tensor")
+            raise SpliceError(
+                f"{what} at {site} has dtype {value.dtype}; activations are {like.dtype}: pass a floating-point tensor"
+            )
         return value.to(device=like.device, dtype=like.dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(value, device=like.device, dtype=like.dtype)
@@ -129,15 +147,27 @@ def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
 def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what: str) -> torch.Tensor:
     """`value` fitted to the region: a full-site-shaped value is indexed like the site, anything
     else must broadcast. Raises with both shapes otherwise."""
-    if value.dim() > 0 and tuple(value.shape) == tuple(at.full_shape) and tuple(region.shape) != tuple(at.full_shape):
+    if (
+        value.dim() > 0
+        and tuple(value.shape) == tuple(at.full_shape)
+        and tuple(region.shape) != tuple(at.full_shape)
+    ):
         return value[at.index]
     k = min(len(at.trailing), value.dim())
     full_tail = tuple(at.full_shape[len(at.full_shape) - k :])
-    if k and tuple(value.shape[value.dim() - k :]) == full_tail and tuple(region.shape[region.dim() - k :]) != full_tail:
+    if (
+        k
+        and tuple(value.shape[value.dim() - k :]) == full_tail
+        and tuple(region.shape[region.dim() - k :]) != full_tail
+    ):
         # A value as wide as the site (e.g. a d_model vector) applied to selected heads/dims only.
         for offset, chosen in enumerate(at.trailing[len(at.trailing) - k :]):
             axis = value.dim() - k + offset
-            value = value[(slice(None),) * axis + (chosen,)] if isinstance(chosen, slice) else value.index_select(axis, chosen.to(value.device))
+            value = (
+                value[(slice(None),) * axis + (chosen,)]
+                if isinstance(chosen, slice)
+                else value.index_select(axis, chosen.to(value.device))
+            )
     try:
         return value.expand_as(region)
     except RuntimeError:
@@ -203,7 +233,11 @@ class Intervention:
         return [(f.name, getattr(self, f.name), f.default) for f in dataclasses.fields(self)]
 
     def __repr__(self) -> str:
-        parts = [f"{n}={_describe(v)}" for n, v, d in self._fields() if not (v is None and d is None) and not (n in SELECTION and v is None)]
+        parts = [
+            f"{n}={_describe(v)}"
+            for n, v, d in self._fields()
+            if not (v is None and d is None) and not (n in SELECTION and v is None)
+        ]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def __eq__(self, other) -> bool:
@@ -223,7 +257,7 @@ class Intervention:
         return record
 
     @staticmethod
-    def from_dict(record: dict) -> "Intervention":
+    def from_dict(record: dict) -> Intervention:
         record = dict(record)
         kind = record.pop("type", None)
         if kind not in _REGISTRY:
@@ -253,7 +287,9 @@ class Scale(Intervention):
     value_fields: ClassVar = {"factor": ValueField("Scale factor")}
 
     def compute(self, region, at):
-        factor = broadcast_to_region(as_value(self.factor, region, "Scale factor", at.site), region, at, "Scale factor")
+        factor = broadcast_to_region(
+            as_value(self.factor, region, "Scale factor", at.site), region, at, "Scale factor"
+        )
         return region * factor
 
 
@@ -267,7 +303,9 @@ class Replace(Intervention):
     value_fields: ClassVar = {"value": ValueField("Replace value", infinite_ok=True)}
 
     def compute(self, region, at):
-        return broadcast_to_region(as_value(self.value, region, "Replace value", at.site), region, at, "Replace value").clone()
+        return broadcast_to_region(
+            as_value(self.value, region, "Replace value", at.site), region, at, "Replace value"
+        ).clone()
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -280,8 +318,14 @@ class Add(Intervention):
     value_fields: ClassVar = {"vector": ValueField("Add vector"), "scale": ValueField("Add scale")}
 
     def compute(self, region, at):
-        vector = broadcast_to_region(as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector")
-        return region + vector * self.scale if isinstance(self.scale, torch.Tensor) or self.scale != 1 else region + vector
+        vector = broadcast_to_region(
+            as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector"
+        )
+        return (
+            region + vector * self.scale
+            if isinstance(self.scale, torch.Tensor) or self.scale != 1
+            else region + vector
+        )
 
 
 def registered_types() -> dict[str, type[Intervention]]:

@@ -31,10 +31,12 @@ class Layout:
             if strip:
                 if not path.startswith(strip):
                     continue  # e.g. lm_head: not part of a bare decoder
-                path = path[len(strip):]
+                path = path[len(strip) :]
             if name == "resid_mid" and self.parallel_residual:
                 continue
-            if point.io == "attention" and not uses_attention_interface(model.get_submodule(path.replace("{l}", "0"))):
+            if point.io == "attention" and not uses_attention_interface(
+                model.get_submodule(path.replace("{l}", "0"))
+            ):
                 continue
             self.points[name] = dataclasses.replace(point, module=path)
         self._resolved: dict[object, tuple[Site, ...]] = {}  # key -> sites; a key's meaning never changes
@@ -108,7 +110,11 @@ class Layout:
         if site not in self._hooks_of:
             point = self.point(site)
             hook = None if point.io == "attention" else (self.module_path(site), point.io)
-            layer_input = (self.module_path(Site("resid_pre", site.layer)), "input") if point.needs_layer_input else None
+            layer_input = (
+                (self.module_path(Site("resid_pre", site.layer)), "input")
+                if point.needs_layer_input
+                else None
+            )
             self._hooks_of[site] = (hook, layer_input)
         return self._hooks_of[site]
 

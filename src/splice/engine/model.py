@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from ..errors import SpliceError
 from . import tokens as tok
 from .edits import as_edits
-from ..errors import SpliceError
 from .hooks import Opened, engine_for
 from .plan import EditScope, RecordScope, StopForward
 from .recording import Recording
@@ -33,8 +33,10 @@ class Model:
 
     def __repr__(self):
         d = self.dims
-        return (f"splice.Model({type(self.hf).__name__}: {d.n_layers} layers, d_model {d.d_model}, "
-                f"{d.n_heads} heads ({d.n_kv_heads} KV) x {d.d_head}, d_mlp {d.d_mlp}, vocab {d.vocab})")
+        return (
+            f"splice.Model({type(self.hf).__name__}: {d.n_layers} layers, d_model {d.d_model}, "
+            f"{d.n_heads} heads ({d.n_kv_heads} KV) x {d.d_head}, d_mlp {d.d_mlp}, vocab {d.vocab})"
+        )
 
     @property
     def device(self) -> torch.device:
@@ -46,7 +48,9 @@ class Model:
         out = {}
         for name in self.layout.site_names():
             site = self.layout.sites_of(name)[0]
-            out[name] = tuple(a if s is None else s for a, s in zip(self.layout.axes(site), self.layout.shape(site)))
+            out[name] = tuple(
+                a if s is None else s for a, s in zip(self.layout.axes(site), self.layout.shape(site))
+            )
         return out
 
     def resolve(self, key) -> list[str]:
@@ -98,8 +102,15 @@ class Model:
 
     __call__ = forward
 
-    def run(self, inputs, edits=None, record=None, mode: str = "overwrite", stop_after_record: bool = False,
-            **kwargs):
+    def run(
+        self,
+        inputs,
+        edits=None,
+        record=None,
+        mode: str = "overwrite",
+        stop_after_record: bool = False,
+        **kwargs,
+    ):
         """One forward with optional edits and recording: returns (logits, Recording or None).
 
         stop_after_record=True ends the forward once every recorded site is stored, skipping the
@@ -143,7 +154,7 @@ class Model:
             ids = self.hf.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
         if return_tokens:
             return ids
-        new = ids[:, batch["input_ids"].shape[1]:]
+        new = ids[:, batch["input_ids"].shape[1] :]
         if self.tokenizer is None:
             return new
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)

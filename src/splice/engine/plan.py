@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .edits import Edits
 from ..errors import SpliceError
+from .edits import Edits
 from .frame import Frame
 from .interventions import At, Intervention
 from .recording import Recording
@@ -32,7 +32,9 @@ class Scope:
     once per model and content (a live registry's version) and reused: entering a context per call
     must not resolve and check the same keys again."""
 
-    closed = False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
+    closed = (
+        False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
+    )
     _memo = None
 
     @property
@@ -89,7 +91,7 @@ class RecordScope(Scope):
     sites: tuple[Site, ...]
     stop_when_complete: bool = False
 
-    def _compute_entries(self, layout) -> list[tuple[Site, "RecordScope"]]:
+    def _compute_entries(self, layout) -> list[tuple[Site, RecordScope]]:
         return [(site, self) for site in self.sites]
 
 
@@ -136,7 +138,12 @@ def build_plan(scopes, layout) -> Plan:
         for site, item in scope.entries(layout):
             sites.setdefault(site.name, site)
             target.setdefault(site.name, []).append(item)
-    return Plan({name: Action(site, tuple(edits.get(name, ())), tuple(recorders.get(name, ()))) for name, site in sites.items()})
+    return Plan(
+        {
+            name: Action(site, tuple(edits.get(name, ())), tuple(recorders.get(name, ())))
+            for name, site in sites.items()
+        }
+    )
 
 
 def hook_points(sites, layout) -> tuple[dict[tuple[str, str], int | None], bool]:
@@ -159,11 +166,17 @@ def hook_points(sites, layout) -> tuple[dict[tuple[str, str], int | None], bool]
 def check_same(site: str, before: torch.Tensor, after, what: str) -> None:
     """An edit's result must be a tensor exactly like the one it replaces."""
     if not isinstance(after, torch.Tensor):
-        raise SpliceError(f"{what} at {site} returned {type(after).__name__}, expected a tensor of shape {list(before.shape)}")
+        raise SpliceError(
+            f"{what} at {site} returned {type(after).__name__}, expected a tensor of shape {list(before.shape)}"
+        )
     if after.shape != before.shape:
-        raise SpliceError(f"{what} at {site} has shape {list(after.shape)}, expected {list(before.shape)} (the shape it replaces)")
+        raise SpliceError(
+            f"{what} at {site} has shape {list(after.shape)}, expected {list(before.shape)} (the shape it replaces)"
+        )
     if after.dtype != before.dtype or after.device != before.device:
-        raise SpliceError(f"{what} at {site} is {after.dtype} on {after.device}, expected {before.dtype} on {before.device}")
+        raise SpliceError(
+            f"{what} at {site} is {after.dtype} on {after.device}, expected {before.dtype} on {before.device}"
+        )
 
 
 def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Frame) -> torch.Tensor:
@@ -175,7 +188,9 @@ def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Fram
     if region is None:
         return x
     selected = x[region.index]
-    values = edit.compute(selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing, axes))
+    values = edit.compute(
+        selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing, axes)
+    )
     check_same(name, selected, values, f"{type(edit).__name__} result")
     out = x.clone()
     out[region.index] = values
@@ -212,7 +227,9 @@ def check_static(edit: Intervention, site_name: str, axes, shape) -> None:
     """Validate heads/dims ranges and value shapes against the site's known (non-batch, non-pos) axes."""
     has_heads = any(a in ("head", "kv_head") for a in axes)
     if edit.heads is not None and not has_heads:
-        raise SpliceError(f"{edit!r}: heads= was given but {site_name} has no head axis (axes: {', '.join(axes)})")
+        raise SpliceError(
+            f"{edit!r}: heads= was given but {site_name} has no head axis (axes: {', '.join(axes)})"
+        )
     # Axes after pos are known statically; the rest (batch, pos, and heads before pos) at run time.
     after = axes.index("pos") + 1
     trailing_full = tuple(shape[after:])
@@ -227,8 +244,15 @@ def check_static(edit: Intervention, site_name: str, axes, shape) -> None:
     for what, value in edit.values().items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
-        tail = tuple(value.shape[-len(trailing_full):]) if value.dim() >= len(trailing_full) else tuple(value.shape)
-        fits = lambda target: all(t is None or v in (1, t) for v, t in zip(reversed(tail), reversed(target)))  # noqa: E731
+        tail = (
+            tuple(value.shape[-len(trailing_full) :])
+            if value.dim() >= len(trailing_full)
+            else tuple(value.shape)
+        )
+
+        def fits(target, tail=tail):
+            return all(t is None or v in (1, t) for v, t in zip(reversed(tail), reversed(target)))
+
         if value.dim() > len(axes) or not (fits(tuple(trailing_sel)) or fits(trailing_full)):
             named = ", ".join(f"{a}={s}" if s is not None else a for a, s in zip(axes, shape))
             raise SpliceError(

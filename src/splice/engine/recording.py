@@ -45,7 +45,9 @@ class Recording(Mapping):
         if name not in self._data:
             if name in self.sites:
                 raise SpliceError(f"{name} was recorded but never ran: no forward pass reached it")
-            raise SpliceError(f"{name} was not recorded; recorded sites: {', '.join(self.sites[:8])}{' ...' if len(self.sites) > 8 else ''}")
+            raise SpliceError(
+                f"{name} was not recorded; recorded sites: {', '.join(self.sites[:8])}{' ...' if len(self.sites) > 8 else ''}"
+            )
         return name
 
     def __getitem__(self, key):
@@ -73,7 +75,9 @@ class Recording(Mapping):
         entries = self._entries(key)
         shapes = {tuple(e.shape) for e in entries}
         if len(shapes) > 1:
-            raise SpliceError(f"cannot stack {key!r}: forwards had shapes {sorted(shapes)}; use cat(key, dim=...)")
+            raise SpliceError(
+                f"cannot stack {key!r}: forwards had shapes {sorted(shapes)}; use cat(key, dim=...)"
+            )
         return torch.stack(entries, dim=dim)
 
     def cat(self, key, dim: int = 0) -> torch.Tensor:
@@ -84,12 +88,21 @@ class Recording(Mapping):
             return torch.cat(entries, dim=dim)
         except RuntimeError:
             shapes = [list(e.shape) for e in entries]
-            differ = sorted({axis for e in entries for axis in range(e.dim()) if e.shape[axis] != entries[0].shape[axis]})
-            hint = f"; they differ on axis {differ}: cat joins along dim {dim} only, every other axis must match"
+            differ = sorted(
+                {axis for e in entries for axis in range(e.dim()) if e.shape[axis] != entries[0].shape[axis]}
+            )
+            hint = (
+                f"; they differ on axis {differ}: cat joins along dim {dim} only, every other axis must match"
+            )
             if dim == 0 and differ == [1]:
                 hint += " (forwards of different lengths: cat(key, dim=1) joins a cached generate's steps; prompts of different lengths need one padded batch)"
-            raise SpliceError(f"cannot cat {key!r} along dim {dim}: forwards had shapes {shapes}{hint}") from None
+            raise SpliceError(
+                f"cannot cat {key!r} along dim {dim}: forwards had shapes {shapes}{hint}"
+            ) from None
 
     def __repr__(self):
-        shapes = {k: (list(v.shape) if isinstance(v, torch.Tensor) else f"{len(v)} entries") for k, v in self._data.items()}
+        shapes = {
+            k: (list(v.shape) if isinstance(v, torch.Tensor) else f"{len(v)} entries")
+            for k, v in self._data.items()
+        }
         return f"Recording(mode={self.mode!r}, {shapes})"

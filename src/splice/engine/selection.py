@@ -40,7 +40,9 @@ def _checked_slice(value: slice, what: str) -> slice:
         raise SpliceError(f"{what} {value}: slices must step forward (step >= 1); got step {step}")
     first = 0 if start is None else start
     if stop is not None and (first >= 0) == (stop >= 0) and stop <= first:
-        raise SpliceError(f"{what} {value} selects nothing on any axis (stop <= start); a selection must name at least one index")
+        raise SpliceError(
+            f"{what} {value} selects nothing on any axis (stop <= start); a selection must name at least one index"
+        )
     return slice(start, stop, step)
 
 
@@ -65,9 +67,13 @@ def normalize_index(value, what: str, unique: bool = True):
         return _checked_slice(value, what)
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool:
-            raise SpliceError(f"{what} got a bool tensor {list(value.shape)}: {what} takes indices; a [batch, pos] bool mask is only for pos=")
+            raise SpliceError(
+                f"{what} got a bool tensor {list(value.shape)}: {what} takes indices; a [batch, pos] bool mask is only for pos="
+            )
         if value.is_floating_point() or value.is_complex() or value.dim() > 1:
-            raise SpliceError(f"{what} must be an int, slice or list of ints; got a {value.dtype} tensor of shape {list(value.shape)}")
+            raise SpliceError(
+                f"{what} must be an int, slice or list of ints; got a {value.dtype} tensor of shape {list(value.shape)}"
+            )
         return normalize_index(value.tolist(), what, unique)
     if _integer(value):
         return int(value)
@@ -76,7 +82,9 @@ def normalize_index(value, what: str, unique: bool = True):
             raise SpliceError(f"{what} is an empty list: it would select nothing")
         bad = [v for v in value if not _integer(v)]
         if bad:
-            raise SpliceError(f"{what} must be an int, slice or list of ints; {list(value)!r} holds {bad[0]!r} ({type(bad[0]).__name__})")
+            raise SpliceError(
+                f"{what} must be an int, slice or list of ints; {list(value)!r} holds {bad[0]!r} ({type(bad[0]).__name__})"
+            )
         value = tuple(int(v) for v in value)
         repeat = _first_repeat(value) if unique else None
         if repeat is not None:
@@ -109,7 +117,9 @@ def _refuse_repeat(what: str, given, resolved, site: str, axis: str) -> None:
         seen[r] = g
 
 
-def axis_selector(sel, size: int, what: str, site: str, growing: bool = False, unique: bool = True, clamp: bool = False):
+def axis_selector(
+    sel, size: int, what: str, site: str, growing: bool = False, unique: bool = True, clamp: bool = False
+):
     """A slice or a LongTensor selecting along one axis of known size, with range checks.
 
     `growing`: the axis grows as generation goes on (key positions); indices beyond it select
@@ -120,7 +130,9 @@ def axis_selector(sel, size: int, what: str, site: str, growing: bool = False, u
     if sel is None:
         return slice(None)
     if growing and _negative(sel):
-        raise SpliceError(f"{what} {sel} at {site}: negative key positions are ambiguous while generating; use absolute ones")
+        raise SpliceError(
+            f"{what} {sel} at {site}: negative key positions are ambiguous while generating; use absolute ones"
+        )
     if isinstance(sel, int):
         if not -size <= sel < size:
             if growing:
@@ -138,7 +150,9 @@ def axis_selector(sel, size: int, what: str, site: str, growing: bool = False, u
         if len(range(size)[sel]) == 0:
             if growing:
                 return None
-            raise SpliceError(f"{what} {sel} selects nothing at {site} (axis of size {size}, valid {valid_range(size)})")
+            raise SpliceError(
+                f"{what} {sel} selects nothing at {site} (axis of size {size}, valid {valid_range(size)})"
+            )
         return sel
     if growing:
         sel = [i for i in sel if i < size]
@@ -168,7 +182,9 @@ def _pos_outer(pos, frame: Frame, site: str):
 
     def check(p):
         if not frame.cached and not -total <= p < total:
-            raise SpliceError(f"pos {p} is out of range at {site}: the sequence has {total} tokens, valid {valid_range(total)}")
+            raise SpliceError(
+                f"pos {p} is out of range at {site}: the sequence has {total} tokens, valid {valid_range(total)}"
+            )
         return p + total if p < 0 else p
 
     if pos is None:
@@ -177,7 +193,9 @@ def _pos_outer(pos, frame: Frame, site: str):
         p = check(pos) - past
         return slice(p, p + 1) if 0 <= p < seq else None
     if isinstance(pos, slice):
-        absolute = range(total if not frame.cached or pos.stop is None or pos.stop < 0 else max(total, pos.stop))[pos]
+        absolute = range(
+            total if not frame.cached or pos.stop is None or pos.stop < 0 else max(total, pos.stop)
+        )[pos]
         if not frame.cached and len(absolute) == 0:
             raise SpliceError(f"pos {pos} selects nothing at {site}: the sequence has {total} tokens")
         if absolute.step == 1:
@@ -206,7 +224,9 @@ def _pos_mask(pos, frame: Frame, site: str):
                 f"{longest} columns (when generating, to the prompt length plus the new tokens)"
             )
         inside = positions < width
-        gathered = pos.to(positions.device).expand(frame.batch, width).gather(1, positions.clamp(max=width - 1))
+        gathered = (
+            pos.to(positions.device).expand(frame.batch, width).gather(1, positions.clamp(max=width - 1))
+        )
         return gathered & inside & valid
     longest = int(lengths.max())
     if pos is None:
@@ -217,7 +237,11 @@ def _pos_mask(pos, frame: Frame, site: str):
             raise SpliceError(f"pos slices must step forward; got {pos} at {site}")
         start_t = torch.as_tensor(start) + (lengths if start < 0 else 0)
         stop_t = lengths if stop is None else torch.as_tensor(stop) + (lengths if stop < 0 else 0)
-        mask = (positions >= start_t[..., None]) & (positions < stop_t[..., None]) & ((positions - start_t[..., None]) % step == 0)
+        mask = (
+            (positions >= start_t[..., None])
+            & (positions < stop_t[..., None])
+            & ((positions - start_t[..., None]) % step == 0)
+        )
         return mask & valid
     wanted = [pos] if isinstance(pos, int) else list(pos)
     # Only a list mixing signs can name one token twice in some row (literal repeats are refused
@@ -226,13 +250,21 @@ def _pos_mask(pos, frame: Frame, site: str):
     mask = torch.zeros_like(valid)
     for i, p in enumerate(wanted):
         if not frame.cached and not -longest <= p < longest:
-            raise SpliceError(f"pos {p} is out of range at {site}: the longest row has {longest} tokens, valid {valid_range(longest)}")
+            raise SpliceError(
+                f"pos {p} is out of range at {site}: the longest row has {longest} tokens, valid {valid_range(longest)}"
+            )
         target = lengths + p if p < 0 else torch.full_like(lengths, p)
         hit = (positions == target[:, None]) & valid
         if mixed and bool((hit & mask).any()):
             row = int((hit & mask).any(-1).nonzero()[0])
             n = int(lengths[row])
-            _refuse_repeat("pos", wanted[: i + 1], [q % n if q < 0 else q for q in wanted[: i + 1]], site, f"row {row} ({n} tokens)")
+            _refuse_repeat(
+                "pos",
+                wanted[: i + 1],
+                [q % n if q < 0 else q for q in wanted[: i + 1]],
+                site,
+                f"row {row} ({n} tokens)",
+            )
         mask |= hit
     return mask
 
@@ -275,7 +307,9 @@ def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Regi
             selectors.append(axis_selector(heads, size, "head", site))
         elif axis == axes[-1]:
             keys = axis == "k_pos"  # a token axis: slices are clipped to the keys there are
-            selectors.append(axis_selector(dims, size, "dim", site, growing=keys and frame.cached, clamp=keys))
+            selectors.append(
+                axis_selector(dims, size, "dim", site, growing=keys and frame.cached, clamp=keys)
+            )
         else:
             selectors.append(slice(None))
     if any(s is None for s in selectors):
@@ -291,7 +325,11 @@ def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Regi
         if all(isinstance(s, slice) for s in selectors):
             return Region(tuple(selectors), False, trailing)
         ranges = [torch.arange(size)[s] if isinstance(s, slice) else s for s, size in zip(selectors, shape)]
-        return Region(tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)), False, trailing)
+        return Region(
+            tuple(r.view([-1 if i == k else 1 for k in range(n)]) for i, r in enumerate(ranges)),
+            False,
+            trailing,
+        )
     # Per-row positions: enumerate selected (row, position) pairs on the region's first axis,
     # followed by the remaining axes in order.
     mask = _pos_mask(pos, frame, site)

@@ -59,10 +59,21 @@ _TL_LAYER = {
 }
 # Short names accepted by TransformerLens' `utils.get_act_name(name, layer)`.
 _ACT_NAMES = {
-    "resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
-    "attn_out": "attn.out", "mlp_out": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v",
-    "z": "attn.z", "result": "attn.z", "pattern": "attn.pattern", "attn": "attn.pattern",
-    "attn_scores": "attn.scores", "scores": "attn.scores", "post": "mlp.post",
+    "resid_pre": "resid_pre",
+    "resid_mid": "resid_mid",
+    "resid_post": "resid_post",
+    "attn_out": "attn.out",
+    "mlp_out": "mlp.out",
+    "q": "attn.q",
+    "k": "attn.k",
+    "v": "attn.v",
+    "z": "attn.z",
+    "result": "attn.z",
+    "pattern": "attn.pattern",
+    "attn": "attn.pattern",
+    "attn_scores": "attn.scores",
+    "scores": "attn.scores",
+    "post": "mlp.post",
 }
 _LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
@@ -133,7 +144,9 @@ def parse(name: str, n_layers: int, points: set[str]) -> Site:
         )
     layer = int(m.group(1))
     if not -n_layers <= layer < n_layers:
-        raise SpliceError(f"layer {layer} in site {name!r} is out of range: this model has {n_layers} layers, valid {valid_range(n_layers)}")
+        raise SpliceError(
+            f"layer {layer} in site {name!r} is out of range: this model has {n_layers} layers, valid {valid_range(n_layers)}"
+        )
     return Site(m.group(2), layer % n_layers)
 
 
@@ -146,5 +159,8 @@ def expand(key, n_layers: int, points: set[str]) -> list[Site]:
     matched = [n for n in every if fnmatch.fnmatchcase(n, name)]
     if not matched:
         hints = closest(name.replace("*", "0"), every)
-        raise SpliceError(f"site pattern {name!r} matches no site of this model" + (f"; close: {', '.join(hints)}" if hints else ""))
+        raise SpliceError(
+            f"site pattern {name!r} matches no site of this model"
+            + (f"; close: {', '.join(hints)}" if hints else "")
+        )
     return [parse(n, n_layers, points) for n in matched]

@@ -55,10 +55,14 @@ def _site_axes(name: str) -> tuple[str, ...]:
 def _refuse_empty(entries, kind: str, site: str) -> None:
     """A source with nothing in it: its mean would be NaN, and it has nothing to patch from."""
     if not entries:
-        raise SpliceError(f"{kind} source for {site} holds no forwards (an accumulate-mode recording that never ran?): record at least one")
+        raise SpliceError(
+            f"{kind} source for {site} holds no forwards (an accumulate-mode recording that never ran?): record at least one"
+        )
     empty = [list(e.shape) for e in entries if e.numel() == 0]
     if empty:
-        raise SpliceError(f"{kind} source for {site} is empty (shape {empty[0]}): with no rows or no positions there is nothing to take values from (its mean would be NaN)")
+        raise SpliceError(
+            f"{kind} source for {site} is empty (shape {empty[0]}): with no rows or no positions there is nothing to take values from (its mean would be NaN)"
+        )
 
 
 def _as_source(value, kind: str, allow_field: bool = False):
@@ -68,19 +72,27 @@ def _as_source(value, kind: str, allow_field: bool = False):
     if isinstance(value, str):
         if allow_field:
             return value
-        raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got the string {value!r}")
+        raise SpliceError(
+            f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got the string {value!r}"
+        )
     if isinstance(value, torch.Tensor):
         _refuse_empty([value], kind, "this site")
         return value.detach() if value.requires_grad else value  # no new object: `own` knows its own copies
     if not isinstance(value, Mapping):
-        raise SpliceError(f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}")
+        raise SpliceError(
+            f"{kind} takes a Recording, a {{site: tensor}} dict or a tensor; got {type(value).__name__}"
+        )
     if not value:
-        raise SpliceError(f"{kind} source holds no sites (an empty Recording or dict): record the reference prompts first")
+        raise SpliceError(
+            f"{kind} source holds no sites (an empty Recording or dict): record the reference prompts first"
+        )
     out = {}
     for key, v in value.items():
         entries = list(v) if isinstance(v, (list, tuple)) else [v]
         if not all(isinstance(e, torch.Tensor) for e in entries):
-            raise SpliceError(f"{kind} source for {key!r} must be a tensor (or a list of them); got {type(v).__name__}")
+            raise SpliceError(
+                f"{kind} source for {key!r} must be a tensor (or a list of them); got {type(v).__name__}"
+            )
         name = key if isinstance(value, Recording) else canonical_name(key)
         _refuse_empty(entries, kind, name)
         out[name] = v.detach() if isinstance(v, torch.Tensor) else [e.detach() for e in entries]
@@ -97,13 +109,17 @@ def _versions(source) -> dict | None:
 def _version_of(value) -> tuple:
     """Each tensor's version counter; None for inference-mode tensors, which keep none (they
     cannot be changed in place outside `torch.inference_mode`, where such a change goes unseen)."""
-    return tuple(None if e.is_inference() else e._version for e in (value if isinstance(value, list) else [value]))
+    return tuple(
+        None if e.is_inference() else e._version for e in (value if isinstance(value, list) else [value])
+    )
 
 
 def _required(value, kind: str, allow_field: bool = False):
     if value is None:
         field_hint = ", or (in a sweep) a data field name" if allow_field else ""
-        raise SpliceError(f"{kind} needs a source: a Recording, a {{site: tensor}} dict or a tensor{field_hint}")
+        raise SpliceError(
+            f"{kind} needs a source: a Recording, a {{site: tensor}} dict or a tensor{field_hint}"
+        )
     return _as_source(value, kind, allow_field)
 
 
@@ -124,7 +140,9 @@ def _for_site(source, at: At, kind: str, versions: dict | None = None):
     if isinstance(source, torch.Tensor):
         return source
     if at.site not in source:
-        raise SpliceError(f"{kind} has no activations for {at.site}; its source holds {', '.join(list(source)[:8]) or 'nothing'}")
+        raise SpliceError(
+            f"{kind} has no activations for {at.site}; its source holds {', '.join(list(source)[:8]) or 'nothing'}"
+        )
     value = source[at.site]
     if versions is not None and _version_of(value) != versions[at.site]:
         raise SpliceError(
@@ -137,7 +155,9 @@ def _for_site(source, at: At, kind: str, versions: dict | None = None):
 def _single(value, site: str, kind: str) -> torch.Tensor:
     if isinstance(value, list):
         if len(value) != 1:
-            raise SpliceError(f"{kind} source for {site} holds {len(value)} accumulated forwards; pass one (e.g. recording.cat(site))")
+            raise SpliceError(
+                f"{kind} source for {site} holds {len(value)} accumulated forwards; pass one (e.g. recording.cat(site))"
+            )
         return value[0]
     return value
 
@@ -146,8 +166,15 @@ def _count(selector, size: int) -> int:
     return len(range(size)[selector]) if isinstance(selector, slice) else selector.numel()
 
 
-def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, source_pos=None, row_start: int | None = None,
-            broadcast_pos: bool = False) -> torch.Tensor:
+def aligned(
+    source: torch.Tensor,
+    region: torch.Tensor,
+    at: At,
+    kind: str,
+    source_pos=None,
+    row_start: int | None = None,
+    broadcast_pos: bool = False,
+) -> torch.Tensor:
     """The part of `source` (a tensor with the site's axes) that lines up with the selected region.
     `row_start`: source row 0 feeds the first selected row (instead of the tiling rule).
     `broadcast_pos`: a one-position source stands for every position (a Mean over positions);
@@ -156,12 +183,18 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
     p = axes.index("pos")
     source = source.to(device=region.device, dtype=region.dtype)
     named = ", ".join(f"{a}={s}" for a, s in zip(axes, full))
-    if source.dim() != len(full) or any(s not in (f, 1) for i, (s, f) in enumerate(zip(source.shape, full)) if i not in (0, p)):
-        raise SpliceError(f"{kind} source for {at.site} has shape {list(source.shape)}; the site is [{named}]")
+    if source.dim() != len(full) or any(
+        s not in (f, 1) for i, (s, f) in enumerate(zip(source.shape, full)) if i not in (0, p)
+    ):
+        raise SpliceError(
+            f"{kind} source for {at.site} has shape {list(source.shape)}; the site is [{named}]"
+        )
     index = list(at.index)
     if source_pos is not None:
         if at.masked:
-            raise SpliceError(f"{kind} at {at.site}: source_pos= cannot re-align per-row (padded) positions; pass prompts of one length")
+            raise SpliceError(
+                f"{kind} at {at.site}: source_pos= cannot re-align per-row (padded) positions; pass prompts of one length"
+            )
         chosen = axis_selector(source_pos, source.shape[p], "source_pos", at.site, unique=False)
         chosen = torch.arange(source.shape[p])[chosen] if isinstance(chosen, slice) else chosen
         target = index[p]
@@ -171,7 +204,9 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
                 f"{chosen.numel()}; they must pair up one to one"
             )
         source = source.index_select(p, chosen.to(source.device))
-        index[p] = slice(None) if isinstance(target, slice) else torch.arange(chosen.numel()).view(target.shape)
+        index[p] = (
+            slice(None) if isinstance(target, slice) else torch.arange(chosen.numel()).view(target.shape)
+        )
     elif source.shape[p] != full[p] and not (broadcast_pos and source.shape[p] == 1):
         raise SpliceError(
             f"{kind} source for {at.site} has {source.shape[p]} positions but this forward has {full[p]} "
@@ -181,10 +216,20 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
     rows, batch = source.shape[0], full[0]
     if row_start is not None:
         b = index[0]
-        index[0] = slice(b.start - row_start if b.start is not None else None, b.stop - row_start if b.stop is not None else None, b.step) if isinstance(b, slice) else b - row_start
+        index[0] = (
+            slice(
+                b.start - row_start if b.start is not None else None,
+                b.stop - row_start if b.stop is not None else None,
+                b.step,
+            )
+            if isinstance(b, slice)
+            else b - row_start
+        )
     elif rows not in (1, batch):
         if batch % rows:
-            raise SpliceError(f"{kind} source for {at.site} has {rows} rows but the batch has {batch}: use as many rows, one, or a divisor (tiled prompts)")
+            raise SpliceError(
+                f"{kind} source for {at.site} has {rows} rows but the batch has {batch}: use as many rows, one, or a divisor (tiled prompts)"
+            )
         b = index[0]
         if isinstance(b, slice):
             wanted = torch.arange(batch)[b] % rows
@@ -202,7 +247,9 @@ def aligned(source: torch.Tensor, region: torch.Tensor, at: At, kind: str, sourc
         shape[p] = full[p]
     values = source.expand(shape)[tuple(index)]
     if values.shape != region.shape:
-        raise SpliceError(f"{kind} at {at.site}: source values have shape {list(values.shape)}, the selection {list(region.shape)}")
+        raise SpliceError(
+            f"{kind} at {at.site}: source values have shape {list(values.shape)}, the selection {list(region.shape)}"
+        )
     return values
 
 
@@ -224,7 +271,9 @@ class Patch(Intervention):
         # A source position may feed several target positions: repeats are allowed here.
         object.__setattr__(self, "source_pos", normalize_index(self.source_pos, "source_pos", unique=False))
         if self.source_pos is not None and isinstance(self.pos, torch.Tensor):
-            raise SpliceError("Patch: source_pos= pairs source positions with a list or slice of pos=, not with a bool mask (per-row positions)")
+            raise SpliceError(
+                "Patch: source_pos= pairs source positions with a list or slice of pos=, not with a bool mask (per-row positions)"
+            )
 
     def compute(self, region, at):
         source = _single(_for_site(self.source, at, "Patch", self._versions), at.site, "Patch")
@@ -236,7 +285,9 @@ def _mean(entries: list[torch.Tensor], axes: tuple[str, ...], per_position: bool
     p = axes.index("pos") if "pos" in axes else 1
     reduce = (0,) if per_position else (0, p)
     if per_position and len({e.shape[p] for e in entries}) > 1:
-        raise SpliceError(f"Mean(per_position=True) at {site}: the reference forwards have different lengths {sorted({e.shape[p] for e in entries})}")
+        raise SpliceError(
+            f"Mean(per_position=True) at {site}: the reference forwards have different lengths {sorted({e.shape[p] for e in entries})}"
+        )
     total = sum(e.double().sum(reduce, keepdim=True) for e in entries)
     count = sum(e.shape[0] * (1 if per_position else e.shape[p]) for e in entries)
     return (total / count).to(entries[0].dtype)
@@ -259,13 +310,22 @@ class Mean(Intervention):
         super().__post_init__()
         reference = _required(self.reference, "Mean")
         if isinstance(reference, torch.Tensor):  # means are new tensors; a ready-made mean is copied
-            means = _mean([reference], ("batch", "pos"), self.per_position, "this site") if reference.dim() >= 2 else own(reference)
+            means = (
+                _mean([reference], ("batch", "pos"), self.per_position, "this site")
+                if reference.dim() >= 2
+                else own(reference)
+            )
         else:
-            means = {name: _mean(v if isinstance(v, list) else [v], _site_axes(name), self.per_position, name) for name, v in reference.items()}
+            means = {
+                name: _mean(v if isinstance(v, list) else [v], _site_axes(name), self.per_position, name)
+                for name, v in reference.items()
+            }
         object.__setattr__(self, "reference", means)
 
     def compute(self, region, at):
-        return aligned(_for_site(self.reference, at, "Mean"), region, at, "Mean", broadcast_pos=not self.per_position)
+        return aligned(
+            _for_site(self.reference, at, "Mean"), region, at, "Mean", broadcast_pos=not self.per_position
+        )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -291,4 +351,6 @@ class Resample(Intervention):
         first, last = int(chosen.min()), int(chosen.max())
         generator = torch.Generator().manual_seed(self.seed)
         draws = torch.randint(reference.shape[0], (last - first + 1,), generator=generator)
-        return aligned(reference.index_select(0, draws.to(reference.device)), region, at, "Resample", row_start=first)
+        return aligned(
+            reference.index_select(0, draws.to(reference.device)), region, at, "Resample", row_start=first
+        )

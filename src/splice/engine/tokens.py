@@ -13,7 +13,9 @@ from ..errors import SpliceError
 
 def _need(tokenizer):
     if tokenizer is None:
-        raise SpliceError("this needs a tokenizer: pass one to splice.Model(model, tokenizer) or use splice.load()")
+        raise SpliceError(
+            "this needs a tokenizer: pass one to splice.Model(model, tokenizer) or use splice.load()"
+        )
     return tokenizer
 
 
@@ -33,7 +35,11 @@ def left_pad(rows: list[list[int]], pad: int, device=None) -> dict:
         return {"input_ids": ids.to(device)}
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
 
 
 def encode(tokenizer, inputs, device=None) -> dict:
@@ -48,9 +54,16 @@ def encode(tokenizer, inputs, device=None) -> dict:
             raise SpliceError(f"token tensors must be integer ids; got dtype {inputs.dtype}")
         ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
         return {"input_ids": ids.to(device)}
-    if hasattr(inputs, "keys") and "input_ids" in inputs or hasattr(inputs, "keys") and "inputs_embeds" in inputs:
+    if (
+        hasattr(inputs, "keys")
+        and "input_ids" in inputs
+        or hasattr(inputs, "keys")
+        and "inputs_embeds" in inputs
+    ):
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(inputs).items()}
-    raise SpliceError(f"inputs must be a string, list of strings, token id tensor or tokenizer output; got {type(inputs).__name__}")
+    raise SpliceError(
+        f"inputs must be a string, list of strings, token id tensor or tokenizer output; got {type(inputs).__name__}"
+    )
 
 
 def to_tokens(tokenizer, text, device=None) -> torch.Tensor:

@@ -64,7 +64,11 @@ class Checkpoint:
 
     def _header(self, line: bytes) -> dict:
         header = files.parse_json(line, f"checkpoint {self.path}", HEADER, line=1)
-        if not isinstance(header, dict) or header.get("splice_sweep") != 1 or not isinstance(header.get("spec_hash"), str):
+        if (
+            not isinstance(header, dict)
+            or header.get("splice_sweep") != 1
+            or not isinstance(header.get("spec_hash"), str)
+        ):
             raise self._damaged(1, f"got {line[:60].decode(errors='replace')!r}", HEADER)
         return header
 
@@ -76,14 +80,20 @@ class Checkpoint:
         if missing:
             raise self._damaged(n, f"missing {', '.join(missing)}", RECORD)
         values = record["values"]
-        if not (files.is_int(record["variant"]) and files.is_int(record["batch"]) and isinstance(values, dict)
-                and all(isinstance(v, list) for v in values.values())):
+        if not (
+            files.is_int(record["variant"])
+            and files.is_int(record["batch"])
+            and isinstance(values, dict)
+            and all(isinstance(v, list) for v in values.values())
+        ):
             raise self._damaged(n, "a field of the wrong type", RECORD)
         return record
 
     def _damaged(self, n: int, problem: str, expected: str) -> SpliceError:
-        return SpliceError(f"checkpoint {self.path} line {n}: {problem}; expected {expected}. "
-                           "If it is not a splice checkpoint use another path; if it is a damaged one, delete it")
+        return SpliceError(
+            f"checkpoint {self.path} line {n}: {problem}; expected {expected}. "
+            "If it is not a splice checkpoint use another path; if it is a damaged one, delete it"
+        )
 
     def has(self, variant: int, batch: int) -> bool:
         return (variant, batch) in self.done
@@ -103,7 +113,9 @@ class Checkpoint:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise SpliceError(f"cannot create the folder of checkpoint {self.path}: {error.strerror or error}") from None
+                raise SpliceError(
+                    f"cannot create the folder of checkpoint {self.path}: {error.strerror or error}"
+                ) from None
             files.write_atomic(self.path, header.encode() + lines)
             self._own = True
             return
@@ -117,4 +129,3 @@ class Checkpoint:
         except OSError as error:
             raise SpliceError(f"cannot append to checkpoint {self.path}: {error.strerror or error}") from None
         self._cut = None
-

@@ -1,15 +1,15 @@
 """Sweep configuration files (YAML, read with the safe loader only) for `splice sweep`.
 
-    model: smollm2                     # embedded default, a hub name, or a local folder
-    data: prompts.jsonl                # or an inline list of strings / dicts with "prompt"
-    sweep:
-      sites: blocks.*.attn.z
-      interventions: [{type: Zero}]    # Intervention.to_dict() records
-      over: heads
-    metrics:
-      - logit_diff: {correct: correct, wrong: wrong}
-    run: {batch_size: 8, checkpoint: out/sweep.jsonl}
-    output: {table: out/sweep.csv, heatmap: out/sweep.png, top: 10}
+model: smollm2                     # embedded default, a hub name, or a local folder
+data: prompts.jsonl                # or an inline list of strings / dicts with "prompt"
+sweep:
+  sites: blocks.*.attn.z
+  interventions: [{type: Zero}]    # Intervention.to_dict() records
+  over: heads
+metrics:
+  - logit_diff: {correct: correct, wrong: wrong}
+run: {batch_size: 8, checkpoint: out/sweep.jsonl}
+output: {table: out/sweep.csv, heatmap: out/sweep.png, top: 10}
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import files
-from . import metrics as metric_fns
 from ..errors import SpliceError
+from . import metrics as metric_fns
 from .sweep import Sweep
 
-METRICS = {"logit_diff": metric_fns.logit_diff, "answer_logprob": metric_fns.answer_logprob,
-           "loss": metric_fns.loss, "kl_from_clean": metric_fns.kl_from_clean}
+METRICS = {
+    "logit_diff": metric_fns.logit_diff,
+    "answer_logprob": metric_fns.answer_logprob,
+    "loss": metric_fns.loss,
+    "kl_from_clean": metric_fns.kl_from_clean,
+}
 CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.sweeps.config)"
 KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")
 RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress")
@@ -72,16 +76,25 @@ def _section(doc, raw: dict, key: str, allowed) -> dict:
 def _sweep(doc, raw: dict) -> Sweep:
     spec = raw.get("sweep") or {}
     if not isinstance(spec, dict):
-        raise doc.error(("sweep",), f"expected a mapping with sites, interventions, over; got {type(spec).__name__}")
+        raise doc.error(
+            ("sweep",), f"expected a mapping with sites, interventions, over; got {type(spec).__name__}"
+        )
     _known(doc, ("sweep",), spec, ("sites", "interventions", "over"))
     records = spec.get("interventions")
     if records is None:
         raise doc.error(("sweep",), "sweep.interventions is required, e.g. [{type: Zero}]")
-    interventions = [files.intervention(doc, k, r) for k, r in files.items_at(("sweep", "interventions"), records)]
+    interventions = [
+        files.intervention(doc, k, r) for k, r in files.items_at(("sweep", "interventions"), records)
+    ]
     metrics = _metrics(doc, raw.get("metrics"))
     try:
-        return Sweep(sites=spec.get("sites"), interventions=interventions, over=spec.get("over"),
-                     metrics=metrics, name=raw.get("name", doc.path.stem))
+        return Sweep(
+            sites=spec.get("sites"),
+            interventions=interventions,
+            over=spec.get("over"),
+            metrics=metrics,
+            name=raw.get("name", doc.path.stem),
+        )
     except (SpliceError, TypeError) as error:
         raise doc.error(("sweep",), str(error)) from None
 
@@ -97,11 +110,14 @@ def _metric(doc, keys: tuple, entry):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
         raise doc.error(keys, f"each metric is a name or a {{name: {{arguments}}}} mapping; got {entry!r}")
-    (name, arguments), = entry.items()
+    ((name, arguments),) = entry.items()
     if name not in METRICS:
         raise doc.error(keys, f"unknown metric {name!r}; known: {', '.join(METRICS)}")
     if not isinstance(arguments or {}, dict):
-        raise doc.error(keys, f"the arguments of {name} are a mapping, e.g. {{{name}: {{positions: 2}}}}; got {arguments!r}")
+        raise doc.error(
+            keys,
+            f"the arguments of {name} are a mapping, e.g. {{{name}: {{positions: 2}}}}; got {arguments!r}",
+        )
     try:
         return METRICS[name](**(arguments or {}))
     except (SpliceError, TypeError) as error:
@@ -115,7 +131,10 @@ def _data(doc, value) -> list:
     if isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() else doc.path.parent / value
         return _data_file(path)
-    raise doc.error(("data",), f"expected a list of rows or a file path (.jsonl, .json, .csv, .txt); got {type(value).__name__}")
+    raise doc.error(
+        ("data",),
+        f"expected a list of rows or a file path (.jsonl, .json, .csv, .txt); got {type(value).__name__}",
+    )
 
 
 def _data_file(path: Path) -> list:
@@ -141,7 +160,9 @@ def _csv(path: Path, text: str) -> list:
     try:
         return pd.read_csv(io.StringIO(text)).to_dict("records")
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise SpliceError(f"{path}: unreadable CSV ({' '.join(str(error).split())}); expected a header row with a 'prompt' column") from None
+        raise SpliceError(
+            f"{path}: unreadable CSV ({' '.join(str(error).split())}); expected a header row with a 'prompt' column"
+        ) from None
 
 
 def _rows(rows: list, where) -> list:

@@ -59,9 +59,13 @@ def source_batch(model, batch: PromptBatch, field: str) -> PromptBatch:
     items = []
     for item in batch.items:
         if field not in item:
-            raise SpliceError(f"Patch({field!r}) reads the data field {field!r}, which the data does not have (fields: {batch.fields})")
+            raise SpliceError(
+                f"Patch({field!r}) reads the data field {field!r}, which the data does not have (fields: {batch.fields})"
+            )
         value = item[field]
-        items.append({**item, **({"prompt": value} if isinstance(value, str) else {"input_ids": list(value)})})
+        items.append(
+            {**item, **({"prompt": value} if isinstance(value, str) else {"input_ids": list(value)})}
+        )
     return PromptBatch(model, items)
 
 
@@ -72,5 +76,9 @@ def batches_of(model, items: list[dict], batch_size: int) -> list[PromptBatch]:
 
 def shortest_length(batches: list[PromptBatch]) -> int:
     """Real (unpadded) tokens of the shortest prompt: positions every prompt has."""
-    return min(int(b.kwargs["attention_mask"].sum(-1).min()) if "attention_mask" in b.kwargs else b.input_ids.shape[1]
-               for b in batches)
+    return min(
+        int(b.kwargs["attention_mask"].sum(-1).min())
+        if "attention_mask" in b.kwargs
+        else b.input_ids.shape[1]
+        for b in batches
+    )

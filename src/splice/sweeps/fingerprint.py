@@ -67,7 +67,9 @@ class _Describe:
         if isinstance(value, (set, frozenset)):
             return f"{kind}{{{','.join(sorted(self.value(v, where) for v in value))}}}"
         if isinstance(value, dict):
-            items = sorted(f"{self.value(k, where)}:{self.value(v, f'{where}[{k!r}]')}" for k, v in value.items())
+            items = sorted(
+                f"{self.value(k, where)}:{self.value(v, f'{where}[{k!r}]')}" for k, v in value.items()
+            )
             return f"{kind}{{{','.join(items)}}}"
         if isinstance(value, slice):
             return f"slice({self.value((value.start, value.stop, value.step), where)})"
@@ -79,7 +81,11 @@ class _Describe:
             return f"method({self.value(value.__func__, where)},{self.value(value.__self__, f'the object {where} is bound to')})"
         if isinstance(value, types.BuiltinFunctionType):
             owner = value.__self__
-            bound = "" if owner is None or isinstance(owner, types.ModuleType) else self.value(owner, f"the object {where} is bound to")
+            bound = (
+                ""
+                if owner is None or isinstance(owner, types.ModuleType)
+                else self.value(owner, f"the object {where} is bound to")
+            )
             return f"builtin:{getattr(value, '__module__', None)}.{value.__qualname__}:{bound}"
         raise SpliceError(f"{where} is an object of type {kind}, which has no stable value to fingerprint")
 
@@ -89,14 +95,22 @@ class _Describe:
         if fn.__code__.co_filename.startswith(_LIBRARIES):
             return f"function:{fn.__module__}.{name}"
         code = fn.__code__
-        cells = [self._cell(c, f"closure variable {v!r} of {name}") for v, c in zip(code.co_freevars, fn.__closure__ or ())]
+        cells = [
+            self._cell(c, f"closure variable {v!r} of {name}")
+            for v, c in zip(code.co_freevars, fn.__closure__ or ())
+        ]
         names = sorted(_global_names(code))
         found = [f"{n}={self._global(fn, n)}" for n in names]
-        defaults = self.value((fn.__defaults__ or (), fn.__kwdefaults__ or {}), f"a default argument of {name}")
+        defaults = self.value(
+            (fn.__defaults__ or (), fn.__kwdefaults__ or {}), f"a default argument of {name}"
+        )
         return f"fn({self.code(code)};{defaults};{','.join(cells)};{','.join(found)})"
 
     def code(self, code: types.CodeType) -> str:
-        consts = ",".join(self.code(c) if isinstance(c, types.CodeType) else self.value(c, "a constant") for c in code.co_consts)
+        consts = ",".join(
+            self.code(c) if isinstance(c, types.CodeType) else self.value(c, "a constant")
+            for c in code.co_consts
+        )
         shape = (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)
         table = getattr(code, "co_exceptiontable", b"").hex()
         return f"code({code.co_code.hex()};{consts};{code.co_names};{code.co_varnames};{code.co_freevars};{code.co_cellvars};{shape};{table})"
@@ -125,7 +139,9 @@ def _global_names(code: types.CodeType) -> set[str]:
 
 def _tensor(value: torch.Tensor, where: str) -> str:
     if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
-        raise SpliceError(f"{where} is a {value.layout} {value.device.type} tensor; only dense tensors with data are fingerprinted")
+        raise SpliceError(
+            f"{where} is a {value.layout} {value.device.type} tensor; only dense tensors with data are fingerprinted"
+        )
     data = value.detach().cpu().contiguous().reshape(-1)
     digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
     return f"tensor:{value.dtype}:{list(value.shape)}:{digest}"
@@ -138,5 +154,7 @@ def _is_numpy(value) -> bool:
 
 def _array(value, where: str) -> str:
     if value.dtype.hasobject:
-        raise SpliceError(f"{where} is a numpy array of Python objects, which has no stable value to fingerprint")
+        raise SpliceError(
+            f"{where} is a numpy array of Python objects, which has no stable value to fingerprint"
+        )
     return f"numpy:{value.dtype.str}:{list(value.shape)}:{hashlib.sha256(value.tobytes()).hexdigest()}"

@@ -28,7 +28,9 @@ class Metric:
         if value.dim() == 0:
             value = value.expand(len(batch))
         if value.shape != (len(batch),):
-            raise SpliceError(f"metric {self.name!r} returned shape {list(value.shape)}; expected one value per prompt, [{len(batch)}]")
+            raise SpliceError(
+                f"metric {self.name!r} returned shape {list(value.shape)}; expected one value per prompt, [{len(batch)}]"
+            )
         return value
 
 
@@ -36,22 +38,28 @@ def _token_column(batch, field: str) -> torch.Tensor:
     try:
         return batch.token_ids(field)
     except KeyError:
-        raise SpliceError(f"this metric reads the data field {field!r}, which the data does not have (fields: {batch.fields})") from None
+        raise SpliceError(
+            f"this metric reads the data field {field!r}, which the data does not have (fields: {batch.fields})"
+        ) from None
 
 
 def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
     """logit(correct) - logit(wrong) at the last position, per prompt (e.g. IOI: ' Mary' vs ' John')."""
+
     def fn(logits, clean, batch):
         last = logits[:, -1]
         good, bad = _token_column(batch, correct), _token_column(batch, wrong)
         return last.gather(-1, good[:, None])[:, 0] - last.gather(-1, bad[:, None])[:, 0]
+
     return Metric("logit_diff", fn, 1, ("logit_diff", correct, wrong))
 
 
 def answer_logprob(answer: str = "answer") -> Metric:
     """log P(answer token) at the last position."""
+
     def fn(logits, clean, batch):
         return logits[:, -1].float().log_softmax(-1).gather(-1, _token_column(batch, answer)[:, None])[:, 0]
+
     return Metric("answer_logprob", fn, 1, ("answer_logprob", answer))
 
 
@@ -65,15 +73,18 @@ def loss(positions: int = 1) -> Metric:
         targets = batch.input_ids[:, -positions:]
         logprobs = logits[:, -positions - 1 : -1].float().log_softmax(-1)
         return -logprobs.gather(-1, targets[..., None])[..., 0].mean(-1)
+
     return Metric(f"loss_last{positions}", fn, positions + 1, ("loss", positions))
 
 
 def kl_from_clean(positions: int = 1) -> Metric:
     """KL(clean || edited) of the next-token distribution, averaged over the last `positions`."""
+
     def fn(logits, clean, batch):
         p = clean[:, -positions:].float().log_softmax(-1)
         q = logits[:, -positions:].float().log_softmax(-1)
         return (p.exp() * (p - q)).sum(-1).mean(-1)
+
     return Metric("kl_from_clean", fn, positions, ("kl", positions))
 
 
@@ -94,21 +105,28 @@ class CustomIdentity:
             raise SpliceError(
                 f"custom metric {self.name!r} cannot be checkpointed: {error}, so a resumed sweep could not tell "
                 "whether it still computes the same thing. Pass metrics.custom(..., identity='...'), a string "
-                "naming everything that determines its result (change it whenever that changes)") from None
+                "naming everything that determines its result (change it whenever that changes)"
+            ) from None
         return iter(("custom", self.name, self.tail, digest))
 
     def __repr__(self):
         return f"CustomIdentity({self.name!r}, identity={self.identity!r})"
 
 
-def custom(fn: Callable, name: str | None = None, tail: int | None = None, identity: str | None = None) -> Metric:
+def custom(
+    fn: Callable, name: str | None = None, tail: int | None = None, identity: str | None = None
+) -> Metric:
     """Any function (logits, clean_logits, batch) -> [prompts] or scalar. `tail` = final positions
     it reads (None: all). A checkpoint knows it by a fingerprint of its code and of every value it
     reads (defaults, closure, globals); where that is impossible (it reads an arbitrary object),
     pass `identity=`, a string you change whenever what determines the result changes."""
     if not callable(fn):
-        raise SpliceError(f"metrics.custom needs a function (logits, clean_logits, batch) -> values; got {type(fn).__name__}")
+        raise SpliceError(
+            f"metrics.custom needs a function (logits, clean_logits, batch) -> values; got {type(fn).__name__}"
+        )
     if identity is not None and (not isinstance(identity, str) or not identity):
-        raise SpliceError(f"identity= is a non-empty string naming what determines the metric's result; got {identity!r}")
+        raise SpliceError(
+            f"identity= is a non-empty string naming what determines the metric's result; got {identity!r}"
+        )
     name = name or getattr(fn, "__name__", "custom")
     return Metric(name, fn, tail, CustomIdentity(name, fn, tail, identity))

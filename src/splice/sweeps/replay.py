@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SpliceError
 from ..engine.frame import Frame
 from ..engine.sites import Site
+from ..errors import SpliceError
 
 
 def _tile(value, rows: set[int], k: int):
     """Repeat k times (variant-major) every tensor whose first axis is batch-major over the prompt
     batch: `rows` holds the sizes that means (n, and n x heads for ALiBi-style biases)."""
     if isinstance(value, torch.Tensor):
-        return value.repeat(k, *([1] * (value.dim() - 1))) if k > 1 and value.dim() > 0 and value.shape[0] in rows else value
+        return (
+            value.repeat(k, *([1] * (value.dim() - 1)))
+            if k > 1 and value.dim() > 0 and value.shape[0] in rows
+            else value
+        )
     if isinstance(value, tuple):
         return tuple(_tile(v, rows, k) for v in value)
     if isinstance(value, list):
@@ -46,7 +50,10 @@ class PrefixReplay:
         self.inputs: list[torch.Tensor] = [None] * len(self.layers)
         self.calls: list[tuple] = [None] * len(self.layers)
         self.batch_kwargs = batch
-        handles = [layer.register_forward_pre_hook(self._grab(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        handles = [
+            layer.register_forward_pre_hook(self._grab(i), with_kwargs=True)
+            for i, layer in enumerate(self.layers)
+        ]
         # Unembed only the positions the metrics read (outside splice contexts, where generate's
         # logits_to_keep argument would otherwise mark the forward as a generation step).
         keep = {"logits_to_keep": tail} if tail and not model.engine.active_here() else {}
@@ -69,6 +76,7 @@ class PrefixReplay:
                 rest = dict(kwargs)
                 self.inputs[i] = rest.pop(self.layer_arg)
                 self.calls[i] = ((), rest)
+
         return hook
 
     def replay(self, starts: list[int], tail: int | None) -> torch.Tensor:
@@ -90,7 +98,9 @@ class PrefixReplay:
                     hidden = new if hidden is None else torch.cat([hidden, new])
                     active += joining
                     # The frame describes the rows present now; which edits fired carries over.
-                    forward.retarget(n * active, self.mask.repeat(active, 1) if self.mask is not None else None)
+                    forward.retarget(
+                        n * active, self.mask.repeat(active, 1) if self.mask is not None else None
+                    )
                 args, kwargs = self.calls[i]
                 out = self.layers[i](hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
                 hidden = out[0] if isinstance(out, tuple) else out

@@ -14,13 +14,13 @@ from itertools import product
 
 import torch
 
-from .checkpoint import Checkpoint
 from ..engine.edits import Edits
-from ..errors import SpliceError
 from ..engine.interventions import Intervention
+from ..errors import SpliceError
+from .checkpoint import Checkpoint
+from .data import PromptBatch, as_items, batches_of, shortest_length, source_batch
 from .metrics import Metric
 from .replay import PrefixReplay
-from .data import PromptBatch, as_items, batches_of, shortest_length, source_batch
 from .tables import tidy_table
 
 OVER = ("heads", "pos")
@@ -40,7 +40,9 @@ class Variant:
     @property
     def start_layer(self) -> int:
         """First layer whose computation the variant changes (its replay starts there)."""
-        return 0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
+        return (
+            0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
+        )
 
 
 def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
@@ -59,12 +61,19 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
     recorded = {}
     for field_name, sites in by_field.items():
         with torch.no_grad():
-            _, recording = model.run(source_batch(model, batch, field_name).kwargs, record=sorted(sites),
-                                     stop_after_record=True, use_cache=False)
+            _, recording = model.run(
+                source_batch(model, batch, field_name).kwargs,
+                record=sorted(sites),
+                stop_after_record=True,
+                use_cache=False,
+            )
         recorded[field_name] = dict(recording)
     return [
-        dataclasses.replace(v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source]))
-        if field_of(v) is not None else v
+        dataclasses.replace(
+            v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source])
+        )
+        if field_of(v) is not None
+        else v
         for v in variants
     ]
 
@@ -87,11 +96,15 @@ class Sweep:
     `interventions` is one intervention or a list (e.g. `[Scale(s) for s in (0, .5, 2)]`).
     Alternatively pass `variants=[(site, intervention), ...]` explicitly."""
 
-    def __init__(self, sites=None, interventions=None, over=None, metrics=(), variants=None, name: str = "sweep"):
+    def __init__(
+        self, sites=None, interventions=None, over=None, metrics=(), variants=None, name: str = "sweep"
+    ):
         if variants is None and (sites is None or interventions is None):
             raise SpliceError("a Sweep needs sites= and interventions= (or an explicit variants= list)")
         self.sites = [sites] if isinstance(sites, (str, tuple)) else list(sites or [])
-        self.interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions or [])
+        self.interventions = (
+            [interventions] if isinstance(interventions, Intervention) else list(interventions or [])
+        )
         self.over = () if over is None else (over,) if isinstance(over, str) else tuple(over)
         bad = [o for o in self.over if o not in OVER]
         if bad:
@@ -131,7 +144,9 @@ class Sweep:
         for over in self.over:
             field_name = "heads" if over == "heads" else "pos"
             if getattr(intervention, field_name) is not None:
-                raise SpliceError(f"{intervention!r} already sets {field_name}=; the sweep varies it (over={over!r})")
+                raise SpliceError(
+                    f"{intervention!r} already sets {field_name}=; the sweep varies it (over={over!r})"
+                )
             if over == "heads":
                 size = axes.get("head", axes.get("kv_head"))
                 if size is None:
@@ -142,7 +157,9 @@ class Sweep:
         out = []
         for values in product(*ranges):
             chosen = dict(zip(self.over, values))
-            replaced = dataclasses.replace(intervention, **{("heads" if k == "heads" else "pos"): v for k, v in chosen.items()})
+            replaced = dataclasses.replace(
+                intervention, **{("heads" if k == "heads" else "pos"): v for k, v in chosen.items()}
+            )
             out.append((site, replaced, chosen.get("heads"), chosen.get("pos")))
         return out
 
@@ -152,13 +169,24 @@ class Sweep:
             "variants": [[v.site, v.intervention.to_dict()] for v in variants],
             "data": items,
             "metrics": [list(m.spec) for m in self.metrics],
-            "batch_size": batch_size, "max_rows": max_rows, "mode": mode,
+            "batch_size": batch_size,
+            "max_rows": max_rows,
+            "mode": mode,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, model, data, *, batch_size: int = 16, max_rows: int | None = None, checkpoint=None,
-            prefix_reuse: bool = True, progress: bool = True):
+    def run(
+        self,
+        model,
+        data,
+        *,
+        batch_size: int = 16,
+        max_rows: int | None = None,
+        checkpoint=None,
+        prefix_reuse: bool = True,
+        progress: bool = True,
+    ):
         """Run the sweep; returns a tidy DataFrame (one row per variant x metric, plus the clean
         baseline per metric as variant -1). `batch_size` prompts share one forward, `max_rows`
         bounds the rows of one variant forward (default: from a ~2 GiB activation budget).
@@ -172,7 +200,11 @@ class Sweep:
         tail = None if any(m.tail is None for m in self.metrics) else max(m.tail for m in self.metrics)
         max_rows = max_rows or _default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
-        store = Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode)) if checkpoint else Checkpoint(None, "")
+        store = (
+            Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode))
+            if checkpoint
+            else Checkpoint(None, "")
+        )
         # The bar counts variant results only and starts after the first clean trace (and its
         # replay check), so its estimate is not the trace's time multiplied by every variant.
         done = sum(1 for variant, _ in store.done if variant >= 0)
@@ -188,7 +220,13 @@ class Sweep:
                 store.add([self._record(-1, b, clean, clean, batch)])
             todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
             if bar is None:
-                bar = tqdm(total=len(variants) * len(batches), initial=done, desc=self.name, unit="variant", disable=not progress)
+                bar = tqdm(
+                    total=len(variants) * len(batches),
+                    initial=done,
+                    desc=self.name,
+                    unit="variant",
+                    disable=not progress,
+                )
             # Sorted by first edited layer, chunks hold consecutive variants that join the replay
             # at their own layers (see PrefixReplay.replay).
             todo.sort(key=lambda v: v.start_layer)
@@ -198,7 +236,12 @@ class Sweep:
                 chunk = todo[i : i + per_chunk]
                 logits = run_chunk(model, prefix, batch, chunk, tail)
                 n = len(batch)
-                store.add([self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch) for j, v in enumerate(chunk)])
+                store.add(
+                    [
+                        self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch)
+                        for j, v in enumerate(chunk)
+                    ]
+                )
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
@@ -215,7 +258,9 @@ class Sweep:
         for j, variant in enumerate(chunk):
             placed = dataclasses.replace(variant.intervention, rows=slice(j * n, (j + 1) * n))
             existing = edits.get(variant.site)
-            edits[variant.site] = ([existing] if isinstance(existing, Intervention) else list(existing or [])) + [placed]
+            edits[variant.site] = (
+                [existing] if isinstance(existing, Intervention) else list(existing or [])
+            ) + [placed]
         with torch.no_grad(), model.edit(edits):
             return prefix.replay([max(v.start_layer, 0) for v in chunk], tail)
 

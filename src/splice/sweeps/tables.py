@@ -11,15 +11,38 @@ def tidy_table(metrics, variants, value_of, label=repr):
     rows = []
     for metric in metrics:
         clean = value_of(-1, metric.name)
-        rows.append({"variant": -1, "site": "clean", "layer": None, "head": None, "pos": None,
-                     "intervention": "none", "metric": metric.name, "value": clean, "clean": clean,
-                     "effect": 0.0, "relative": 0.0})
+        rows.append(
+            {
+                "variant": -1,
+                "site": "clean",
+                "layer": None,
+                "head": None,
+                "pos": None,
+                "intervention": "none",
+                "metric": metric.name,
+                "value": clean,
+                "clean": clean,
+                "effect": 0.0,
+                "relative": 0.0,
+            }
+        )
         for v in variants:
             value = value_of(v.id, metric.name)
-            rows.append({"variant": v.id, "site": v.site, "layer": v.layer, "head": v.head, "pos": v.pos,
-                         "intervention": label(v.intervention), "metric": metric.name, "value": value,
-                         "clean": clean, "effect": value - clean,
-                         "relative": (value - clean) / abs(clean) if clean else float("nan")})
+            rows.append(
+                {
+                    "variant": v.id,
+                    "site": v.site,
+                    "layer": v.layer,
+                    "head": v.head,
+                    "pos": v.pos,
+                    "intervention": label(v.intervention),
+                    "metric": metric.name,
+                    "value": value,
+                    "clean": clean,
+                    "effect": value - clean,
+                    "relative": (value - clean) / abs(clean) if clean else float("nan"),
+                }
+            )
     table = pd.DataFrame(rows)
     for column in ("layer", "head", "pos"):
         table[column] = table[column].astype("Int64")
