@@ -86,7 +86,7 @@ def main():
         cells = exact[exact.variant >= 0]
         column = "pos" if over == "pos" else "head"
         print(f"\n== {title}: {len(cells)} patches, exact {t1 - t0:.0f} s, attribution {t2 - t1:.1f} s ==")
-        print(f"clean logit diff {baseline.clean:.2f}, corrupt {baseline.corrupt:.2f}")
+        print(f"clean (source) logit diff {baseline.source:.2f}, corrupt (baseline) {baseline.value:.2f}")
         top = cells.sort_values("normalised", ascending=False).head(8)
         print(top[["layer", column, "value", "normalised"]].round(3).to_string(index=False))
         print(f"attribution vs exact: Spearman rank correlation {rho:.3f}")
@@ -104,7 +104,7 @@ def main():
             xticklabels=labels,
         )
         print(f"heatmap: {picture}")
-        assert baseline.clean > 0 > baseline.corrupt, "the corruption should flip the model's answer"
+        assert baseline.source > 0 > baseline.value, "the corruption should flip the model's answer"
         assert cells.normalised.max() > restores, (
             f"some single patch should restore at least {restores:.0%} of the clean answer"
         )

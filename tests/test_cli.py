@@ -61,7 +61,7 @@ def test_sweep_command_writes_table_and_heatmap(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "logit_diff: clean" in out.stdout and "kl_from_clean: clean" in out.stdout
+    assert "logit_diff: baseline" in out.stdout and "kl_from_baseline: baseline" in out.stdout
     table = pd.read_csv(tmp_path / "out" / "ioi_last_layers.csv")
     assert len(table) == 2 * (4 * 9 + 1)
     assert (tmp_path / "out" / "ioi_last_layers.jsonl").exists() and (

@@ -162,7 +162,7 @@ def test_yaml_aliases_are_refused_in_configs(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(
         "model: smollm2\ndata: [hi]\nsweep:\n  sites: blocks.0.attn.z\n"
-        "  interventions: &zero [{type: Zero}]\nmetrics: [kl_from_clean]\n"
+        "  interventions: &zero [{type: Zero}]\nmetrics: [kl_from_baseline]\n"
     )
     with pytest.raises(splice.SpliceError, match=rf"{re.escape(str(path))} line 5: .*anchors and aliases"):
         load_config(path)
@@ -196,13 +196,13 @@ def test_an_absurd_tensor_record_is_refused_before_it_is_allocated():
 
 def test_a_finished_read_only_checkpoint_is_read_without_writing(tiny, tmp_path):
     path = tmp_path / "sweep.jsonl"
-    table = run(tiny, metrics.kl_from_clean(), path)
+    table = run(tiny, metrics.kl_from_baseline(), path)
     os.utime(
         path, ns=(10**9, 10**9)
     )  # any write would move the mtime (also as root, which chmod does not stop)
     path.chmod(0o444)
     content, listing = path.read_bytes(), sorted(tmp_path.iterdir())
-    assert run(tiny, metrics.kl_from_clean(), path).equals(table)
+    assert run(tiny, metrics.kl_from_baseline(), path).equals(table)
     assert (
         path.stat().st_mtime_ns == 10**9
         and path.read_bytes() == content
@@ -212,11 +212,11 @@ def test_a_finished_read_only_checkpoint_is_read_without_writing(tiny, tmp_path)
 
 def test_a_torn_last_line_is_cut_off_when_the_sweep_appends(tiny, tmp_path):
     path = tmp_path / "sweep.jsonl"
-    table = run(tiny, metrics.kl_from_clean(), path)
+    table = run(tiny, metrics.kl_from_baseline(), path)
     interrupt(path, keep=4)
     with open(path, "a") as handle:
         handle.write('{"variant": 3, "batch": 1, "val')
-    assert same(run(tiny, metrics.kl_from_clean(), path), table)
+    assert same(run(tiny, metrics.kl_from_baseline(), path), table)
     records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
     assert len({(r["variant"], r["batch"]) for r in records}) == len(records) == (4 + 1) * 2
 
@@ -250,8 +250,8 @@ def test_a_damaged_checkpoint_is_named_by_file_and_line(tmp_path, content, line,
 def test_a_header_without_results_is_taken_over(tiny, tmp_path):
     path = tmp_path / "sweep.jsonl"
     path.write_text('{"splice_sweep": 1, "spec_hash": "left by a run that failed before its first result"}\n')
-    table = run(tiny, metrics.kl_from_clean(), path)
-    assert same(table, run(tiny, metrics.kl_from_clean()))
+    table = run(tiny, metrics.kl_from_baseline(), path)
+    assert same(table, run(tiny, metrics.kl_from_baseline()))
     assert (
         json.loads(path.read_text().splitlines()[0])["spec_hash"]
         != "left by a run that failed before its first result"
@@ -302,7 +302,7 @@ def test_a_missing_edits_file_is_named(tmp_path):
         splice.Edits.load(tmp_path / "nope.yaml")
 
 
-def write_config(tmp_path, model_dir=None, data="data.jsonl", metric="kl_from_clean", rows=None, **replace):
+def write_config(tmp_path, model_dir=None, data="data.jsonl", metric="kl_from_baseline", rows=None, **replace):
     """A working sweep config (and its data file) in tmp_path, with parts replaced."""
     rows = rows if rows is not None else [{"prompt": p["prompt"]} for p in DATA]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -388,7 +388,7 @@ def test_a_failed_cli_run_does_not_block_the_corrected_one(tmp_path, model_dir, 
     )
     code, out, err = cli(capsys, "sweep", fixed)
     assert code == 0, err
-    assert "answer_logprob: clean" in out and (tmp_path / "out" / "table.csv").exists()
+    assert "answer_logprob: baseline" in out and (tmp_path / "out" / "table.csv").exists()
     assert not left_behind  # the failed run wrote no checkpoint at all
 
 
@@ -417,13 +417,13 @@ def test_cli_reports_file_errors_in_one_line(tmp_path, model_dir, capsys, case):
         "checkpoint torn header": "ckpt.jsonl",
     }[case]
     if case == "yaml syntax":
-        config = write_config(tmp_path, model_dir, metrics="metrics: [kl_from_clean\n")
+        config = write_config(tmp_path, model_dir, metrics="metrics: [kl_from_baseline\n")
     elif case == "missing config":
         config = tmp_path / "nope.yaml"
     elif case == "missing data":
         config = write_config(tmp_path, model_dir, data="missing.jsonl")
     elif case == "alias":
-        config = write_config(tmp_path, model_dir, metrics="metrics: &m [kl_from_clean]\n")
+        config = write_config(tmp_path, model_dir, metrics="metrics: &m [kl_from_baseline]\n")
     elif case == "bad slice":
         config = write_config(
             tmp_path,

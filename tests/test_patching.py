@@ -38,9 +38,9 @@ def test_patching_sweep_batched_equals_one_variant_at_a_time(tmodel, sites, over
         tmodel, DATA, sites, over, [METRIC], batch_size=3, prefix_reuse=False, progress=False
     )
     _close(batched.value, sequential.value)
-    _close(batched.corrupt, sequential.corrupt)
-    _close(batched.clean, sequential.clean)
-    _close(batched.normalised, (batched.value - batched.corrupt) / (batched.clean - batched.corrupt))
+    _close(batched.baseline, sequential.baseline)
+    _close(batched.source, sequential.source)
+    _close(batched.normalised, (batched.value - batched.baseline) / (batched.source - batched.baseline))
     assert tmodel.hook_count == 0
 
 
@@ -86,7 +86,7 @@ def test_patching_table_matches_hand_written_patching(tmodel, family):
         handle.remove()
         row = table[(table.layer == layer) & (table.pos == pos)].iloc[0]
         assert row.value == pytest.approx(patched, abs=1e-5)
-        assert row.corrupt == pytest.approx(corrupt_value, abs=1e-5) and row.clean == pytest.approx(
+        assert row.baseline == pytest.approx(corrupt_value, abs=1e-5) and row.source == pytest.approx(
             clean_value, abs=1e-5
         )
         span = clean_value - corrupt_value  # value errors of 1e-5 become 1e-5 / |span| after normalising
@@ -129,8 +129,8 @@ def test_attribution_has_the_exact_tables_layout_and_tracks_it(capsys):
         assert approx[["variant", "site", "layer", "head", "pos", "metric"]].equals(
             exact[["variant", "site", "layer", "head", "pos", "metric"]]
         )
-        _close(approx.corrupt, exact.corrupt)
-        _close(approx.clean, exact.clean)
+        _close(approx.baseline, exact.baseline)
+        _close(approx.source, exact.source)
         rho = rank_correlation(exact, approx)
         print(f"{sites} over {over}: Spearman rank correlation attribution vs exact = {rho:.3f}")
         assert -1 <= rho <= 1  # reported, not asserted: attribution is an approximation

@@ -11,6 +11,7 @@ from conftest import CharTokenizer, build
 
 import splice
 from splice.steering import SteeringVector, coefficient_sweep, config_fingerprint, contrastive
+from splice.loading import weights_sha256
 
 SITE = "blocks.1.resid_post"
 # Different lengths, so batches are left-padded and padding must be left out of the means.
@@ -94,7 +95,13 @@ def test_save_load_round_trip_with_provenance(tmp_path):
     assert record["site"] == SITE and record["positions"] == {"slice": [1, None, None]}
     assert record["positive_sha256"] == hashlib.sha256(json.dumps(POSITIVE).encode()).hexdigest()
     assert record["negative_sha256"] == hashlib.sha256(json.dumps(NEGATIVE).encode()).hexdigest()
-    assert record["model"] == "GPT2LMHeadModel"  # no _name_or_path on a model built from a config
+    # No _name_or_path on a model built from a config: the class names it, the digest identifies it.
+    assert record["model"] == {
+        "name": "GPT2LMHeadModel",
+        "revision": None,
+        "weights_sha256": weights_sha256(model.hf),
+        "dtype": "float32",
+    }
     assert (
         record["config_sha256"] == config_fingerprint(model.hf.config) and len(record["config_sha256"]) == 64
     )

@@ -17,7 +17,7 @@ import splice
 from splice import metrics
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcdefg", "bcd", "cdefgh", "defghij", "efghi"]]
-METRICS = [metrics.logit_diff(), metrics.kl_from_clean(), metrics.loss(2), metrics.answer_logprob("correct")]
+METRICS = [metrics.logit_diff(), metrics.kl_from_baseline(), metrics.loss(2), metrics.answer_logprob("correct")]
 
 
 @pytest.fixture
@@ -85,13 +85,13 @@ def test_table_is_tidy(tmodel):
         "intervention",
         "metric",
         "value",
-        "clean",
+        "baseline",
         "effect",
         "relative",
     }
     row = table[(table.layer == 2) & (table["head"] == 1) & (table.metric == "logit_diff")].iloc[0]
     assert row.site == "blocks.2.attn.z" and row.intervention == "Zero(heads=1)"
-    assert row.effect == pytest.approx(row.value - row.clean)
+    assert row.effect == pytest.approx(row.value - row.baseline)
     grid = (
         table[table.metric == "logit_diff"]
         .dropna(subset=["head"])

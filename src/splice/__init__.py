@@ -26,6 +26,7 @@ from .errors import SpliceError
 from .loading import embedded_model_dir, load, load_hf
 from .sweeps import metrics
 from .sweeps.sweep import Sweep
+from .sweeps.tables import grid
 from .version import __version__ as __version__
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Resample",
     # sweeps and features
     "Sweep",
+    "grid",
     "metrics",
     "patching",
     "steering",

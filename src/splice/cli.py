@@ -54,8 +54,8 @@ def _sweep(args) -> int:
     top = int(output.get("top", 10))
     for metric in table["metric"].unique():
         rows = table[(table["metric"] == metric) & (table["variant"] >= 0)]
-        clean = table[(table["metric"] == metric) & (table["variant"] == -1)]["value"].iloc[0]
-        print(f"\n{metric}: clean {clean:.4f}; the {top} variants with the largest effect")
+        baseline = table[(table["metric"] == metric) & (table["variant"] == -1)]["value"].iloc[0]
+        print(f"\n{metric}: baseline {baseline:.4f}; the {top} variants with the largest effect")
         ranked = rows.reindex(rows["effect"].abs().sort_values(ascending=False).index).head(top)
         print(
             ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(

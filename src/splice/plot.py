@@ -66,17 +66,45 @@ def heatmap(
     return path
 
 
-def sweep_heatmap(table, path, metric: str | None = None, value: str = "effect", title: str | None = None):
-    """Heatmap of a sweep table: layer x head, or layer x position, whichever the variants vary."""
-    rows = table[table["variant"] >= 0]
-    metric = metric or rows["metric"].iloc[0]
-    rows = rows[rows["metric"] == metric]
-    columns = "head" if rows["head"].notna().any() else "pos" if rows["pos"].notna().any() else None
-    if columns is None:
-        raise ValueError("the sweep varies neither heads nor positions; plot its table directly")
-    grid = rows.pivot_table(index="layer", columns=columns, values=value, aggfunc="mean")
-    clean = table[(table["variant"] == -1) & (table["metric"] == metric)]["value"]
-    label = f"{metric} {value}" + (f" (clean {clean.iloc[0]:.3g})" if len(clean) else "")
+def sweep_heatmap(
+    table,
+    path,
+    metric: str | None = None,
+    value: str = "effect",
+    title: str | None = None,
+    xticklabels=None,
+):
+    """Heatmap of a sweep or patching table (`splice.grid`): layer x head, or layer x position,
+    whichever the variants vary; returns the PNG's path.
+
+    The colour bar names the column and what it is relative to: the baseline run's metric value
+    for `effect`/`value`/`relative`, and "0 = baseline, 1 = source" for a patching table's
+    `normalised`. `xticklabels` names the columns (e.g. `m.to_str_tokens(prompt)` for a
+    position sweep; it must have one label per column)."""
+    from .errors import SpliceError
+    from .sweeps.tables import BASELINE, grid
+
+    metric = metric or table[table["variant"] >= 0]["metric"].iloc[0]  # default: the table's first metric
+    values = grid(table, metric=metric, value=value)
+    across = values.columns.name
+    if xticklabels is not None:
+        xticklabels = [str(t) for t in xticklabels]
+        if len(xticklabels) != values.shape[1]:
+            raise SpliceError(
+                f"xticklabels has {len(xticklabels)} labels for {values.shape[1]} {across} columns "
+                f"({list(values.columns)})"
+            )
+    baseline = table[(table["variant"] == -1) & (table["metric"] == metric)]["value"]
+    if value == "normalised":
+        label = f"{metric} normalised (0 = {BASELINE}, 1 = source)"
+    else:
+        label = f"{metric} {value}" + (f" ({BASELINE} {baseline.iloc[0]:.3g})" if len(baseline) else "")
     return heatmap(
-        grid, path, title=title or f"{metric}: {value} per {columns}", xlabel=columns, colorbar=label
+        values,
+        path,
+        title=title or f"{metric}: {value} per {across}",
+        xlabel=across,
+        colorbar=label,
+        center=0.0 if value in ("effect", "relative", "normalised") else None,
+        xticklabels=xticklabels,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,10 @@ from .engine.codec import decode, encode
 from .engine.edits import Edits
 from .engine.interventions import Add
 from .errors import SpliceError
+from .loading import identity
 
-FORMAT = "splice-steering-vector/1"
+FORMAT = "splice-steering-vector/2"
+READABLE_FORMATS = ("splice-steering-vector/1", FORMAT)  # /1 recorded only a model name
 
 
 def _sha256_texts(texts: list[str]) -> str:
@@ -50,10 +52,6 @@ def config_fingerprint(config) -> str:
         if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_name(model) -> str:
-    return getattr(model.hf.config, "_name_or_path", "") or type(model.hf).__name__
 
 
 def _check_positions(positions):
@@ -131,7 +129,9 @@ class SteeringVector:
     vector: torch.Tensor
     site: str
     positions: Any = "last"
-    model: str = ""
+    model: dict = field(
+        default_factory=dict
+    )  # `splice.loading.identity`: name, revision, weights_sha256, dtype
     config_sha256: str = ""
     positive_sha256: str = ""
     negative_sha256: str = ""
@@ -145,7 +145,7 @@ class SteeringVector:
         pos = self.positions if isinstance(self.positions, str) else repr(self.positions)
         return (
             f"SteeringVector({self.site}, {list(self.vector.shape)} norm {self.norm:.4g}, positions={pos}, "
-            f"{self.n_positive}+{self.n_negative} prompts, model={self.model!r})"
+            f"{self.n_positive}+{self.n_negative} prompts, model={self.model.get('name')!r})"
         )
 
     def __eq__(self, other):
@@ -156,8 +156,11 @@ class SteeringVector:
     __hash__ = object.__hash__
 
     def provenance(self) -> dict:
-        """Everything but the vector, JSON-safe."""
-        return {f.name: encode(getattr(self, f.name)) for f in fields(self) if f.name != "vector"}
+        """Everything but the vector, JSON-safe (the model's identity as a plain mapping)."""
+        record = {
+            f.name: encode(getattr(self, f.name)) for f in fields(self) if f.name not in ("vector", "model")
+        }
+        return {**record, "model": dict(self.model)}
 
     def edit(self, coefficient: float = 1.0, pos=None, rows=None) -> Edits:
         """`Edits({site: Add(vector, scale=coefficient, pos=pos)})`, ready for `edits=`
@@ -203,9 +206,16 @@ class SteeringVector:
                     f"steering vector file {file} does not exist (save writes .safetensors + .json)"
                 )
         record = json.loads(meta.read_text())
-        if record.get("format") != FORMAT:
+        if record.get("format") not in READABLE_FORMATS:
             raise SpliceError(
                 f"{meta} is not a splice steering vector (format {record.get('format')!r}, expected {FORMAT!r})"
+            )
+        model = record.get("model")
+        if isinstance(model, str):  # format /1: a name (often a cache path) and nothing else
+            model = {"name": model, "revision": None, "weights_sha256": None, "dtype": None}
+        if not isinstance(model, dict):
+            raise SpliceError(
+                f"{meta}: 'model' must be a mapping (name, revision, weights_sha256, dtype); got {model!r}"
             )
         vector = load_file(str(tensors))["vector"]
         if _sha256_tensor(vector) != record.get("vector_sha256"):
@@ -213,7 +223,8 @@ class SteeringVector:
                 f"{tensors} does not match the checksum in {meta}: the files belong to different vectors"
             )
         names = {f.name for f in fields(cls)} - {"vector"}
-        return cls(vector=vector, **{k: decode(v) for k, v in record.items() if k in names})
+        values = {k: decode(v) for k, v in record.items() if k in names and k != "model"}
+        return cls(vector=vector, model=model, **values)
 
 
 def contrastive(
@@ -247,7 +258,7 @@ def contrastive(
         vector=vector,
         site=name,
         positions=positions,
-        model=model_name(model),
+        model=identity(model.hf),
         config_sha256=config_fingerprint(model.hf.config),
         positive_sha256=_sha256_texts(positive),
         negative_sha256=_sha256_texts(negative),

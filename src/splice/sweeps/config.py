@@ -27,7 +27,8 @@ METRICS = {
     "logit_diff": metric_fns.logit_diff,
     "answer_logprob": metric_fns.answer_logprob,
     "loss": metric_fns.loss,
-    "kl_from_clean": metric_fns.kl_from_clean,
+    "kl_from_baseline": metric_fns.kl_from_baseline,
+    "kl_from_clean": metric_fns.kl_from_clean,  # deprecated name, warns
 }
 CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.sweeps.config)"
 KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")

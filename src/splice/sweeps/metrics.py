@@ -1,4 +1,7 @@
-"""Metrics for sweeps: functions of (logits, clean_logits, batch) giving one value per prompt.
+"""Metrics for sweeps: functions of (logits, baseline_logits, batch) giving one value per prompt.
+
+`baseline_logits` are the same prompts' logits without the variant's edit (the table's
+`baseline` run).
 
 Each metric says how many final positions it reads (`tail`), so a sweep unembeds only those
 (the unembedding is a large share of a small model's forward). Logits arrive as
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import warnings
 
 import torch
 
@@ -22,8 +27,8 @@ class Metric:
     tail: int | None = 1  # final positions needed; None = all
     spec: Iterable = ()  # what identifies the metric in a checkpoint's spec hash (iterated when it is made)
 
-    def __call__(self, logits, clean_logits, batch) -> torch.Tensor:
-        value = self.fn(logits, clean_logits, batch)
+    def __call__(self, logits, baseline_logits, batch) -> torch.Tensor:
+        value = self.fn(logits, baseline_logits, batch)
         value = torch.as_tensor(value, dtype=torch.float32)
         if value.dim() == 0:
             value = value.expand(len(batch))
@@ -46,7 +51,7 @@ def _token_column(batch, field: str) -> torch.Tensor:
 def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
     """logit(correct) - logit(wrong) at the last position, per prompt (e.g. IOI: ' Mary' vs ' John')."""
 
-    def fn(logits, clean, batch):
+    def fn(logits, baseline, batch):
         last = logits[:, -1]
         good, bad = _token_column(batch, correct), _token_column(batch, wrong)
         return last.gather(-1, good[:, None])[:, 0] - last.gather(-1, bad[:, None])[:, 0]
@@ -57,7 +62,7 @@ def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
 def answer_logprob(answer: str = "answer") -> Metric:
     """log P(answer token) at the last position."""
 
-    def fn(logits, clean, batch):
+    def fn(logits, baseline, batch):
         return logits[:, -1].float().log_softmax(-1).gather(-1, _token_column(batch, answer)[:, None])[:, 0]
 
     return Metric("answer_logprob", fn, 1, ("answer_logprob", answer))
@@ -69,7 +74,7 @@ def loss(positions: int = 1) -> Metric:
     if positions < 1:
         raise SpliceError("loss(positions=...) needs at least one position")
 
-    def fn(logits, clean, batch):
+    def fn(logits, baseline, batch):
         targets = batch.input_ids[:, -positions:]
         logprobs = logits[:, -positions - 1 : -1].float().log_softmax(-1)
         return -logprobs.gather(-1, targets[..., None])[..., 0].mean(-1)
@@ -77,15 +82,28 @@ def loss(positions: int = 1) -> Metric:
     return Metric(f"loss_last{positions}", fn, positions + 1, ("loss", positions))
 
 
-def kl_from_clean(positions: int = 1) -> Metric:
-    """KL(clean || edited) of the next-token distribution, averaged over the last `positions`."""
+def kl_from_baseline(positions: int = 1) -> Metric:
+    """KL(baseline || edited) of the next-token distribution, averaged over the last `positions`:
+    how far the edit moves the prediction from the same prompts' unedited run."""
 
-    def fn(logits, clean, batch):
-        p = clean[:, -positions:].float().log_softmax(-1)
+    def fn(logits, baseline, batch):
+        p = baseline[:, -positions:].float().log_softmax(-1)
         q = logits[:, -positions:].float().log_softmax(-1)
         return (p.exp() * (p - q)).sum(-1).mean(-1)
 
-    return Metric("kl_from_clean", fn, positions, ("kl", positions))
+    return Metric("kl_from_baseline", fn, positions, ("kl", positions))
+
+
+def kl_from_clean(positions: int = 1) -> Metric:
+    """Deprecated name of `kl_from_baseline` (in a patching sweep the unedited run is the
+    corrupted one, so "clean" named the wrong run); warns and returns `kl_from_baseline`."""
+    warnings.warn(
+        "metrics.kl_from_clean() is now metrics.kl_from_baseline(): the KL is measured from the "
+        "unedited run of the same prompts (the table's `baseline`), which is not always a clean prompt",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return kl_from_baseline(positions)
 
 
 class CustomIdentity:
@@ -116,13 +134,13 @@ class CustomIdentity:
 def custom(
     fn: Callable, name: str | None = None, tail: int | None = None, identity: str | None = None
 ) -> Metric:
-    """Any function (logits, clean_logits, batch) -> [prompts] or scalar. `tail` = final positions
+    """Any function (logits, baseline_logits, batch) -> [prompts] or scalar. `tail` = final positions
     it reads (None: all). A checkpoint knows it by a fingerprint of its code and of every value it
     reads (defaults, closure, globals); where that is impossible (it reads an arbitrary object),
     pass `identity=`, a string you change whenever what determines the result changes."""
     if not callable(fn):
         raise SpliceError(
-            f"metrics.custom needs a function (logits, clean_logits, batch) -> values; got {type(fn).__name__}"
+            f"metrics.custom needs a function (logits, baseline_logits, batch) -> values; got {type(fn).__name__}"
         )
     if identity is not None and (not isinstance(identity, str) or not identity):
         raise SpliceError(

@@ -47,7 +47,7 @@ class Variant:
 
 def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
     """Variants whose Patch names a data field, given that field's activations for this batch
-    (one clean forward per field, recording only the sites those variants patch)."""
+    (one unedited forward per field, recording only the sites those variants patch)."""
     from ..engine.sources import Patch
 
     def field_of(v: Variant) -> str | None:
@@ -187,8 +187,8 @@ class Sweep:
         prefix_reuse: bool = True,
         progress: bool = True,
     ):
-        """Run the sweep; returns a tidy DataFrame (one row per variant x metric, plus the clean
-        baseline per metric as variant -1). `batch_size` prompts share one forward, `max_rows`
+        """Run the sweep; returns a tidy DataFrame (one row per variant x metric, plus the unedited
+        baseline per metric as variant -1; columns in `splice.sweeps.tables`). `batch_size` prompts share one forward, `max_rows`
         bounds the rows of one variant forward (default: from a ~2 GiB activation budget).
         `prefix_reuse=False` runs each variant as its own full forward (the reference path)."""
         from tqdm.auto import tqdm
@@ -205,7 +205,7 @@ class Sweep:
             if checkpoint
             else Checkpoint(None, "")
         )
-        # The bar counts variant results only and starts after the first clean trace (and its
+        # The bar counts variant results only and starts after the first unedited trace (and its
         # replay check), so its estimate is not the trace's time multiplied by every variant.
         done = sum(1 for variant, _ in store.done if variant >= 0)
         bar = None
@@ -215,9 +215,9 @@ class Sweep:
             prefix = PrefixReplay(model, batch.kwargs, tail)
             if b == 0 and prefix_reuse:
                 prefix.check()
-            clean = prefix.logits
+            baseline = prefix.logits
             if not store.has(-1, b):
-                store.add([self._record(-1, b, clean, clean, batch)])
+                store.add([self._record(-1, b, baseline, baseline, batch)])
             todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
             if bar is None:
                 bar = tqdm(
@@ -238,7 +238,7 @@ class Sweep:
                 n = len(batch)
                 store.add(
                     [
-                        self._record(v.id, b, logits[j * n : (j + 1) * n], clean, batch)
+                        self._record(v.id, b, logits[j * n : (j + 1) * n], baseline, batch)
                         for j, v in enumerate(chunk)
                     ]
                 )
@@ -247,8 +247,8 @@ class Sweep:
             bar.close()
         return self._table(variants, store, len(batches))
 
-    def _record(self, variant: int, batch_index: int, logits, clean, batch) -> dict:
-        values = {m.name: m(logits, clean, batch).tolist() for m in self.metrics}
+    def _record(self, variant: int, batch_index: int, logits, baseline, batch) -> dict:
+        values = {m.name: m(logits, baseline, batch).tolist() for m in self.metrics}
         return {"variant": variant, "batch": batch_index, "values": values}
 
     @staticmethod
