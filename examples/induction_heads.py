@@ -18,6 +18,7 @@ from splice.plot import heatmap
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
 torch.manual_seed(0)
 model = splice.load()
+print(f"model: {splice.loading.EMBEDDED_NAME}")  # numbers differ from the bf16 release
 d = model.dims
 BATCH, HALF = 8, 24
 

@@ -67,6 +67,7 @@ def main():
     started = time.perf_counter()
 
     model = splice.load()
+    print(f"model: {splice.loading.EMBEDDED_NAME}")  # numbers differ from the bf16 release
     data = ioi_prompts(args.prompts)
     print(
         f"{len(data)} prompts, e.g. {data[0]['prompt']!r} -> {data[0]['correct']!r} vs {data[0]['wrong']!r}"
@@ -84,7 +85,7 @@ def main():
     heads = table[table.variant >= 0].copy()
     heads["importance"] = -heads["effect"]  # ablating an important head lowers the logit difference
     ranked = heads.sort_values("importance", ascending=False)
-    print(f"\nclean logit difference (correct - wrong name): {clean:.3f}")
+    print(f"\nunablated (baseline) logit difference (correct - wrong name): {clean:.3f}")
     print(f"The {args.top} heads whose ablation hurts the task most:")
     print(
         ranked.head(args.top)[["layer", "head", "value", "effect", "relative"]]

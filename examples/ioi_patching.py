@@ -62,6 +62,7 @@ def main():
     started = time.perf_counter()
 
     model = splice.load()
+    print(f"model: {splice.loading.EMBEDDED_NAME}")  # numbers differ from the bf16 release
     data = pairs(model, args.prompts)
     tokens = model.to_str_tokens(data[0]["clean"])
     print(

@@ -29,6 +29,7 @@ hate = [
 ]
 
 m = splice.load()
+print(f"model: {splice.loading.EMBEDDED_NAME}")  # numbers differ from the bf16 release
 
 
 def mean_activation(prompts):

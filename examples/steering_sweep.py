@@ -39,6 +39,7 @@ anger = [
 
 start = time.perf_counter()
 m = splice.load()
+print(f"model: {splice.loading.EMBEDDED_NAME}")  # numbers differ from the bf16 release
 sv = contrastive(m, love, anger, SITE, positions=slice(1, None))
 print(sv)
 
