@@ -165,8 +165,10 @@ def attribution(
     )
     variants = sweep.variants(model, shortest)
     names = sorted({v.site for v in variants})
-    per_variant = {(v.id, m.name): [] for v in variants for m in sweep.metrics}
-    baseline = {m.name: [] for m in sweep.metrics}
+    per_variant: dict[tuple[int, str], list[float]] = {
+        (v.id, m.name): [] for v in variants for m in sweep.metrics
+    }
+    baseline: dict[str, list[float]] = {m.name: [] for m in sweep.metrics}
     for batch in batches:
         clean = source_batch(model, batch, source)
         with torch.no_grad(), model.record(names) as clean_acts:

@@ -49,10 +49,9 @@ def heatmap(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.set_xticks(
-        range(cols), xticklabels or labels_x or range(cols), fontsize=7, rotation=90 if xticklabels else 0
-    )
-    ax.set_yticks(range(rows), labels_y or range(rows), fontsize=7)
+    names_x = [str(x) for x in (xticklabels or labels_x or range(cols))]
+    ax.set_xticks(range(cols), names_x, fontsize=7, rotation=90 if xticklabels else 0)
+    ax.set_yticks(range(rows), [str(y) for y in (labels_y or range(rows))], fontsize=7)
     fig.colorbar(image, ax=ax, label=colorbar)
     if annotate_top:
         flat = np.argsort(np.nan_to_num(grid, nan=-np.inf), axis=None)[::-1][:annotate_top]

@@ -103,7 +103,9 @@ def _selected(mask: torch.Tensor, positions, prompts: list[str]) -> torch.Tensor
     return picked
 
 
-def _mean_activation(model, prompts: list[str], site: str, positions, batch_size: int) -> torch.Tensor:
+def _mean_activation(
+    model, prompts: list[str], site: str, positions, batch_size: int
+) -> tuple[torch.Tensor, torch.dtype]:
     masks = []
     with torch.no_grad(), model.record(site, mode="accumulate") as rec:
         for start in range(0, len(prompts), batch_size):
@@ -118,6 +120,8 @@ def _mean_activation(model, prompts: list[str], site: str, positions, batch_size
         total = chosen.sum(0) if total is None else total + chosen.sum(0)
         count += chosen.shape[0]
         dtype = act.dtype
+    if total is None or dtype is None:  # _check_prompts refuses empty lists; this cannot happen
+        raise SpliceError(f"no activation was recorded at {site} for {len(prompts)} prompt(s)")
     return total / count, dtype
 
 

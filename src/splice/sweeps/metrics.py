@@ -146,5 +146,5 @@ def custom(
         raise SpliceError(
             f"identity= is a non-empty string naming what determines the metric's result; got {identity!r}"
         )
-    name = name or getattr(fn, "__name__", "custom")
+    name = name or str(getattr(fn, "__name__", "custom"))
     return Metric(name, fn, tail, CustomIdentity(name, fn, tail, identity))

@@ -68,14 +68,13 @@ def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Var
                 use_cache=False,
             )
         recorded[field_name] = dict(recording)
-    return [
-        dataclasses.replace(
-            v, intervention=dataclasses.replace(v.intervention, source=recorded[v.intervention.source])
-        )
-        if field_of(v) is not None
-        else v
-        for v in variants
-    ]
+    out = []
+    for v in variants:
+        field_name, patch = field_of(v), v.intervention
+        if field_name is not None and isinstance(patch, Patch):
+            v = dataclasses.replace(v, intervention=dataclasses.replace(patch, source=recorded[field_name]))
+        out.append(v)
+    return out
 
 
 def _fingerprint(model) -> str:
@@ -197,7 +196,8 @@ class Sweep:
         batches = batches_of(model, items, batch_size)
         seq = max(b.input_ids.shape[1] for b in batches)
         variants = self.variants(model, shortest_length(batches))  # over="pos": positions every prompt has
-        tail = None if any(m.tail is None for m in self.metrics) else max(m.tail for m in self.metrics)
+        tails = [m.tail for m in self.metrics]
+        tail = max(t for t in tails if t is not None) if None not in tails else None
         max_rows = max_rows or _default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
         store = (
