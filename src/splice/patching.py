@@ -32,15 +32,35 @@ def _axes(model, name: str) -> tuple[str, ...]:
 
 
 def cache(model, inputs, sites="*"):
-    """One forward (no gradients) of `inputs`, recording `sites`: a source for Patch/Resample.
-    The forward stops after the last recorded site."""
+    """One forward (no gradients) of `inputs`, recording `sites`: a source for `Patch`/`Resample`.
+
+    Args:
+        model: a `splice.Model`.
+        inputs: a prompt, a list of prompts, token ids or a tokenizer batch (as `Model.run`).
+        sites: names, aliases or globs to record (default: every site).
+
+    Returns:
+        The `Recording`. The forward stops after the last recorded site (nothing later runs).
+    """
     with torch.no_grad():
         return model.run(inputs, record=sites, stop_after_record=True)[1]
 
 
 def mean_reference(model, prompts, sites, per_position: bool = False, batch_size: int = 16) -> dict:
-    """{site: mean activation} over `prompts`, counting real tokens only (padding is left out),
-    for `Mean(reference=...)`. With per_position=True every prompt must have one length."""
+    """`{site: mean activation}` over `prompts`, for `Mean(reference=...)`.
+
+    Args:
+        model: a `splice.Model` with a tokenizer.
+        prompts: a prompt or a list of prompts.
+        sites: a name, alias or glob, or a list of them.
+        per_position: False averages over prompts and positions (real tokens only; padding is
+            left out); True keeps positions (every prompt must then have one length).
+        batch_size: prompts per forward.
+
+    Returns:
+        One tensor per site, shaped like the site with batch (and, unless `per_position`,
+        position) of size 1, in the site's dtype (summed in float64).
+    """
     names = (
         model.resolve(sites)
         if isinstance(sites, (str, tuple))
@@ -106,6 +126,20 @@ def patch_sweep(
     """Exact activation patching from the `source` field's run into the corrupted prompts, one
     variant per site x `over` (e.g. every (layer, pos) of resid_pre, or every head of attn.z),
     run as a batched, resumable Sweep (`run_kwargs` go to `Sweep.run`, e.g. checkpoint=).
+
+    Args:
+        model: a `splice.Model` with a tokenizer.
+        data: dicts with the corrupted `"prompt"`, the `source` field's prompt (same length in
+            tokens) and the metrics' fields.
+        sites: the sites to patch (name, alias, glob or list).
+        over: `"pos"`, `"heads"`, both as a tuple, or None (whole sites).
+        metrics: one `Metric` or a list.
+        source: the data field whose run the activations come from.
+        batch_size: prompts per forward.
+
+    Returns:
+        The sweep's table plus `source` and `normalised` (see `splice.sweeps.tables`).
+
     For the other direction (corrupt -> clean, "noising"), put the clean prompt in "prompt" and
     name the corrupted field as `source`: the columns keep their meaning (`baseline` = the
     unpatched run of "prompt", `source` = the run patched from), so nothing is relabelled."""
@@ -152,8 +186,10 @@ def attribution(
     batch_size: int = 16,
 ):
     """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
-    same columns) from one clean forward and one corrupted forward + backward per prompt batch.
-    Gradients are taken with torch.autograd.grad, so no parameter's .grad is touched."""
+    same columns) from one source forward and one corrupted forward + backward per prompt batch
+    and metric: `value` = baseline + (source - corrupted activation) . d metric / d activation,
+    summed over the variant's region. Arguments as `patch_sweep`. Gradients are taken with
+    `torch.autograd.grad`, so no parameter's `.grad` is touched."""
     sweep = _sweep(sites, over, metrics, source)
     items = as_items(data)
     batches = batches_of(model, items, batch_size)
@@ -206,8 +242,9 @@ def attribution(
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:
-    """Spearman rank correlation of `column` between two patching tables over their common
-    variants (e.g. attribution vs exact)."""
+    """Spearman rank correlation of `column` between two tables over their common (variant,
+    metric) rows, e.g. `rank_correlation(exact, approx)` for attribution vs exact patching;
+    the baseline rows are left out."""
     left = a[a.variant >= 0].set_index(["variant", "metric"])[column]
     right = b[b.variant >= 0].set_index(["variant", "metric"])[column]
     left, right = left.align(right, join="inner")

@@ -19,11 +19,18 @@ def heatmap(
     annotate_top: int = 0,
     xticklabels=None,
 ):
-    """Save a [rows, cols] grid (tensor, array or DataFrame) as a heatmap PNG; returns the path.
+    """Save a `[rows, cols]` grid as a heatmap PNG (no display needed); returns the path.
 
-    With `center`, the colour scale is symmetric around it (effects of ablations read as
-    blue = lower, red = higher); `annotate_top` writes the values of the k largest cells;
-    `xticklabels` names the columns (e.g. the prompt's tokens for a layer x position grid)."""
+    Args:
+        values: a 2-D tensor, array or DataFrame (a DataFrame's index and columns label the axes).
+        path: where the PNG goes (folders are created).
+        title, xlabel, ylabel, colorbar: the texts shown.
+        cmap: a matplotlib colour map name.
+        center: the value the colour scale is symmetric around (effects of ablations read as
+            blue = lower, red = higher); None scales from the data's minimum to its maximum.
+        annotate_top: write the values of the k largest cells.
+        xticklabels: names for the columns (e.g. the prompt's tokens for a layer x position grid).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

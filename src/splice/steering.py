@@ -127,8 +127,13 @@ def _mean_activation(
 
 @dataclass(frozen=True, eq=False)
 class SteeringVector:
-    """A steering vector for one site, and where it came from. `vector` has the site's trailing
-    shape (`[d_model]` for residual sites)."""
+    """A steering vector for one site, and where it came from.
+
+    `vector` has the site's trailing shape (`[d_model]` for residual sites). The other fields are
+    its provenance: the site, which positions were averaged, the model's identity
+    (`splice.loading.identity`: name, revision, weights sha256, dtype), a config fingerprint, the
+    sha256 of each prompt list and its size, the vector's norm, splice's version and the time.
+    Made by `contrastive`; saved and loaded with `save`/`load`; applied with `edit`."""
 
     vector: torch.Tensor
     site: str
@@ -160,7 +165,8 @@ class SteeringVector:
     __hash__ = object.__hash__
 
     def provenance(self) -> dict:
-        """Everything but the vector, JSON-safe (the model's identity as a plain mapping)."""
+        """Everything but the vector, JSON-safe (the model's identity as a plain mapping): what
+        `save` writes next to the tensor."""
         record = {
             f.name: encode(getattr(self, f.name)) for f in fields(self) if f.name not in ("vector", "model")
         }
@@ -236,6 +242,18 @@ def contrastive(
 ) -> SteeringVector:
     """Mean activation at `site` over `positive_prompts` minus the mean over `negative_prompts`.
 
+    Args:
+        model: a `splice.Model` with a tokenizer.
+        positive_prompts, negative_prompts: non-empty lists of non-empty strings (or one string).
+        site: one `[batch, pos, ...]` site of fixed width (a name, alias or tuple; not a glob
+            that names several).
+        positions: which tokens of each prompt are averaged: "last", "all", an int (negative
+            from the end) or a forward slice, counted from the prompt's first real token.
+        batch_size: prompts per forward.
+
+    Returns:
+        A `SteeringVector` with its provenance.
+
     Activations are recorded with `model.record(site, mode="accumulate")` over left-padded batches;
     padding is excluded and `positions` (see the module docstring) counts from each prompt's first
     real token. Means are taken in float64 and the result cast to the activations' dtype."""
@@ -290,7 +308,7 @@ def coefficient_sweep(
     first new token is predicted at the prompt's last position, so it is never steered), "all"
     every position, or any `pos=` value. Columns: coefficient, text, changed (differs from the
     unsteered completion), n_tokens, logprob_shift (mean over the completion's tokens of their
-    log-probability under the steered model minus under the clean one: how far steering moved the
+    log-probability under the steered model minus under the unsteered one: how far steering moved the
     model towards what it wrote) and baseline_logprob_shift (the same for the unsteered
     completion: how strongly steering pushes away from what the model would have said)."""
     import pandas as pd

@@ -22,6 +22,19 @@ from .fingerprint import fingerprint
 
 @dataclass(frozen=True)
 class Metric:
+    """A named function `(logits, baseline_logits, batch) -> [prompts]`, one value per prompt.
+
+    Build one with the functions of this module rather than directly. `tail` is how many final
+    positions it reads (None: all), so a sweep unembeds only those; `spec` identifies it in a
+    checkpoint, so a resumed sweep knows it still computes the same thing.
+
+    Example:
+        >>> from splice import metrics
+        >>> m = metrics.logit_diff("correct", "wrong")
+        >>> m.name, m.tail
+        ('logit_diff', 1)
+    """
+
     name: str
     fn: Callable
     tail: int | None = 1  # final positions needed; None = all
@@ -49,7 +62,16 @@ def _token_column(batch, field: str) -> torch.Tensor:
 
 
 def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
-    """logit(correct) - logit(wrong) at the last position, per prompt (e.g. IOI: ' Mary' vs ' John')."""
+    """logit(correct) - logit(wrong) at the last position, per prompt (e.g. IOI: " Mary" vs " John").
+
+    Args:
+        correct: the data field holding the right answer (a string that is one token, or an id).
+        wrong: the data field holding the wrong answer.
+
+    Example:
+        >>> logit_diff("io", "s").spec
+        ('logit_diff', 'io', 's')
+    """
 
     def fn(logits, baseline, batch):
         last = logits[:, -1]
@@ -60,7 +82,11 @@ def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
 
 
 def answer_logprob(answer: str = "answer") -> Metric:
-    """log P(answer token) at the last position."""
+    """log P(answer) at the last position, per prompt.
+
+    Args:
+        answer: the data field holding the answer (a string that is one token, or an id).
+    """
 
     def fn(logits, baseline, batch):
         return logits[:, -1].float().log_softmax(-1).gather(-1, _token_column(batch, answer)[:, None])[:, 0]
@@ -70,7 +96,16 @@ def answer_logprob(answer: str = "answer") -> Metric:
 
 def loss(positions: int = 1) -> Metric:
     """Mean next-token cross-entropy on the last `positions` tokens of each prompt (put the
-    continuation you want scored at the end of the prompt)."""
+    continuation you want scored at the end of the prompt).
+
+    Args:
+        positions: how many final tokens are scored (at least 1); the metric reads one more
+            position, the one predicting the first of them.
+
+    Example:
+        >>> loss(3).name, loss(3).tail
+        ('loss_last3', 4)
+    """
     if positions < 1:
         raise SpliceError("loss(positions=...) needs at least one position")
 
