@@ -207,3 +207,15 @@ def test_the_embedded_model_says_what_it_is(tmp_path):
         warnings.simplefilter("error")
         sv = splice.steering.contrastive(m, ["I love you"], ["I hate you"], "blocks.3.resid_post")
     assert sv.model == who
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        splice.plot.heatmap([[0.0, 1.0], [2.0, -1.0]], tmp_path / "h.png", annotate_top=1)
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "h.png").stat().st_size > 500
+    finally:
+        matplotlib.use(before)

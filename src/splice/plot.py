@@ -31,10 +31,9 @@ def heatmap(
         annotate_top: write the values of the k largest cells.
         xticklabels: names for the columns (e.g. the prompt's tokens for a layer x position grid).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A pyplot-free Figure renders to PNG without touching the user's backend (matplotlib.use
+    # would switch a Jupyter kernel away from inline plotting for every later figure).
+    from matplotlib.figure import Figure
     import numpy as np
 
     labels_x = labels_y = None
@@ -47,7 +46,8 @@ def heatmap(
         else np.asarray(values, dtype=float)
     )
     rows, cols = grid.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
+    ax = fig.subplots()
     if center is None:
         image = ax.imshow(grid, aspect="auto", cmap=cmap)
     else:
@@ -68,7 +68,6 @@ def heatmap(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
