@@ -6,17 +6,25 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import sys
+from collections.abc import Sequence
 
 
 def matches_filter(name: str, pattern: str) -> bool:
     """`--filter`: a glob (`*`, `?`, `[...]`) matches whole names, as site globs do everywhere in
-    splice (`blocks.*.attn.q`); plain text matches names containing it (`blocks.3.`)."""
+    splice (`blocks.*.attn.q`); plain text matches names containing it (`blocks.3.`).
+
+    Example:
+        >>> matches_filter("blocks.3.attn.q", "blocks.*.attn.q"), matches_filter("blocks.3.attn.q", "attn.")
+        (True, True)
+        >>> matches_filter("blocks.13.attn.q", "blocks.3.")
+        False
+    """
     from .engine.sites import is_pattern
 
     return fnmatch.fnmatchcase(name, pattern) if is_pattern(pattern) else pattern in name
 
 
-def _sites(args) -> int:
+def _sites(args: argparse.Namespace) -> int:
     from .errors import SpliceError
     from .loading import load
 
@@ -33,7 +41,7 @@ def _sites(args) -> int:
     return 0
 
 
-def _sweep(args) -> int:
+def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import SpliceError
@@ -75,7 +83,24 @@ def _sweep(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `splice` command: `splice sites [MODEL] [--filter TEXT]` and `splice sweep CONFIG.yaml`.
+
+    `sites` prints the model and every site with its shape; `sweep` runs a sweep config (see
+    `splice.sweeps.config`), prints the variants with the largest effect per metric and writes
+    the table (CSV and JSONL) and a heatmap.
+
+    Args:
+        argv: The arguments after the program name; None reads `sys.argv`.
+
+    Returns:
+        The exit status: 0 on success, 2 after a `SpliceError` (printed on one line to stderr,
+        without a traceback). `--help`, `--version` and argument errors exit through argparse.
+
+    Example:
+        >>> main(["sites", "/no/such/model"])  # prints "splice: cannot load the model ..." to stderr
+        2
+    """
     parser = argparse.ArgumentParser(
         prog="splice", description="Activation editing for Hugging Face transformers."
     )

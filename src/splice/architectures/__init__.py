@@ -1,4 +1,9 @@
-"""The architecture registry: every family table in this package, and the one for a model."""
+"""The architecture registry: every family table in this package, and the one for a model.
+
+An architecture is a table, not code: see `splice.architectures.table` for the format and
+`splice.architectures.views` for how a site is cut out of a module tensor. A module of this
+package that defines `ARCHITECTURE = Architecture(...)` is registered by being there.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,35 @@ def _discover() -> list[Architecture]:
 
 
 ARCHITECTURES: list[Architecture] = _discover()
+"""Every registered family table, by module name (`splice.ARCHITECTURES`).
+
+Example:
+    >>> import splice
+    >>> sorted(t for arch in splice.ARCHITECTURES for t in arch.model_types)[:4]
+    ['bloom', 'falcon', 'gemma', 'gemma2']
+"""
 
 
 def architecture_for(model: nn.Module) -> Architecture:
-    """The table for a model, chosen by `config.model_type` (subclasses of a supported model work)."""
+    """The table for a model, chosen by `config.model_type` (subclasses of a supported model work).
+
+    Args:
+        model: A Hugging Face model; only its `config.model_type` is read.
+
+    Returns:
+        The registered `Architecture` covering that model type.
+
+    Raises:
+        SpliceError: For an unsupported model, naming its class, its `model_type` and the
+            supported ones.
+
+    Example:
+        >>> import torch
+        >>> architecture_for(torch.nn.Linear(2, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: splice has no adapter for Linear (model_type None); supported model types: bloom, ...
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     for arch in ARCHITECTURES:
@@ -40,6 +70,17 @@ def architecture_for(model: nn.Module) -> Architecture:
 
 
 def uses_attention_interface(attention: nn.Module) -> bool:
-    """Pattern/scores sites need the attention module to dispatch through transformers'
-    AttentionInterface (most families do; GPT-J, Falcon and BLOOM compute attention inline)."""
+    """Whether an attention module dispatches through transformers' `AttentionInterface`.
+
+    Pattern/scores sites need it (most families do; GPT-J, Falcon and BLOOM compute attention
+    inline, so they have no pattern sites).
+
+    Args:
+        attention: A layer's attention module.
+
+    Example:
+        >>> import torch
+        >>> uses_attention_interface(torch.nn.Linear(2, 2))
+        False
+    """
     return hasattr(sys.modules.get(type(attention).__module__), "ALL_ATTENTION_FUNCTIONS")

@@ -9,14 +9,33 @@ Refused: `apply_residual_connection_post_layernorm=True` (the residual is the no
 sites do not add up) and `pretraining_tp > 1` with `slow_but_exact` (the projections are then
 applied slice by slice, never called as modules)."""
 
+from typing import Any
+
 from ..errors import SpliceError
 from .table import Architecture, Dims, Point, interleaved_qkv_points, residual_stream_points
 from .views import WHOLE, Heads
 
 LAYER = "transformer.h.{l}"
+"""Path of decoder layer `{l}`."""
 
 
-def dims(config) -> Dims:
+def dims(config: Any) -> Dims:
+    """Sizes of a `BloomConfig` (d_mlp is 4 * d_model); refuses the configurations in the
+    module docstring.
+
+    Raises:
+        SpliceError: For `apply_residual_connection_post_layernorm=True`, or
+            `pretraining_tp > 1` with `slow_but_exact=True`.
+
+    Example:
+        >>> import transformers
+        >>> config = transformers.BloomConfig(n_layer=2, hidden_size=16, n_head=2,
+        ...                                   apply_residual_connection_post_layernorm=True)
+        >>> dims(config)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: splice does not support BLOOM with apply_residual_connection_post_layernorm=True: ...
+    """
     if config.apply_residual_connection_post_layernorm:
         raise SpliceError(
             "splice does not support BLOOM with apply_residual_connection_post_layernorm=True: "
@@ -32,6 +51,14 @@ def dims(config) -> Dims:
 
 
 def points(d: Dims) -> dict[str, Point]:
+    """The BLOOM site table: q/k/v interleaved per head, contributions read at the `dense` and
+    `dense_4h_to_h` outputs, `resid_mid` the attention module's own output.
+
+    Example:
+        >>> from splice.architectures.table import Dims
+        >>> points(Dims(2, 16, 2, 2, 8, 64, 100))["resid_mid"].module
+        'transformer.h.{l}.self_attention'
+    """
     attn, mlp = f"{LAYER}.self_attention", f"{LAYER}.mlp"
     qkv = f"{attn}.query_key_value"
     table = residual_stream_points(LAYER, attn, mlp, "transformer.ln_f")
@@ -49,3 +76,4 @@ def points(d: Dims) -> dict[str, Point]:
 
 
 ARCHITECTURE = Architecture("bloom", ("bloom",), "transformer", dims, points)
+"""The BLOOM table (registered in `splice.architectures.ARCHITECTURES`)."""

@@ -9,20 +9,37 @@ block input through their norms (one shared `input_layernorm`, or `ln_attn`/`ln_
 block returns `resid_pre + attn.out + mlp.out`; otherwise the block is sequential like GPT-2.
 Rotary and ALiBi variants share the table (sites are taken before rotary)."""
 
+from typing import Any
+
 from ..errors import SpliceError
 from .table import Architecture, Dims, Point, residual_stream_points
-from .views import Heads, InterleavedHeads
+from .views import Heads, InterleavedHeads, View
 
 LAYER = "transformer.h.{l}"
+"""Path of decoder layer `{l}`."""
 
 
-def _kv_heads(config) -> int:
+def _kv_heads(config: Any) -> int:
     if config.new_decoder_architecture:
         return config.num_kv_heads
     return 1 if config.multi_query else config.num_attention_heads
 
 
-def dims(config) -> Dims:
+def dims(config: Any) -> Dims:
+    """Sizes of a `FalconConfig`; the KV-head count follows its layout flags.
+
+    Raises:
+        SpliceError: For the grouped layout (1 < KV heads < heads), which no view expresses.
+
+    Example:
+        >>> import transformers
+        >>> config = transformers.FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+        ...                                    new_decoder_architecture=True, num_kv_heads=2)
+        >>> dims(config)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: splice does not support Falcon's grouped query_key_value yet (2 KV heads for 4 heads, ...
+    """
     heads, kv = config.num_attention_heads, _kv_heads(config)
     if kv not in (1, heads):
         raise SpliceError(
@@ -41,9 +58,18 @@ def dims(config) -> Dims:
 
 
 def points(d: Dims) -> dict[str, Point]:
+    """The Falcon site table: q/k/v are `[Q | K | V]` slices (multi-query) or interleaved per
+    head (full multi-head) in `query_key_value`'s output; z is `dense`'s input.
+
+    Example:
+        >>> from splice.architectures.table import Dims
+        >>> points(Dims(2, 32, 4, 1, 8, 128, 100))["attn.k"].view  # multi-query: one K head
+        Heads(heads=1, start=32, stop=40)
+    """
     attn = f"{LAYER}.self_attention"
     qkv, width = f"{attn}.query_key_value", d.n_heads * d.d_head
     table = residual_stream_points(LAYER, attn, f"{LAYER}.mlp", "transformer.ln_f")
+    views: tuple[View, ...]
     if d.n_kv_heads == 1:  # multi-query: [Q (heads) | K (one head) | V (one head)]
         views = (
             Heads(d.n_heads, 0, width),
@@ -72,3 +98,4 @@ ARCHITECTURE = Architecture(
     points,
     parallel_residual=lambda config: bool(config.parallel_attn or config.new_decoder_architecture),
 )
+"""The Falcon table (registered in `splice.architectures.ARCHITECTURES`)."""

@@ -6,3 +6,4 @@ from . import llama
 from .table import Architecture
 
 ARCHITECTURE = Architecture("gemma", ("gemma",), "model", llama.dims, llama.points)
+"""The Gemma (Llama's) table (registered in `splice.architectures.ARCHITECTURES`)."""

@@ -5,3 +5,4 @@ from . import llama
 from .table import Architecture
 
 ARCHITECTURE = Architecture("mistral", ("mistral",), "model", llama.dims, llama.points)
+"""The Mistral (Llama's) table (registered in `splice.architectures.ARCHITECTURES`)."""

@@ -9,9 +9,18 @@ from .table import Architecture, Dims, Point, residual_stream_points
 from .views import Heads
 
 LAYER = "model.layers.{l}"
+"""Path of decoder layer `{l}`."""
 
 
 def points(d: Dims) -> dict[str, Point]:
+    """The Phi-3 site table: q/k/v are blocks of `qkv_proj`'s output (k and v with the KV-head
+    count), `attn.out`/`mlp.out` the residual dropouts' outputs.
+
+    Example:
+        >>> from splice.architectures.table import Dims
+        >>> points(Dims(2, 32, 4, 2, 8, 64, 100))["attn.k"].view
+        Heads(heads=2, start=32, stop=48)
+    """
     attn, qkv = f"{LAYER}.self_attn", f"{LAYER}.self_attn.qkv_proj"
     q_width, kv_width = d.n_heads * d.d_head, d.n_kv_heads * d.d_head
     table = residual_stream_points(
@@ -31,3 +40,4 @@ def points(d: Dims) -> dict[str, Point]:
 
 
 ARCHITECTURE = Architecture("phi3", ("phi3",), "model", llama.dims, points)
+"""The Phi-3 table (registered in `splice.architectures.ARCHITECTURES`)."""

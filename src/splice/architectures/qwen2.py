@@ -5,3 +5,4 @@ from . import llama
 from .table import Architecture
 
 ARCHITECTURE = Architecture("qwen2", ("qwen2",), "model", llama.dims, llama.points)
+"""The Qwen2 (Llama's) table (registered in `splice.architectures.ARCHITECTURES`)."""

@@ -8,13 +8,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .views import WHOLE, InterleavedHeads, ResidualSum
+import torch
+
+from .views import WHOLE, InterleavedHeads, ResidualSum, View
 
 
 @dataclass(frozen=True)
 class Dims:
-    """Sizes of a model's named axes (see `splice.engine.sites.LAYER_POINTS`)."""
+    """Sizes of a model's named axes (see `splice.engine.sites.LAYER_POINTS`).
+
+    A family's `dims(config)` function reads them from the Hugging Face config; `Model.dims`
+    holds them for a loaded model.
+
+    Attributes:
+        n_layers: Decoder layers.
+        d_model: Width of the residual stream.
+        n_heads: Query heads.
+        n_kv_heads: Key/value heads (fewer than `n_heads` under GQA, 1 for multi-query).
+        d_head: Width of one head.
+        d_mlp: Width of the MLP's hidden activation (`mlp.post`).
+        vocab: Vocabulary size (width of `logits`).
+
+    Example:
+        >>> import transformers
+        >>> from splice.architectures import gpt2
+        >>> dims = gpt2.dims(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2))
+        >>> dims
+        Dims(n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, d_head=8, d_mlp=64, vocab=50257)
+        >>> dims.size("head"), dims.size("pos")
+        (2, None)
+    """
 
     n_layers: int
     d_model: int
@@ -25,6 +50,8 @@ class Dims:
     vocab: int
 
     def size(self, axis: str) -> int | None:
+        """The size of a named axis (`"d_model"`, `"head"`, `"kv_head"`, `"d_head"`, `"d_mlp"`,
+        `"vocab"`); None for the axes that vary per forward (`batch`, `pos`, `k_pos`)."""
         return {
             "d_model": self.d_model,
             "head": self.n_heads,
@@ -44,16 +71,34 @@ class Point:
     (Llama's `self_attn(hidden_states=...)`); otherwise the first positional argument is used.
     `field` is where the tensor sits in an output that is not a tensor: an index into a tuple
     (attention modules return `(output, weights)`) or a key of a `ModelOutput` (Gemma2's
-    soft-capped `logits` exist only in the model's own output)."""
+    soft-capped `logits` exist only in the model's own output).
+
+    Attributes:
+        module: Dotted module path from the `*ForCausalLM`, with `{l}` for the layer index
+            (`""` is the model itself).
+        io: `"input"` (the module's first argument), `"output"`, or `"attention"` (inside
+            the attention function: `attn.scores`/`attn.pattern`, see `splice.engine.attention`).
+        view: How the site is cut out of the module tensor (`splice.architectures.views`);
+            default `WHOLE`.
+        arg: Keyword of the input when the module is called by keyword.
+        field: Index or key of the tensor in a non-tensor output.
+
+    Example:
+        >>> from splice.architectures.views import Heads
+        >>> point = Point("model.layers.{l}.self_attn.o_proj", "input", Heads(9))
+        >>> point.needs_layer_input
+        False
+    """
 
     module: str
     io: str  # "input" | "output" | "attention" (inside the attention function, see splice.engine.attention)
-    view: object = WHOLE
+    view: View = WHOLE
     arg: str = "hidden_states"
     field: int | str = 0
 
     @property
     def needs_layer_input(self) -> bool:
+        """Whether the view needs the layer's residual input (`Tokens`, `ResidualSum`)."""
         return getattr(self.view, "needs_layer_input", False)
 
 
@@ -62,15 +107,41 @@ class Architecture:
     """One model family: which HF `model_type`s it covers, where its decoder lives, its sizes, and
     a function from sizes to its site table (point name -> Point). `logits_transform(config)`
     gives what the model applies to `lm_head`'s output outside any module (Gemma2's soft-cap), or
-    None: a sweep that unembeds by hand applies it too."""
+    None: a sweep that unembeds by hand applies it too.
+
+    A module of `splice.architectures` that defines `ARCHITECTURE = Architecture(...)` is
+    registered by being there (see `ARCHITECTURES`).
+
+    Attributes:
+        name: The family's name, for messages.
+        model_types: The `config.model_type` values it covers.
+        decoder: Attribute of the `*ForCausalLM` holding the decoder stack (`"model"`,
+            `"transformer"`); a bare decoder is accepted too.
+        dims: `dims(config) -> Dims`; raises `SpliceError` for a configuration the table
+            cannot describe.
+        points: `points(dims) -> {point name: Point}`.
+        parallel_residual: `parallel_residual(config) -> bool`: attention and MLP both read
+            `resid_pre` (then there is no `resid_mid`); default False.
+        logits_transform: `logits_transform(config)` -> a function applied to `lm_head`'s
+            output, or None (the default).
+
+    Example:
+        >>> from splice.architectures import llama
+        >>> arch = Architecture("my_llama", ("my_llama",), "model", llama.dims, llama.points)
+        >>> arch.parallel_residual(None), arch.logits_transform(None)
+        (False, None)
+    """
 
     name: str
     model_types: tuple[str, ...]
     decoder: str  # attribute of the *ForCausalLM that holds the decoder stack
-    dims: Callable[[object], Dims]
+    # Any: a Hugging Face config (PretrainedConfig), whose attributes are set per family.
+    dims: Callable[[Any], Dims]
     points: Callable[[Dims], dict[str, Point]]
-    parallel_residual: Callable[[object], bool] = field(default=lambda config: False)
-    logits_transform: Callable[[object], Callable | None] = field(default=lambda config: None)
+    parallel_residual: Callable[[Any], bool] = field(default=lambda config: False)
+    logits_transform: Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None] = field(
+        default=lambda config: None
+    )
 
 
 def residual_stream_points(
@@ -78,7 +149,29 @@ def residual_stream_points(
 ) -> dict[str, Point]:
     """The sites every pre-norm decoder family shares, from the paths of its layer, attention
     module, MLP module and final norm. `attn_out` is the module whose output is the attention's
-    residual contribution, if not the attention module itself (Gemma2's post-attention norm)."""
+    residual contribution, if not the attention module itself (Gemma2's post-attention norm).
+
+    Start a family's table from it and add (or override) the projection sites: `attn.q/k/v`,
+    `attn.z` and `mlp.post` are family-specific.
+
+    Args:
+        layer: Path of a decoder layer, with `{l}` (`"model.layers.{l}"`).
+        attn: Path of its attention module.
+        mlp: Path of its MLP module.
+        final_norm: Path of the final norm.
+        attn_out: Path of the module whose output joins the residual after attention, if not
+            `attn`.
+
+    Returns:
+        `{point: Point}` for `embed`, `resid_pre`, `attn.in`, `attn.scores`, `attn.pattern`,
+        `attn.out`, `resid_mid`, `mlp.in`, `mlp.out`, `resid_post`, `final_norm`, `logits`.
+
+    Example:
+        >>> table = residual_stream_points("model.layers.{l}", "model.layers.{l}.self_attn",
+        ...                                "model.layers.{l}.mlp", "model.norm")
+        >>> table["resid_post"]
+        Point(module='model.layers.{l}', io='output', view=Whole(), arg='hidden_states', field=0)
+    """
     attn_out = attn_out or attn
     return {
         "embed": Point(layer.replace("{l}", "0"), "input"),
@@ -97,7 +190,16 @@ def residual_stream_points(
 
 
 def interleaved_qkv_points(qkv: str, heads: int) -> dict[str, Point]:
-    """q/k/v of a fused projection laid out per head as [q k v] (GPT-NeoX, BLOOM, Falcon)."""
+    """q/k/v of a fused projection laid out per head as [q k v] (GPT-NeoX, BLOOM, Falcon).
+
+    Args:
+        qkv: Path of the fused projection, with `{l}`.
+        heads: Number of heads.
+
+    Example:
+        >>> interleaved_qkv_points("gpt_neox.layers.{l}.attention.query_key_value", 4)["attn.k"].view
+        InterleavedHeads(heads=4, parts=3, index=1)
+    """
     return {
         f"attn.{part}": Point(qkv, "output", InterleavedHeads(heads, 3, i)) for i, part in enumerate("qkv")
     }

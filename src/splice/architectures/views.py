@@ -9,26 +9,71 @@ layer's residual input, needed only by the views that set `needs_layer_input`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from einops import rearrange
 
 
+class View(Protocol):
+    """What a view does (`Point.view`): cut a site out of a module tensor, and put it back.
+
+    A view may also set a class attribute `needs_layer_input = True`: then the engine saves the
+    layer's residual input and passes it as `layer_input`.
+    """
+
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The site tensor, as a view of `full` (never a copy that could drift)."""
+        ...
+
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A new module tensor with the site part replaced by `new`; `full` is not modified."""
+        ...
+
+
 @dataclass(frozen=True)
 class Whole:
-    """The module tensor is the site tensor."""
+    """The module tensor is the site tensor (the default view; `WHOLE` is its instance).
 
-    def read(self, full, layer_input=None):
+    Example:
+        >>> import torch
+        >>> full = torch.ones(1, 2, 4)
+        >>> WHOLE.read(full) is full
+        True
+    """
+
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """`full` itself."""
         return full
 
-    def write(self, full, new, layer_input=None):
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`new` itself."""
         return new
 
 
 @dataclass(frozen=True)
 class Heads:
     """`[..., heads*d_head]` seen as `[..., heads, d_head]`, optionally a slice of a fused
-    projection such as GPT-2's `c_attn` = `[Q|K|V]` (start/stop on the last axis)."""
+    projection such as GPT-2's `c_attn` = `[Q|K|V]` (start/stop on the last axis).
+
+    Args:
+        heads: Number of heads in the (sliced) last axis.
+        start: First index of the slice on the last axis (None: the whole axis).
+        stop: End of the slice (exclusive).
+
+    Example:
+        >>> import torch
+        >>> fused = torch.arange(12.0).reshape(1, 12)  # [Q | K | V], 2 heads of 2 dims each
+        >>> Heads(2, 0, 4).read(fused)  # Q
+        tensor([[[0., 1.],
+                 [2., 3.]]])
+        >>> Heads(2, 0, 4).write(fused, torch.zeros(1, 2, 2))
+        tensor([[ 0.,  0.,  0.,  0.,  4.,  5.,  6.,  7.,  8.,  9., 10., 11.]])
+    """
 
     heads: int
     start: int | None = None
@@ -36,11 +81,15 @@ class Heads:
 
     # unflatten/flatten rather than einops here: this runs on every hooked forward, and
     # `rearrange` costs ~10 us per call against ~4 us (the tiny-model per-call budget is 300 us).
-    def read(self, full, layer_input=None):
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The (sliced) last axis split into `[heads, d_head]` (a view)."""
         part = full if self.start is None else full[..., self.start : self.stop]
         return part.unflatten(-1, (self.heads, -1))  # "... (h d) -> ... h d"
 
-    def write(self, full, new, layer_input=None):
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`new` flattened back, joined with the rest of a fused projection."""
         flat = new.flatten(-2)  # "... h d -> ... (h d)"
         if self.start is None:
             return flat
@@ -50,17 +99,34 @@ class Heads:
 @dataclass(frozen=True)
 class InterleavedHeads:
     """A fused projection laid out per head as `[h0: q k v | h1: q k v | ...]` (GPT-NeoX):
-    `[..., heads*parts*d_head]` seen as `[..., heads, d_head]` for part `index`."""
+    `[..., heads*parts*d_head]` seen as `[..., heads, d_head]` for part `index`.
+
+    Args:
+        heads: Number of heads.
+        parts: Parts per head (3 for q, k, v).
+        index: Which part this view is (0 for q, 1 for k, 2 for v).
+
+    Example:
+        >>> import torch
+        >>> fused = torch.arange(12.0).reshape(1, 12)  # 2 heads x [q k v] x 2 dims
+        >>> InterleavedHeads(2, 3, 1).read(fused)  # k of each head
+        tensor([[[2., 3.],
+                 [8., 9.]]])
+    """
 
     heads: int
     parts: int
     index: int
 
-    def read(self, full, layer_input=None):
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Part `index` of every head, `[..., heads, d_head]`."""
         grouped = rearrange(full, "... (h s d) -> ... h s d", h=self.heads, s=self.parts)
         return grouped[..., self.index, :]
 
-    def write(self, full, new, layer_input=None):
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A new fused tensor with part `index` of every head replaced by `new`."""
         grouped = rearrange(full, "... (h s d) -> ... h s d", h=self.heads, s=self.parts)
         pieces = [new if s == self.index else grouped[..., s, :] for s in range(self.parts)]
         return rearrange(torch.stack(pieces, dim=-2), "... h s d -> ... (h s d)")
@@ -69,14 +135,26 @@ class InterleavedHeads:
 @dataclass(frozen=True)
 class Tokens:
     """A module that runs on tokens flattened to `[batch*pos, width]` (OPT's MLP), seen as
-    `[batch, pos, width]`; batch and pos are those of the layer's residual input."""
+    `[batch, pos, width]`; batch and pos are those of the layer's residual input.
+
+    Example:
+        >>> import torch
+        >>> flat, layer_input = torch.zeros(6, 5), torch.zeros(2, 3, 4)
+        >>> Tokens().read(flat, layer_input).shape
+        torch.Size([2, 3, 5])
+    """
 
     needs_layer_input = True
 
-    def read(self, full, layer_input=None):
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """`full` unflattened to the layer input's `[batch, pos]` (a view)."""
+        assert layer_input is not None  # needs_layer_input: the engine passes it
         return full.view(*layer_input.shape[:-1], full.shape[-1])
 
-    def write(self, full, new, layer_input=None):
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`new` flattened back to `full`'s shape."""
         return new.reshape(full.shape)
 
 
@@ -84,15 +162,31 @@ class Tokens:
 class ResidualSum:
     """The residual stream after a sublayer, seen from that sublayer's output: the model computes
     `layer_input + full`, so the site is that sum, and writing `new` makes the sublayer contribute
-    `new - layer_input` (exact for zeroing; within one rounding otherwise)."""
+    `new - layer_input` (exact for zeroing; within one rounding otherwise).
+
+    Example:
+        >>> import torch
+        >>> attn_out, resid_pre = torch.ones(2), torch.full((2,), 3.0)
+        >>> ResidualSum().read(attn_out, resid_pre)  # resid_mid
+        tensor([4., 4.])
+        >>> ResidualSum().write(attn_out, torch.full((2,), 5.0), resid_pre)  # what attn.out becomes
+        tensor([2., 2.])
+    """
 
     needs_layer_input = True
 
-    def read(self, full, layer_input=None):
+    def read(self, full: torch.Tensor, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """`layer_input + full` (a new tensor)."""
+        assert layer_input is not None  # needs_layer_input: the engine passes it
         return layer_input + full
 
-    def write(self, full, new, layer_input=None):
+    def write(
+        self, full: torch.Tensor, new: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The sublayer output that makes the residual `new`: `new - layer_input`."""
+        assert layer_input is not None  # needs_layer_input: the engine passes it
         return new - layer_input
 
 
 WHOLE = Whole()
+"""The `Whole` view (the default of `Point.view`)."""

@@ -14,14 +14,19 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import SpliceError
 from .sites import Site
 
-_ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, int]] = weakref.WeakKeyDictionary()
+if TYPE_CHECKING:
+    from .hooks import Engine
+
+_ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Engine, int]] = weakref.WeakKeyDictionary()
 SUPPORTED = ("sdpa", "eager")
+"""Attention implementations splice can route (others, e.g. flash attention, never expose the pattern)."""
 
 
 def _original(kind: str, module):
@@ -91,9 +96,10 @@ def _make(kind: str):
         if route is not None:
             engine, layer = route
             frame = engine.frame(query.transpose(1, 2))
-            if frame is not None and (
-                f"blocks.{layer}.attn.scores" in frame.plan.actions
-                or f"blocks.{layer}.attn.pattern" in frame.plan.actions
+            plan = frame.plan if frame is not None else None  # a current frame always has its plan
+            if plan is not None and (
+                f"blocks.{layer}.attn.scores" in plan.actions
+                or f"blocks.{layer}.attn.pattern" in plan.actions
             ):
                 return _attention_with_sites(
                     engine, frame, layer, module, query, key, value, attention_mask, scaling, dropout, kwargs
@@ -123,20 +129,33 @@ def _register(kind: str) -> str:
 
 
 class AttentionRouting:
-    """Switches one model to the splice attention functions and back; owns its routes."""
+    """Switches one model to the splice attention functions and back; owns its routes.
 
-    def __init__(self, engine):
+    Args:
+        engine: The model's hook engine.
+    """
+
+    def __init__(self, engine: Engine):
         self.engine = engine
         self.original: str | None = None
 
     @property
     def active(self) -> bool:
+        """Whether the model currently runs splice's attention functions."""
         return self.original is not None
 
     def activate(self) -> None:
+        """Switch the model to `splice_<implementation>` and route every layer (idempotent).
+
+        Raises:
+            SpliceError: If the model's attention implementation is not one of `SUPPORTED`.
+        """
         if self.active:
             return
-        model, layout = self.engine.layout.model, self.engine.layout
+        # Any: an HF PreTrainedModel. torch types nn.Module attributes it does not declare as
+        # Tensor | Module, so `config` and `set_attn_implementation` would not type-check.
+        model: Any = self.engine.layout.model
+        layout = self.engine.layout
         current = model.config._attn_implementation
         if current not in SUPPORTED:
             raise SpliceError(
@@ -149,11 +168,13 @@ class AttentionRouting:
         self.original = current
 
     def deactivate(self) -> None:
+        """Restore the original attention implementation and drop the routes (idempotent)."""
         if not self.active:
             return
         layout = self.engine.layout
         try:
-            layout.model.set_attn_implementation(self.original)
+            model: Any = layout.model  # an HF PreTrainedModel (see activate)
+            model.set_attn_implementation(self.original)
         finally:
             self.original = None
             for layer in range(layout.n_layers):

@@ -21,13 +21,23 @@ means. To act on a subspace of coordinates, use directions that are zero outside
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
 from ..errors import SpliceError
-from .interventions import At, Intervention, ValueField, as_value, broadcast_to_region, own, refuse_non_finite
+from .interventions import (
+    At,
+    Intervention,
+    Value,
+    ValueField,
+    as_value,
+    broadcast_to_region,
+    own,
+    refuse_non_finite,
+)
 
 _EMPTY_SHAPE = (0, 0)
 
@@ -70,9 +80,22 @@ def _as_directions(value, kind: str) -> torch.Tensor:
 
 
 def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
-    """A float64 [r, d] orthonormal basis (rows) of the span of the rows of `directions` (by SVD,
-    which unlike QR also copes with dependent rows); r is their numerical rank at the precision of
-    their dtype, so dependent directions add nothing."""
+    """An orthonormal basis of the span of some directions, computed once per intervention.
+
+    By SVD, which unlike QR also copes with dependent rows; the rank is the numerical rank at
+    the precision of the directions' dtype, so dependent directions add nothing.
+
+    Args:
+        directions: A non-empty floating `[d]` or `[k, d]` tensor of nonzero rows.
+
+    Returns:
+        A float64 `[r, d]` tensor whose rows are orthonormal and span the directions.
+
+    Example:
+        >>> import torch
+        >>> orthonormal_basis(torch.tensor([[3.0, 0.0], [6.0, 0.0]])).abs()  # dependent rows: rank 1
+        tensor([[1., 0.]], dtype=torch.float64)
+    """
     a = directions.double().reshape(-1, directions.shape[-1])
     if a.shape[0] == 1:
         return a / a.norm()
@@ -84,9 +107,15 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class _Directional(Intervention, registered=False):
-    directions: Any
+    """What `Project` and `ProjectOut` share: directions, their orthonormal basis, and checks."""
 
-    def __post_init__(self):
+    directions: torch.Tensor | Sequence[torch.Tensor]
+
+    # Set per instance in __post_init__ (declared as a class default, not a dataclass field, so
+    # that it stays out of repr, equality and to_dict): float64 [rank, d], None with no directions.
+    _basis: ClassVar[torch.Tensor | None] = None
+
+    def __post_init__(self) -> None:
         super().__post_init__()
         kind = type(self).__name__
         if self.dims is not None:
@@ -101,18 +130,20 @@ class _Directional(Intervention, registered=False):
     @property
     def width(self) -> int | None:
         """Length of each direction (the site's last axis must match), None when there are none."""
-        return int(self.directions.shape[-1]) if self.directions.numel() else None
+        directions = cast(torch.Tensor, self.directions)  # a tensor once built
+        return int(directions.shape[-1]) if directions.numel() else None
 
     @property
     def rank(self) -> int:
-        """Dimension of the span of the directions."""
+        """Dimension of the span of the directions (0 with none)."""
         return 0 if self._basis is None else int(self._basis.shape[0])
 
-    def values(self):
-        # One row stands for all of them: the static check compares its width with the site.
+    def values(self) -> dict[str, Any]:
+        """One direction, standing for all of them: the static check compares its width with the site."""
         if self.width is None:
             return {}
-        return {f"{type(self).__name__} direction": self.directions.reshape(-1, self.width)[0]}
+        directions = cast(torch.Tensor, self.directions)  # a tensor once built
+        return {f"{type(self).__name__} direction": directions.reshape(-1, self.width)[0]}
 
     def _projection(self, region: torch.Tensor, at: At) -> torch.Tensor:
         if region.shape[-1] != self.width:
@@ -121,6 +152,7 @@ class _Directional(Intervention, registered=False):
                 f"axis has size {region.shape[-1]} (selected region shape {list(region.shape)})"
             )
         work = torch.promote_types(region.dtype, torch.float32)
+        assert self._basis is not None  # callers return early without directions
         basis = self._basis.to(device=region.device, dtype=work)
         x = region.to(work)
         return ((x @ basis.T) @ basis).to(region.dtype)
@@ -128,9 +160,38 @@ class _Directional(Intervention, registered=False):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Project(_Directional):
-    """Keep only the component of the selected vectors in the span of `directions` (last axis)."""
+    """Keep only the component of the selected vectors in the span of `directions`.
 
-    def compute(self, region, at):
+    Acts on the site's last axis (d_model, d_head, d_mlp, ...), the same way for every selected
+    row, position and head. The directions need not be orthogonal, normalised or independent:
+    an orthonormal basis of their span is computed once, in float64, when the intervention is
+    built (what you passed is what is stored, shown and serialised). With no directions the
+    selection becomes zeros (the span of nothing is {0}).
+
+    Args:
+        directions: One direction (`[d]`), several (`[k, d]`, or a list of `[d]` tensors), or
+            none (`[]` or a `[0, d]` tensor). Floating point, finite, no all-zero direction;
+            `d` must equal the site's last axis. Copied when built.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Refused: a projection acts on the whole last axis.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For `dims=`, directions of the wrong shape or dtype, NaN/inf, an
+            all-zero direction, or (at the site) a width that is not the site's last axis.
+
+    Example:
+        >>> import torch
+        >>> from splice import Project
+        >>> keep = Project(torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]), pos=-1)
+        >>> keep, keep.rank, keep.width
+        (Project(pos=-1, directions=<tensor float32 [2, 4]>), 2, 4)
+    """
+
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The region's component in the span of the directions (zeros with none)."""
         if self._basis is None:
             return torch.zeros_like(region)  # the span of nothing is {0}
         return self._projection(region, at)
@@ -138,10 +199,45 @@ class Project(_Directional):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class ProjectOut(_Directional):
-    """Remove the component of the selected vectors in the span of `directions` (directional
-    ablation). No directions: the selection is returned unchanged, bit for bit."""
+    """Remove the component of the selected vectors in the span of `directions`.
 
-    def compute(self, region, at):
+    Directional ablation (e.g. of a "refusal direction"). Acts on the site's last axis, the same
+    way for every selected row, position and head; the directions need not be orthogonal,
+    normalised or independent (see `Project`). With no directions (`ProjectOut([])`) the
+    selection is returned unchanged, bit for bit.
+
+    Args:
+        directions: One direction (`[d]`), several (`[k, d]`, or a list of `[d]` tensors), or
+            none (`[]` or a `[0, d]` tensor). Floating point, finite, no all-zero direction;
+            `d` must equal the site's last axis. Copied when built.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Refused: a projection acts on the whole last axis.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For `dims=`, directions of the wrong shape or dtype, NaN/inf, an
+            all-zero direction, or (at the site) a width that is not the site's last axis.
+
+    Example:
+        >>> import torch
+        >>> from splice import Intervention, ProjectOut
+        >>> ablate = ProjectOut(torch.tensor([0.0, 1.0, 0.0, 0.0]), pos=-1)
+        >>> ablate.to_dict()
+        {'type': 'ProjectOut', 'pos': -1, 'directions': {'tensor': [0.0, 1.0, 0.0, 0.0], 'dtype': 'float32'}}
+        >>> Intervention.from_dict(ablate.to_dict()) == ablate
+        True
+        >>> ProjectOut([]).rank  # the identity
+        0
+        >>> ProjectOut(torch.ones(4), dims=1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: ProjectOut does not take dims=: a projection acts on the whole last axis of the site. ...
+    """
+
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The region minus its component in the span of the directions (the region itself with none)."""
         if self._basis is None:
             return region
         return region - self._projection(region, at)
@@ -171,25 +267,53 @@ def _refuse_crossed_bounds(lo, hi) -> None:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Clamp(Intervention):
-    """Clamp the selection elementwise to [min, max] (either may be None; numbers or tensors that
-    broadcast to the selection; +/-inf means no bound on that side). `Clamp()` changes nothing."""
+    """Clamp the selection elementwise to `[min, max]`.
 
-    min: Any = None
-    max: Any = None
+    Bounds broadcast to the selection, and a bound as wide as the site is cut to it (see
+    `Intervention` for the selection rules). `Clamp()` changes nothing.
+
+    Args:
+        min: Lower bound: None (no bound, the default), a number (stored as a float) or a
+            tensor that broadcasts to the selection. `-inf` means no bound; NaN is refused.
+        max: Upper bound, likewise. Every min must be <= its max.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For NaN, a non-numeric bound, a min above its max, or a bad selection.
+
+    Example:
+        >>> from splice import Clamp
+        >>> Clamp(min=-1, max=1)
+        Clamp(min=-1.0, max=1.0)
+        >>> Clamp(max=0).to_dict()
+        {'type': 'Clamp', 'max': 0.0}
+        >>> Clamp(min=2, max=1)
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Clamp min 2.0 is greater than max 1.0
+    """
+
+    min: Value | None = None
+    max: Value | None = None
 
     value_fields: ClassVar = {
         "min": ValueField("Clamp min", infinite_ok=True, optional=True),
         "max": ValueField("Clamp max", infinite_ok=True, optional=True),
     }
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("min", "max"):
             if not isinstance(getattr(self, name), (torch.Tensor, type(None))):
                 object.__setattr__(self, name, float(getattr(self, name)))
         _refuse_crossed_bounds(self.min, self.max)
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The region clamped to the bounds (the region itself without any)."""
         if self.min is None and self.max is None:
             return region
         lo = (
@@ -211,29 +335,65 @@ class Clamp(Intervention):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Apply(Intervention):
-    """`fn(region)` gives the new values of the selection: any tensor of the region's shape and
-    dtype (checked, naming the site and both shapes). It must not modify `region` in place.
-    Not serialisable: `to_dict` refuses it."""
+    """Any same-shape function of the selection: the escape hatch.
 
-    fn: Any = None
+    `fn(region)` gives the new values of the selected region (see `Intervention` for the
+    selection rules and the region's layout). A forward `fn` starts (calling the model) is a
+    forward of its own, without the outer edits. Gradients flow through `fn`. It holds a Python
+    function, so it is not serialisable: `to_dict` (and `Edits.save`) refuse it.
+
+    Args:
+        fn: A callable `region -> tensor` returning a tensor of the region's shape, dtype and
+            device (checked, naming the site and both shapes). It must not modify `region`
+            in place.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: If `fn` is not callable, or for a bad selection.
+
+    Example:
+        >>> import torch
+        >>> from splice import Apply
+        >>> squash = Apply(torch.tanh, pos=0)
+        >>> squash
+        Apply(_VariableFunctionsClass.tanh, pos=0)
+        >>> squash.to_dict()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Apply(_VariableFunctionsClass.tanh, pos=0) holds a Python function and cannot be serialised ...
+    """
+
+    # Callable[..., Any]: subclasses may call it with more (a TransformerLens-style hook gets `hook`).
+    fn: Callable[..., Any] | None = None
 
     serialisable: ClassVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if not callable(self.fn):
             raise SpliceError(f"Apply needs a function region -> tensor; got {type(self.fn).__name__}")
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """`fn(region)`."""
+        assert self.fn is not None  # checked when built
         return self.fn(region)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """Always refused: a Python function cannot be written to a file.
+
+        Raises:
+            SpliceError: Always.
+        """
         raise SpliceError(
             f"{self!r} holds a Python function and cannot be serialised (to_dict, Edits.save): "
             "rebuild it in code, or express the edit with serialisable interventions"
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
         inner = [name] + [
             f"{n}={v!r}" for n in ("pos", "heads", "dims", "rows") if (v := getattr(self, n)) is not None

@@ -15,14 +15,21 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import yaml
 
 from ..errors import SpliceError
 from .interventions import Intervention
 
+PathLike: TypeAlias = str | os.PathLike[str]
+"""A file name: a string or a `pathlib.Path`."""
+
 MAX_TENSOR_ELEMENTS = 10_000_000
+"""The most numbers a tensor record in a YAML/JSON file may hold (larger values belong in
+safetensors files); checked before anything is allocated."""
 YAML_SUFFIXES = (".yaml", ".yml")
+"""File suffixes read and written as YAML; every other file is JSON."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -51,21 +58,42 @@ class _Dumper(yaml.SafeDumper):
 
 class Document:
     """Parsed data and where it came from, so that an error can name the file, the line and the
-    key path of the part that was wrong. `path=None`: data built in memory (`label` names it)."""
+    key path of the part that was wrong.
 
-    def __init__(self, data, path: Path | None = None, text: str | None = None, label: str = "edits"):
+    Args:
+        data: The parsed data.
+        path: The file it was read from; None for data built in memory (`label` names it).
+        text: The file's text, from which lines are found when an error needs one.
+        label: How messages name in-memory data (default `"edits"`).
+
+    Example:
+        >>> doc = Document({"embed": [{"type": "Zap"}]})
+        >>> doc.where(("embed", 0))
+        "edits at ['embed'][0]"
+        >>> doc.error(("embed", 0), "unknown type")
+        SpliceError("edits at ['embed'][0]: unknown type")
+    """
+
+    def __init__(self, data: Any, path: Path | None = None, text: str | None = None, label: str = "edits"):
         self.data, self.path, self.text, self.label = data, path, text, label
 
-    def error(self, keys, message: str) -> SpliceError:
+    def error(self, keys: tuple[Any, ...], message: str) -> SpliceError:
+        """A SpliceError placing `message` at the key path `keys` (file, line and keys); raise it.
+
+        Args:
+            keys: The key path of the part that was wrong, e.g. `("sweep", "interventions", 0)`.
+            message: What was wrong and what was expected.
+        """
         return SpliceError(f"{self.where(keys)}: {message}")
 
-    def where(self, keys=()) -> str:
+    def where(self, keys: tuple[Any, ...] = ()) -> str:
+        """`'<file> line <n> at [k1][k2]'` for a key path (the line when the text is known)."""
         place = str(self.path) if self.path is not None else self.label
         line = self.line(keys)
         place += f" line {line}" if line is not None else ""
         return place + (f" at {''.join(f'[{k!r}]' for k in keys)}" if keys else "")
 
-    def line(self, keys) -> int | None:
+    def line(self, keys: tuple[Any, ...]) -> int | None:
         """1-based line of `keys`, or of the deepest part of them in the file (None if not even the
         first is: a missing top-level key has no line). JSON is composed as YAML for this, which
         is only done when an error needs it."""
@@ -99,8 +127,22 @@ def _one_line(text) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def read_text(path, what: str) -> str:
-    """A file's text, or an error naming it and what it should have been."""
+def read_text(path: PathLike, what: str) -> str:
+    """A file's text (UTF-8), or an error naming it and what it should have been.
+
+    Args:
+        path: The file.
+        what: What the file should hold, for messages.
+
+    Raises:
+        SpliceError: If the file cannot be read or is not UTF-8.
+
+    Example:
+        >>> read_text("/no/such/file", "an edits file")
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: cannot read /no/such/file: No such file or directory; expected an edits file
+    """
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
@@ -110,8 +152,27 @@ def read_text(path, what: str) -> str:
         raise SpliceError(f"cannot read {path}: {error.strerror or error}; expected {what}") from None
 
 
-def parse_json(text, where: str, what: str, line: int | None = None):
-    """`json.loads`, a syntax error named at its line (`line`: the file line `text` came from)."""
+def parse_json(text: str | bytes, where: str, what: str, line: int | None = None) -> Any:
+    """`json.loads`, with a syntax error named at its line.
+
+    Args:
+        text: JSON text (a whole file, or one line of a JSON-lines file).
+        where: The file, for messages.
+        what: What the text should hold, for messages.
+        line: The file line `text` came from (a JSON-lines file); None: count lines in `text`.
+
+    Returns:
+        The parsed data.
+
+    Raises:
+        SpliceError: For invalid or unreadable JSON, naming the file and line.
+
+    Example:
+        >>> parse_json('{"a": }', "edits.json", "an edits file")
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: edits.json line 1: invalid JSON (Expecting value, column 7); expected an edits file
+    """
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -120,18 +181,50 @@ def parse_json(text, where: str, what: str, line: int | None = None):
             f"{where} line {at}: invalid JSON ({error.msg}, column {error.colno}); expected {what}"
         ) from None
     except (UnicodeDecodeError, RecursionError) as error:
-        at = f" line {line}" if line is not None else ""
-        raise SpliceError(f"{where}{at}: unreadable JSON ({type(error).__name__}); expected {what}") from None
+        at_line = f" line {line}" if line is not None else ""
+        raise SpliceError(
+            f"{where}{at_line}: unreadable JSON ({type(error).__name__}); expected {what}"
+        ) from None
 
 
-def load_json(path, what: str) -> Document:
+def load_json(path: PathLike, what: str) -> Document:
+    """A JSON file as a `Document` (errors name the file and line).
+
+    Args:
+        path: The file.
+        what: What it should hold, for messages.
+
+    Raises:
+        SpliceError: If it cannot be read or is not valid JSON.
+    """
     path = Path(path)
     text = read_text(path, what)
     return Document(parse_json(text, str(path), what), path, text)
 
 
-def load_yaml(path, what: str) -> Document:
-    """A YAML file through the alias-free safe loader."""
+def load_yaml(path: PathLike, what: str) -> Document:
+    """A YAML file as a `Document`, read with the safe loader minus anchors and aliases.
+
+    Args:
+        path: The file.
+        what: What it should hold, for messages.
+
+    Raises:
+        SpliceError: If it cannot be read, is not valid YAML, or uses an anchor or alias
+            (named at its line).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "edits.yaml"
+        >>> _ = path.write_text("embed: [{type: Zero, pos: 1}]")
+        >>> load_yaml(path, "an edits file").data
+        {'embed': [{'type': 'Zero', 'pos': 1}]}
+        >>> _ = path.write_text("{a: &x [1], b: *x}")
+        >>> load_yaml(path, "an edits file")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: ...edits.yaml line 1: YAML anchors and aliases (&name, *name) are refused: ...
+    """
     path = Path(path)
     text = read_text(path, what)
     try:
@@ -147,17 +240,40 @@ def load_yaml(path, what: str) -> Document:
     return Document(data, path, text)
 
 
-def load_document(path, what: str) -> Document:
-    """YAML for `.yaml`/`.yml`, JSON otherwise."""
+def load_document(path: PathLike, what: str) -> Document:
+    """A file as a `Document`: YAML for `.yaml`/`.yml` (see `load_yaml`), JSON otherwise."""
     return load_yaml(path, what) if Path(path).suffix in YAML_SUFFIXES else load_json(path, what)
 
 
 # -- intervention records ---------------------------------------------------------------------
 INTERVENTION = "an intervention record such as {type: Zero, pos: 3} (see Intervention.to_dict)"
+"""How messages describe an intervention record."""
 
 
-def intervention(doc: Document, keys: tuple, record) -> Intervention:
-    """`Intervention.from_dict(record)`, with every way the record can be wrong named at its place."""
+def intervention(doc: Document, keys: tuple[Any, ...], record: Any) -> Intervention:
+    """`Intervention.from_dict(record)`, with every way the record can be wrong named at its place.
+
+    Values are checked before they are decoded: tensor records must be rectangular and hold at
+    most `MAX_TENSOR_ELEMENTS` numbers, slice records three ints or nulls.
+
+    Args:
+        doc: The document the record came from.
+        keys: The record's key path in it.
+        record: The record, e.g. `{"type": "Zero", "pos": 3}`.
+
+    Returns:
+        The intervention.
+
+    Raises:
+        SpliceError: Naming the file, line and key path, for anything wrong with the record.
+
+    Example:
+        >>> doc = Document({"embed": {"type": "Zero", "pos": 1.5}})
+        >>> intervention(doc, ("embed",), doc.data["embed"])
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: edits at ['embed']: pos must be an int, slice or list of ints; got 1.5 (float)
+    """
     if not isinstance(record, dict) or not isinstance(record.get("type"), str):
         raise doc.error(keys, f"expected {INTERVENTION}; got {_one_line(repr(record))[:80]}")
     for name, value in record.items():
@@ -168,8 +284,15 @@ def intervention(doc: Document, keys: tuple, record) -> Intervention:
         raise doc.error(keys, _one_line(error)) from None
 
 
-def items_at(keys: tuple, value) -> list[tuple[tuple, object]]:
-    """(key path, item) for each item of a list, or for a single value standing for a list of one."""
+def items_at(keys: tuple[Any, ...], value: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    """(key path, item) for each item of a list, or for a single value standing for a list of one.
+
+    Example:
+        >>> items_at(("embed",), [{"type": "Zero"}, {"type": "Scale"}])
+        [(('embed', 0), {'type': 'Zero'}), (('embed', 1), {'type': 'Scale'})]
+        >>> items_at(("embed",), {"type": "Zero"})
+        [(('embed',), {'type': 'Zero'})]
+    """
     if isinstance(value, list):
         return [((*keys, i), item) for i, item in enumerate(value)]
     return [(keys, value)]
@@ -248,8 +371,13 @@ def _check_mapping(doc: Document, keys: tuple, value: dict) -> None:
         _check_value(doc, (*keys, "mapping", name), item)
 
 
-def is_int(value) -> bool:
-    """An int that is not a bool (JSON/YAML `true` must not pass for 1)."""
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON/YAML `true` must not pass for 1).
+
+    Example:
+        >>> is_int(3), is_int(True)
+        (True, False)
+    """
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -258,13 +386,36 @@ _CHECKS = {"tensor": _check_tensor, "slice": _check_slice, "mapping": _check_map
 
 
 # -- writing ------------------------------------------------------------------------------------
-def dump_yaml(data) -> str:
-    """Safe YAML without anchors or aliases, in the data's own key order."""
+def dump_yaml(data: Any) -> str:
+    """Safe YAML without anchors or aliases (which `load_yaml` refuses), in the data's own key order.
+
+    Example:
+        >>> print(dump_yaml({"embed": [{"type": "Zero"}]}), end="")
+        embed:
+        - type: Zero
+    """
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Write a whole file or nothing: a temporary file beside it, synced, renamed over it."""
+def write_atomic(path: PathLike, data: bytes) -> None:
+    """Write a whole file or nothing: a temporary file beside it, synced, renamed over it.
+
+    A reader never sees a half-written file, and a crash leaves the old file (or none).
+
+    Args:
+        path: The file to create or replace.
+        data: Its new contents.
+
+    Raises:
+        SpliceError: If it cannot be written.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "out.json"
+        >>> write_atomic(path, b"{}")
+        >>> path.read_bytes()
+        b'{}'
+    """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextvars import ContextVar
-from typing import NamedTuple
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from ..errors import SpliceError
 from .attention import AttentionRouting
 from .frame import Frame
 from .layout import Layout
-from .plan import EMPTY, EditScope, Plan, apply_action, build_plan, check_same
+from .plan import EMPTY, Action, EditScope, Plan, Scope, apply_action, build_plan, check_same
 
 
 class ScopeStack:
@@ -33,12 +34,17 @@ class ScopeStack:
 
     __slots__ = ("scopes", "_versions", "_plan")
 
-    def __init__(self, scopes: tuple = ()):
+    def __init__(self, scopes: tuple[Scope, ...] = ()):
         self.scopes = scopes
-        self._versions = None
+        self._versions: tuple[tuple[int, bool], ...] | None = None
         self._plan = EMPTY
 
-    def plan(self, layout) -> Plan:
+    def plan(self, layout: Layout) -> Plan:
+        """The plan of these scopes, rebuilt only when one of them changed.
+
+        Raises:
+            SpliceError: For a key or value that does not fit the model.
+        """
         versions = tuple(scope.version for scope in self.scopes)
         if versions != self._versions:
             self._plan = build_plan(self.scopes, layout)
@@ -47,7 +53,8 @@ class ScopeStack:
 
 
 class State(NamedTuple):
-    """One engine's state in one execution context."""
+    """One engine's state in one execution context: the scopes it has open, and the forward it
+    is running (None between forwards)."""
 
     stack: ScopeStack
     frame: Frame | None = None
@@ -61,7 +68,14 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(model: nn.Module) -> Engine:
-    """The engine of an HF model, created on first use: two wrappers of one model share it."""
+    """The engine of an HF model, created on first use: two wrappers of one model share it.
+
+    Engines are kept per model weakly: a model that is garbage-collected takes its engine
+    along.
+
+    Raises:
+        SpliceError: For an unsupported model (see `Layout`).
+    """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)
         if engine is None:
@@ -69,7 +83,7 @@ def engine_for(model: nn.Module) -> Engine:
         return engine
 
 
-def _set_state(engine: Engine, state: State | None):
+def _set_state(engine: Engine, state: State | None) -> Token[dict]:
     states = dict(_STATE.get())
     if state is None:
         states.pop(engine, None)
@@ -85,10 +99,10 @@ class isolated:
 
     __slots__ = ("token",)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self.token = _STATE.set({})
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         _STATE.reset(self.token)
 
 
@@ -98,19 +112,24 @@ class Opened:
 
     __slots__ = ("engine", "scopes")
 
-    def __init__(self, engine: Engine, scopes: tuple):
+    def __init__(self, engine: Engine, scopes: tuple[Scope, ...]):
         self.engine, self.scopes = engine, scopes
 
-    def __enter__(self):
+    def __enter__(self) -> Opened:
         self.engine.open(self.scopes)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.engine.close(self.scopes)
 
 
 class Dispatcher:
-    """The single hook on one (module, io): every site living there, in forward order."""
+    """The single hook on one (module, io): every site living there, in forward order.
+
+    It reads each site out of the module tensor through the site's view, runs the plan's action
+    for it, and writes the result back (a new tensor), so several sites of one fused projection
+    cost one hook.
+    """
 
     __slots__ = ("engine", "entries", "arg", "field", "layer_input_of", "handle")
 
@@ -118,7 +137,7 @@ class Dispatcher:
         self.engine, self.entries = engine, entries
         point = entries[0][1]
         self.arg, self.field = point.arg, point.field
-        self.layer_input_of = None  # layer whose residual input this hook saves, if any
+        self.layer_input_of: int | None = None  # layer whose residual input this hook saves, if any
         if io == "input":
             self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
         else:
@@ -153,6 +172,7 @@ class Dispatcher:
 
     def _run(self, full: torch.Tensor, frame: Frame) -> torch.Tensor:
         plan = frame.plan
+        assert plan is not None  # a current frame always has its plan (see Engine.begin and frame)
         for site, point in self.entries:
             action = plan.get(site.name)
             if action is None:
@@ -182,29 +202,37 @@ class Forward:
         self.engine.begin(self.frame)
         return self
 
-    def retarget(self, batch: int, attention_mask=None) -> Frame:
+    def retarget(self, batch: int, attention_mask: torch.Tensor | None = None) -> Frame:
         """Rows joined the forward: the same forward (plan, fired sites) over a new batch."""
         self.frame = self.frame.resized(batch, attention_mask)
         self.engine.swap(self.frame)
         return self.frame
 
-    def __exit__(self, kind, error, trace):
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
         self.engine.end(self.frame, check=kind is None)
 
 
 class Engine:
-    """Every hook splice puts on one model, and the per-context plans they read."""
+    """Every hook splice puts on one model, and the per-context plans they read.
+
+    One per Hugging Face model (see `engine_for`). Installed hooks are shared by every context
+    and kept to the union of what the open scopes need; what is active is per execution context.
+
+    Args:
+        layout: The model's layout.
+    """
 
     def __init__(self, layout: Layout):
         self.layout = layout
         self._lock = threading.RLock()
-        self._open: dict[int, object] = {}  # id -> scope, every scope open in any context
+        self._open: dict[int, Scope] = {}  # id -> scope, every scope open in any context
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._root: list = []
         self.attention = AttentionRouting(self)
 
     # -- the calling context -------------------------------------------------------------------
     def state(self) -> State | None:
+        """This execution context's state on this engine (None if it has nothing open)."""
         return _STATE.get().get(self)
 
     def active_here(self) -> bool:
@@ -225,7 +253,13 @@ class Engine:
             return None
         return Frame(full.shape[0], full.shape[1] if full.dim() >= 2 else 1, plan=plan)
 
-    def process(self, action, x: torch.Tensor, frame: Frame, settle=None) -> torch.Tensor:
+    def process(
+        self,
+        action: Action,
+        x: torch.Tensor,
+        frame: Frame,
+        settle: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Apply one site's action (see `splice.engine.plan.apply_action`), user code isolated."""
         axes = self.layout.axes(action.site)
         if not action.edits:
@@ -234,9 +268,13 @@ class Engine:
             return apply_action(action, x, frame, axes, settle)
 
     # -- scopes --------------------------------------------------------------------------------
-    def open(self, scopes: tuple) -> None:
+    def open(self, scopes: tuple[Scope, ...]) -> None:
         """Make `scopes` active in this context. Their plan is built first, so a bad key or value
-        leaves everything as it was."""
+        leaves everything as it was.
+
+        Raises:
+            SpliceError: For a key or value that does not fit the model.
+        """
         state = self.state()
         stack = ScopeStack((state.stack.scopes if state else ()) + tuple(scopes))
         stack.plan(self.layout)  # validates
@@ -252,7 +290,7 @@ class Engine:
                 raise
         _set_state(self, State(stack, state.frame if state else None))
 
-    def close(self, scopes: tuple) -> None:
+    def close(self, scopes: tuple[Scope, ...]) -> None:
         """Undo `open` (in any order relative to other blocks): this context drops the scopes; a
         context copied from it (an asyncio task) drops them too; unneeded hooks are removed."""
         for scope in scopes:
@@ -264,14 +302,14 @@ class Engine:
         with self._lock:
             self._forget(scopes)
 
-    def _forget(self, scopes) -> None:
+    def _forget(self, scopes: tuple[Scope, ...]) -> None:
         for scope in scopes:
             self._open.pop(id(scope), None)
             if isinstance(scope, EditScope):
                 scope.edits.unsubscribe(self._edits_changed)
         self._sync()
 
-    def _edits_changed(self, edits) -> None:
+    def _edits_changed(self, edits: Any) -> None:
         """A live registry changed: check it against this model (raising makes `Edits` undo the
         change) and install what it now needs. Each context's plan follows at its next forward."""
         for scope in list(self._open.values()):
@@ -328,16 +366,23 @@ class Engine:
     def swap(self, frame: Frame) -> None:
         """Replace the current frame by another view of the same forward."""
         state = self.state()
+        assert state is not None  # only called inside a forward this context began
         _set_state(self, State(state.stack, frame))
 
     def end(self, frame: Frame, check: bool = True) -> None:
         """Finish a forward: the frame that was current before it is current again; with
-        `check`, every edit in its plan must have run."""
+        `check`, every edit in its plan must have run.
+
+        Raises:
+            SpliceError: With `check`, naming the sites whose edits never ran (their module was
+                not called), since the result would silently ignore them.
+        """
         state = self.state()
         if state is not None and state.frame is frame:
             outer = frame.outer
             _set_state(self, State(state.stack, outer) if state.stack.scopes or outer else None)
         if check:
+            assert frame.plan is not None  # set when the forward began
             missing = frame.plan.unfired(frame.fired)
             if missing:
                 raise SpliceError(

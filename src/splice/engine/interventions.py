@@ -1,8 +1,11 @@
 """Declarative interventions: frozen, serialisable descriptions of an edit to one site.
 
 An intervention never sees the whole model. The dispatcher hands it the selected *region* of the
-site tensor (`pos`/`heads`/`dims`) and writes what it returns into a clone of the site tensor, so
-the tensor the model produced is never mutated and autograd stays valid.
+site tensor (`pos`/`heads`/`dims`/`rows`) and writes what it returns into a clone of the site
+tensor, so the tensor the model produced is never mutated and autograd stays valid. The selection
+rules are documented once, on `Intervention`; `Zero`, `Scale`, `Replace` and `Add` live here,
+`Project`, `ProjectOut`, `Clamp` and `Apply` in `splice.engine.directional`, and `Patch`, `Mean`
+and `Resample` in `splice.engine.sources`.
 """
 
 from __future__ import annotations
@@ -11,28 +14,54 @@ import dataclasses
 import numbers
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import torch
 
 from ..errors import SpliceError
 from .codec import decode, encode
-from .selection import normalize_index, normalize_pos
+from .selection import Index, Positions, normalize_index, normalize_pos
+
+Value: TypeAlias = float | torch.Tensor
+"""A value an intervention writes with: a number, or a tensor that broadcasts to the selection."""
 
 
 class At(NamedTuple):
-    """Where a region sits: enough for an intervention to align a full-site value with it."""
+    """Where a region sits in its site tensor: what `Intervention.compute` gets besides the region.
+
+    Enough for an intervention to align a value as wide as the site (or a recorded activation)
+    with the selected region.
+
+    Attributes:
+        site: The canonical site name, for messages.
+        index: The index that cut the region out of the site tensor (`site[index]`).
+        full_shape: The site tensor's shape in this forward.
+        masked: True when the region's first axis enumerates (row, position) pairs (padding or
+            a bool `pos` mask) instead of being `[batch, pos, ...]`.
+        trailing: The selectors (slice or LongTensor) of the axes after `pos` (heads, dims).
+        axes: The site's axis names, e.g. `("batch", "pos", "head", "d_head")`.
+
+    Example:
+        >>> import torch
+        >>> at = At("blocks.0.resid_post", (slice(None), slice(1, 2), slice(0, 2)), (1, 3, 4), False,
+        ...         (slice(0, 2),), ("batch", "pos", "d_model"))
+        >>> region = torch.ones(1, 3, 4)[at.index]  # token 1, dims 0-1
+        >>> Add(torch.arange(4.0)).compute(region, at)  # a d_model vector is cut to dims 0-1
+        tensor([[[1., 2.]]])
+    """
 
     site: str
-    index: tuple
-    full_shape: tuple
+    # A field named `index` hides tuple.index on purpose: an At is read by name, never searched.
+    index: tuple  # type: ignore[assignment]
+    full_shape: tuple[int, ...]
     masked: bool
     trailing: tuple = ()  # selectors of the axes after pos (heads, dims)
-    axes: tuple = ()  # the site's axis names, e.g. ("batch", "pos", "head", "d_head")
+    axes: tuple[str, ...] = ()  # the site's axis names, e.g. ("batch", "pos", "head", "d_head")
 
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 SELECTION = ("pos", "heads", "dims", "rows")
+"""The selection fields every intervention has (keyword-only)."""
 
 
 def _describe(value) -> str:
@@ -64,7 +93,20 @@ def _same(a, b) -> bool:
 
 
 class ValueField(NamedTuple):
-    """How an intervention's value field is checked when it is built (see `Intervention`)."""
+    """How an intervention's value field is checked when it is built (see `Intervention`).
+
+    A subclass lists its value fields in `value_fields` (field name -> ValueField); each is then
+    checked and owned by `owned_value` when the intervention is built.
+
+    Attributes:
+        label: How messages name the field, e.g. `"Add vector"`.
+        infinite_ok: +/-inf is meaningful here (Replace: -inf masks a score; Clamp: no bound).
+        optional: None is allowed (Clamp's unset bounds).
+
+    Example:
+        >>> ValueField("Scale factor")
+        ValueField(label='Scale factor', infinite_ok=False, optional=False)
+    """
 
     label: str  # how messages name it, e.g. "Add vector"
     infinite_ok: bool = False  # +/-inf is meaningful here (Replace: -inf masks a score; Clamp: no bound)
@@ -76,10 +118,26 @@ _OWNED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictio
 
 
 def own(tensor: torch.Tensor) -> torch.Tensor:
-    """The intervention's own copy of a user tensor, so that changing the user's tensor in place
-    later cannot change the edit. `clone` keeps autograd: gradients still reach the user's tensor
-    through the copy. A tensor that already is such a copy (an intervention rebuilt with
-    `dataclasses.replace`, as sweeps do per variant) is kept, not copied again."""
+    """The intervention's own copy of a user tensor.
+
+    Changing the user's tensor in place later then cannot change the edit. `clone` keeps
+    autograd: gradients still reach the user's tensor through the copy. A tensor that already
+    is such a copy (an intervention rebuilt with `dataclasses.replace`, as sweeps do per
+    variant) is kept, not copied again.
+
+    Args:
+        tensor: Any tensor.
+
+    Returns:
+        A copy owned by splice (or `tensor` itself if it already is one).
+
+    Example:
+        >>> import torch
+        >>> mine = torch.ones(3, requires_grad=True)
+        >>> copy = own(mine)
+        >>> copy is mine, copy.requires_grad, own(copy) is copy
+        (False, True, True)
+    """
     if _OWNED.get(id(tensor)) is tensor:
         return tensor
     copy = tensor.clone()
@@ -88,8 +146,28 @@ def own(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_non_finite(value: torch.Tensor, what: str, infinite_ok: bool = False) -> None:
-    """The one non-finite policy, applied when an intervention is built: NaN is refused in every
-    value; +/-inf only where `infinite_ok` (Replace values, Clamp bounds)."""
+    """The one non-finite policy, applied when an intervention is built.
+
+    NaN is refused in every value (it would spread through every later activation); +/-inf
+    too, except where `infinite_ok` (Replace values, Clamp bounds). Integer and bool tensors
+    pass.
+
+    Args:
+        value: The value to check.
+        what: How messages name it, e.g. `"Add vector"`.
+        infinite_ok: Accept +/-inf (never NaN).
+
+    Raises:
+        SpliceError: Naming the value, how many entries are bad and the first one's index.
+
+    Example:
+        >>> import torch
+        >>> refuse_non_finite(torch.tensor([0.0, float("-inf")]), "Replace value", infinite_ok=True)
+        >>> refuse_non_finite(torch.tensor([1.0, float("nan")]), "Add vector")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Add vector contains NaN (1 of 2 values, first at index (1,)): ...
+    """
     if not (value.is_floating_point() or value.is_complex()):
         return
     v = value.detach()
@@ -115,9 +193,29 @@ def refuse_non_finite(value: torch.Tensor, what: str, infinite_ok: bool = False)
     )
 
 
-def owned_value(value, spec: ValueField):
-    """A value field as the intervention keeps it: a number (checked) or its own copy of a tensor
-    (checked); anything else is refused here rather than in the middle of a forward."""
+def owned_value(value: Value | None, spec: ValueField) -> Value | None:
+    """A value field as the intervention keeps it, checked when the intervention is built.
+
+    Args:
+        value: A real number (NumPy scalars become floats; bools are refused), a tensor, or
+            None where `spec.optional`.
+        spec: How the field is checked and named.
+
+    Returns:
+        The number, the intervention's own copy of the tensor (see `own`), or None.
+
+    Raises:
+        SpliceError: For a non-finite value the policy refuses (see `refuse_non_finite`) or
+            any other type, here rather than in the middle of a forward.
+
+    Example:
+        >>> owned_value(2, ValueField("Scale factor"))
+        2
+        >>> owned_value("2", ValueField("Scale factor"))
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Scale factor must be a number or a tensor; got str '2'
+    """
     if value is None and spec.optional:
         return None
     if isinstance(value, torch.Tensor):
@@ -131,8 +229,27 @@ def owned_value(value, spec: ValueField):
     raise SpliceError(f"{spec.label} must be {expected}; got {type(value).__name__} {value!r}")
 
 
-def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
-    """A user value as a tensor on `like`'s device and dtype; refuses non-float tensors."""
+def as_value(value: Value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
+    """A value as a tensor on the region's device and dtype, ready to combine with it.
+
+    Args:
+        value: A number or a tensor. Integer tensors with more than one element are refused
+            (a one-element one is converted like a number).
+        like: The region the value will be combined with.
+        what: How messages name the value.
+        site: The site, for messages.
+
+    Returns:
+        `value` converted to `like.dtype` on `like.device` (a differentiable conversion).
+
+    Raises:
+        SpliceError: For a non-float tensor or a value that is not a number or a tensor.
+
+    Example:
+        >>> import torch
+        >>> as_value(2, torch.zeros(3, dtype=torch.float16), "Scale factor", "embed")
+        tensor(2., dtype=torch.float16)
+    """
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.is_complex()) and value.numel() > 1:
             raise SpliceError(
@@ -145,8 +262,33 @@ def as_value(value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
 
 
 def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what: str) -> torch.Tensor:
-    """`value` fitted to the region: a full-site-shaped value is indexed like the site, anything
-    else must broadcast. Raises with both shapes otherwise."""
+    """Fit a value to the selected region, following the rules on `Intervention`.
+
+    A value shaped like the whole site tensor is indexed like the site; a value whose trailing
+    axes are as wide as the site's (a `d_model` vector, a `[heads, d_head]` tensor) is cut to
+    the selected heads/dims; anything else must broadcast to the region.
+
+    Args:
+        value: The value, as a tensor (see `as_value`).
+        region: The selected region.
+        at: Where the region sits.
+        what: How messages name the value.
+
+    Returns:
+        A tensor of the region's shape (an expanded view: do not write into it).
+
+    Raises:
+        SpliceError: With the value's, the region's and the site's shapes, if it does not fit.
+
+    Example:
+        >>> import torch
+        >>> at = At("embed", (slice(None), slice(None), slice(0, 2)), (1, 3, 4), False,
+        ...         (slice(0, 2),), ("batch", "pos", "d_model"))
+        >>> broadcast_to_region(torch.arange(4.0), torch.zeros(1, 3, 2), at, "Add vector")
+        tensor([[[0., 1.],
+                 [0., 1.],
+                 [0., 1.]]])
+    """
     if (
         value.dim() > 0
         and tuple(value.shape) == tuple(at.full_shape)
@@ -179,9 +321,41 @@ def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Intervention:
-    """Base class. Subclasses implement `compute(region, at)`; selection fields are shared.
+    """Base class of every edit: what to write into the selected part of one site.
 
-    Everything is checked when the intervention is built, so a bad value fails at its own line:
+    Interventions are frozen dataclasses with a readable repr, value equality and
+    `to_dict`/`from_dict`. They say *what* to change; the site they are placed at (a key of
+    `Edits`, or `edits=` of `Model.run`) says *where*. The model is never modified: the
+    selected region is computed anew and written into a clone of the site tensor.
+
+    **Selection.** Every intervention takes the same four keyword-only selection arguments;
+    None (the default) selects the whole axis, and they combine (a token's heads, a row's
+    dims):
+
+    - `pos`: token positions. An int, a negative int (counted from the end of each row), a
+      slice (int bounds, stepping forward), a list of ints (each once; values pair with them
+      in the order given), or a `[batch, pos]` bool mask marking the tokens of each row (one
+      row stands for every row; at least as wide as the sequence: pad it with False).
+      Positions are absolute token positions, also during cached generation
+      (`pos=slice(k, None)` edits every generated token; negative positions are refused while
+      generating). In a padded batch they count from each row's first real token, and padding
+      is never edited. At `attn.scores`/`attn.pattern`, `pos` selects query positions.
+    - `heads`: an int or a list of ints (a slice also works); only at head sites (`attn.q`,
+      `attn.k`, `attn.v`, `attn.z`, `attn.scores`, `attn.pattern`; under GQA `k`/`v` count
+      KV heads). Anywhere else it is refused.
+    - `dims`: an int, a slice or a list of ints over the site's last axis (`d_model`,
+      `d_head`, `d_mlp`, `vocab`; key positions at `attn.scores`/`attn.pattern`).
+    - `rows`: an int, a slice or a list of ints selecting batch rows, so one forward can carry
+      different edits per row.
+
+    **Values** (a number or a tensor, e.g. `Add`'s vector) broadcast to the selected region,
+    whose axes keep the site's order (`[batch, pos, head, d_head]` at `attn.z`). A value as
+    wide as the site is cut to the selection: a `d_model` vector with `dims=slice(0, 10)`, a
+    `[heads, d_head]` tensor with `heads=[1, 2]`, or the whole `[batch, pos, ...]` site tensor.
+    Gradients flow through edits and into the values (pass a tensor with `requires_grad`).
+
+    **Checks.** Everything is checked when the intervention is built, so a bad value fails at
+    its own line:
 
     - Selections: `heads`/`dims`/`rows`/`pos` lists may not repeat an index (`heads=[1, 1]`
       would edit head 1 once, not twice); slices have int bounds, step forward and select
@@ -195,23 +369,51 @@ class Intervention:
       means something: a `Replace` value (`Replace(float('-inf'), dims=k)` at `attn.scores`
       masks key k) and `Clamp` bounds (no bound on that side). `Patch`/`Mean`/`Resample` take
       activations, which are written as recorded (see `splice.engine.sources`).
+
+    **Subclassing.** Implement `compute(region, at)` (return new values, never modify
+    `region`) and declare value fields in `value_fields`; every subclass is registered by
+    name for `from_dict` (pass `registered=False` for a shared base).
+
+    Args:
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a selection or value refused by the checks above.
+
+    Example:
+        >>> from splice import Intervention, Zero
+        >>> edit = Zero(pos=slice(2, None), heads=[0, 3])
+        >>> edit
+        Zero(pos=slice(2, None, None), heads=(0, 3))
+        >>> edit.to_dict()
+        {'type': 'Zero', 'pos': {'slice': [2, None, None]}, 'heads': [0, 3]}
+        >>> Intervention.from_dict(edit.to_dict()) == edit
+        True
+        >>> Zero(pos=1.5)
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: pos must be an int, slice or list of ints; got 1.5 (float)
     """
 
-    pos: Any = field(default=None, kw_only=True)
-    heads: Any = field(default=None, kw_only=True)
-    dims: Any = field(default=None, kw_only=True)
-    rows: Any = field(default=None, kw_only=True)  # batch rows (per-row variants in one batch)
+    pos: Positions | None = field(default=None, kw_only=True)
+    heads: Index | None = field(default=None, kw_only=True)
+    dims: Index | None = field(default=None, kw_only=True)
+    rows: Index | None = field(default=None, kw_only=True)  # batch rows (per-row variants in one batch)
 
     serialisable: ClassVar[bool] = True
     value_fields: ClassVar[dict[str, ValueField]] = {}  # field name -> how it is checked and named
 
-    def __init_subclass__(cls, registered: bool = True, **kwargs):
+    def __init_subclass__(cls, registered: bool = True, **kwargs: Any) -> None:
         """Every subclass can be loaded by name from a file; a shared base (`registered=False`) is not one."""
         super().__init_subclass__(**kwargs)
         if registered:
             _REGISTRY[cls.__name__] = cls
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "pos", normalize_pos(self.pos))
         object.__setattr__(self, "heads", normalize_index(self.heads, "heads"))
         object.__setattr__(self, "dims", normalize_index(self.dims, "dims"))
@@ -221,11 +423,35 @@ class Intervention:
 
     # -- behaviour ---------------------------------------------------------------------------
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
-        """New values for the selected region (same shape); must not modify `region`."""
+        """New values for the selected region; what a subclass implements.
+
+        Args:
+            region: The selected part of the site tensor (see `At` for its layout). Do not
+                modify it in place: it may be a view of the tensor the model produced.
+            at: Where the region sits.
+
+        Returns:
+            A tensor of the region's shape, dtype and device (checked by the dispatcher).
+
+        Example:
+            >>> import torch
+            >>> at = At("embed", (slice(None),) * 3, (1, 2, 3), False, (slice(None),), ("batch", "pos", "d_model"))
+            >>> Scale(2.0).compute(torch.ones(1, 2, 3), at)
+            tensor([[[2., 2., 2.],
+                     [2., 2., 2.]]])
+        """
         raise NotImplementedError
 
     def values(self) -> dict[str, Any]:
-        """Non-selection fields that hold user values, by label, for static shape checks."""
+        """The fields holding user values (not selections), by label, for static shape checks.
+
+        Returns:
+            `{label: value}`, e.g. `{"Add vector": tensor, "Add scale": 4.0}`.
+
+        Example:
+            >>> Scale(2.0).values()
+            {'Scale factor': 2.0}
+        """
         return {spec.label: getattr(self, name) for name, spec in self.value_fields.items()}
 
     # -- description -------------------------------------------------------------------------
@@ -240,14 +466,29 @@ class Intervention:
         ]
         return f"{type(self).__name__}({', '.join(parts)})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
             return NotImplemented
         return all(_same(v, getattr(other, n)) for n, v, _ in self._fields())
 
     __hash__ = object.__hash__
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The intervention as JSON-safe data: `{"type": class name, field: encoded value}`.
+
+        Fields left at None are left out; tensors, slices and dicts are encoded as
+        `splice.engine.codec.encode` describes. `Edits.save` writes these records.
+
+        Returns:
+            A record `Intervention.from_dict` rebuilds an equal intervention from.
+
+        Raises:
+            SpliceError: For an intervention holding a Python function (`Apply`).
+
+        Example:
+            >>> Scale(0.5, pos=-1).to_dict()
+            {'type': 'Scale', 'pos': -1, 'factor': 0.5}
+        """
         if not self.serialisable:
             raise SpliceError(f"{type(self).__name__} holds a Python function and cannot be serialised")
         record = {"type": type(self).__name__}
@@ -257,7 +498,28 @@ class Intervention:
         return record
 
     @staticmethod
-    def from_dict(record: dict) -> Intervention:
+    def from_dict(record: dict[str, Any]) -> Intervention:
+        """Rebuild an intervention from a `to_dict` record (checked like any construction).
+
+        Args:
+            record: `{"type": name, field: encoded value, ...}`; the type is any registered
+                intervention class (see `registered_types`).
+
+        Returns:
+            A new intervention of that type.
+
+        Raises:
+            SpliceError: For an unknown type or field (naming the known ones), or a value the
+                intervention refuses.
+
+        Example:
+            >>> Intervention.from_dict({"type": "Zero", "heads": [1, 2]})
+            Zero(heads=(1, 2))
+            >>> Intervention.from_dict({"type": "Zero", "head": 1})
+            Traceback (most recent call last):
+            ...
+            splice.errors.SpliceError: Zero has no field(s) ['head']; its fields are ['dims', 'heads', 'pos', 'rows']
+        """
         record = dict(record)
         kind = record.pop("type", None)
         if kind not in _REGISTRY:
@@ -272,21 +534,67 @@ class Intervention:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Zero(Intervention):
-    """Set the selection to zero (zero ablation)."""
+    """Set the selection to zero (zero ablation).
 
-    def compute(self, region, at):
+    `Zero(heads=h)` at `blocks.l.attn.z` removes query head h's contribution; at `attn.v` under
+    GQA it silences every query head sharing KV head h. The selection rules (positions in padded
+    batches and while generating, what is refused) are those of `Intervention`.
+
+    Args:
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Example:
+        >>> from splice import Zero
+        >>> Zero(heads=5)
+        Zero(heads=5)
+        >>> Zero(pos=[-1], dims=slice(0, 10)).to_dict()
+        {'type': 'Zero', 'pos': [-1], 'dims': {'slice': [0, 10, None]}}
+    """
+
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """Zeros of the region's shape, dtype and device."""
         return torch.zeros_like(region)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Scale(Intervention):
-    """Multiply the selection by `factor` (a number or a tensor that broadcasts)."""
+    """Multiply the selection by `factor`.
 
-    factor: Any = 1.0
+    `Scale(1.0)` leaves the logits bit-identical. Values broadcast to the selection, and a
+    factor as wide as the site is cut to it (see `Intervention` for the selection rules).
+
+    Args:
+        factor: A finite number, or a finite tensor that broadcasts to the selection (e.g. one
+            factor per dim); default 1.0. Tensors are copied (gradients still flow).
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a NaN/inf or non-numeric factor, or a bad selection.
+
+    Example:
+        >>> from splice import Scale
+        >>> Scale(0.5, pos=-1)
+        Scale(pos=-1, factor=0.5)
+        >>> Scale(float("nan"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Scale factor is NaN: NaN is refused in every intervention value, ...
+    """
+
+    factor: Value = 1.0
 
     value_fields: ClassVar = {"factor": ValueField("Scale factor")}
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The region times the factor."""
         factor = broadcast_to_region(
             as_value(self.factor, region, "Scale factor", at.site), region, at, "Scale factor"
         )
@@ -295,14 +603,39 @@ class Scale(Intervention):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Replace(Intervention):
-    """Overwrite the selection with `value` (broadcast to the selection, or a full-site tensor).
-    Unlike other values it may be +/-inf: `Replace(float('-inf'), dims=k)` at `attn.scores` masks key k."""
+    """Overwrite the selection with `value`.
 
-    value: Any = 0.0
+    The value broadcasts to the selection; a value as wide as the site (a `d_model` vector, a
+    `[heads, d_head]` tensor, the whole `[batch, pos, ...]` site) is cut to it (see
+    `Intervention` for the selection rules).
+
+    Args:
+        value: A number or a tensor (copied; gradients flow); default 0.0. Unlike other values
+            it may be +/-inf: `Replace(float('-inf'), dims=k)` at `attn.scores` masks key k.
+            NaN is refused.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a NaN or non-numeric value, or a bad selection.
+
+    Example:
+        >>> from splice import Replace
+        >>> Replace(float("-inf"), dims=3)
+        Replace(dims=3, value=-inf)
+        >>> Replace(float("-inf"), dims=3).to_dict()
+        {'type': 'Replace', 'dims': 3, 'value': -inf}
+    """
+
+    value: Value = 0.0
 
     value_fields: ClassVar = {"value": ValueField("Replace value", infinite_ok=True)}
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The value, fitted to the region (a new tensor)."""
         return broadcast_to_region(
             as_value(self.value, region, "Replace value", at.site), region, at, "Replace value"
         ).clone()
@@ -310,14 +643,41 @@ class Replace(Intervention):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Add(Intervention):
-    """Add `scale * vector` to the selection (steering / injection). Gradients reach `vector`."""
+    """Add `scale * vector` to the selection (steering, injection).
 
-    vector: Any = 0.0
-    scale: float = 1.0
+    `Add(0)` leaves the logits bit-identical. The vector broadcasts to the selection; a vector
+    as wide as the site (a `d_model` steering vector with `dims=`) is cut to it (see
+    `Intervention` for the selection rules). Gradients reach `vector`.
+
+    Args:
+        vector: A finite number or tensor (copied; gradients flow); default 0.0.
+        scale: A finite number (or tensor) multiplying `vector`; default 1.0.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a NaN/inf or non-numeric vector or scale, or a bad selection.
+
+    Example:
+        >>> import torch
+        >>> from splice import Add, Intervention
+        >>> steer = Add(torch.ones(8), scale=4.0, pos=slice(5, None))
+        >>> steer
+        Add(pos=slice(5, None, None), vector=<tensor float32 [8]>, scale=4.0)
+        >>> Intervention.from_dict(steer.to_dict()) == steer
+        True
+    """
+
+    vector: Value = 0.0
+    scale: Value = 1.0
 
     value_fields: ClassVar = {"vector": ValueField("Add vector"), "scale": ValueField("Add scale")}
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The region plus `scale * vector`."""
         vector = broadcast_to_region(
             as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector"
         )
@@ -329,5 +689,14 @@ class Add(Intervention):
 
 
 def registered_types() -> dict[str, type[Intervention]]:
-    """Intervention classes by name (what `from_dict` accepts)."""
+    """Intervention classes by name: what `Intervention.from_dict` and edits files accept.
+
+    Every subclass of `Intervention` is registered when it is defined (unless declared with
+    `registered=False`), so a custom intervention can be loaded from a file too.
+
+    Example:
+        >>> import splice
+        >>> sorted(registered_types())
+        ['Add', 'Apply', 'Clamp', 'Mean', 'Patch', 'Project', 'ProjectOut', 'Replace', 'Resample', 'Scale', 'Zero']
+    """
     return dict(_REGISTRY)

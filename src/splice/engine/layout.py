@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..architectures import architecture_for, uses_attention_interface
@@ -15,11 +18,47 @@ from .sites import POINT_AXES, Site, all_names, expand
 
 
 class Layout:
-    """Where every site of one model instance lives, and its shape."""
+    """Where every site of one model instance lives, and its shape.
+
+    The family's architecture table (see `splice.architectures`) bound to one model: the
+    module and view of each site, the sizes of its axes, and which hooks see it. Built once per
+    model by the hook engine (`splice.Model(...).layout`); models that no longer exist are not
+    kept alive by it. Sites of the decoder alone are accepted too (e.g. a bare `LlamaModel`:
+    then there is no `logits` site).
+
+    Args:
+        model: A supported Hugging Face `*ForCausalLM` (or its bare decoder), chosen by
+            `config.model_type`.
+
+    Raises:
+        SpliceError: For an unsupported model (naming its class and `model_type`) or a
+            configuration the family's table refuses.
+
+    Example:
+        >>> import transformers, splice
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+        ...                                  vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> layout = splice.Layout(transformers.GPT2LMHeadModel(config))  # tiny, random weights
+        >>> layout.arch.name, layout.n_layers
+        ('gpt2', 2)
+        >>> [site.name for site in layout.sites_of("blocks.*.attn.z")]
+        ['blocks.0.attn.z', 'blocks.1.attn.z']
+        >>> site = layout.sites_of(("z", 1))[0]
+        >>> layout.module_path(site), layout.axes(site), layout.shape(site)
+        ('transformer.h.1.attn.c_proj', ('batch', 'pos', 'head', 'd_head'), (None, None, 2, 8))
+        >>> layout.site_names()[:4]
+        ['embed', 'blocks.0.resid_pre', 'blocks.0.attn.in', 'blocks.0.attn.q']
+        >>> layout.sites_of("blocks.2.resid_post")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: layer 2 in site 'blocks.2.resid_post' is out of range: ...
+    """
 
     def __init__(self, model: nn.Module):
         self.arch = architecture_for(model)
-        self.logits_transform = self.arch.logits_transform(model.config)
+        self.logits_transform: Callable[[torch.Tensor], torch.Tensor] | None = self.arch.logits_transform(
+            model.config
+        )
         self._model = weakref.ref(model)  # weak: the per-model engine registry must not keep models alive
         self.dims: Dims = self.arch.dims(model.config)
         self.parallel_residual = self.arch.parallel_residual(model.config)
@@ -46,6 +85,11 @@ class Layout:
 
     @property
     def model(self) -> nn.Module:
+        """The model this layout describes.
+
+        Raises:
+            SpliceError: If it no longer exists (the layout holds it weakly).
+        """
         model = self._model()
         if model is None:
             raise SpliceError("the model this layout describes no longer exists (it was garbage-collected)")
@@ -53,11 +97,25 @@ class Layout:
 
     @property
     def n_layers(self) -> int:
+        """The number of decoder layers."""
         return self.dims.n_layers
 
-    def sites_of(self, key) -> list[Site]:
-        """Sites named by a key (name, alias, tuple or glob), validated against this model.
-        Valid keys are remembered: entering a context per call re-resolves the same few keys."""
+    def sites_of(self, key: Any) -> list[Site]:
+        """The sites a key names on this model, validated.
+
+        Valid keys are remembered: entering a context per call re-resolves the same few keys.
+
+        Args:
+            key: A site key (`splice.engine.sites.SiteKey`): a name, an alias, a
+                `(name, layer)` tuple or a glob.
+
+        Returns:
+            The sites, in forward order for a glob.
+
+        Raises:
+            SpliceError: For a name this model does not have (with the closest ones), a glob
+                matching nothing, or `resid_mid` on a parallel-residual model.
+        """
         try:
             return list(self._resolved[key])
         except (KeyError, TypeError):  # TypeError: an unhashable key, refused by _resolve below
@@ -76,30 +134,39 @@ class Layout:
         return expand(key, self.n_layers, set(self.points))
 
     def point(self, site: Site) -> Point:
+        """The table entry of a site (module path with `{l}`, io, view)."""
         return self.points[site.point]
 
     def module_path(self, site: Site) -> str:
+        """The dotted path of the module whose input or output holds the site."""
         return self.points[site.point].module.replace("{l}", str(site.layer))
 
     def module(self, site: Site) -> nn.Module:
+        """The module whose input or output holds the site."""
         return self.module_at(self.module_path(site))
 
     def module_at(self, path: str) -> nn.Module:
         """The submodule at a dotted path, looked up afresh each time (a module may have been
         swapped, e.g. by resize_token_embeddings) through the `_modules` dicts: ~2 us against
-        ~25 us for get_submodule's getattr chain, which is a sizeable share of entering a context."""
+        ~25 us for get_submodule's getattr chain, which is a sizeable share of entering a context.
+
+        Raises:
+            AttributeError: From `get_submodule`, if there is no such module.
+        """
         module = self.model
         for part in path.split("."):
-            module = module._modules.get(part)
-            if module is None:
+            child = module._modules.get(part)
+            if child is None:
                 return self.model.get_submodule(path)  # raises its own clear error
+            module = child
         return module
 
     def axes(self, site: Site) -> tuple[str, ...]:
+        """The site's axis names, e.g. `("batch", "pos", "head", "d_head")`."""
         return POINT_AXES[site.point]
 
-    def shape(self, site: Site) -> tuple:
-        """Shape with None for the axes that vary per forward (batch, pos)."""
+    def shape(self, site: Site) -> tuple[int | None, ...]:
+        """The site's shape, with None for the axes that vary per forward (batch, pos, k_pos)."""
         if site.point not in self._shapes:
             self._shapes[site.point] = tuple(self.dims.size(axis) for axis in self.axes(site))
         return self._shapes[site.point]
@@ -119,7 +186,8 @@ class Layout:
         return self._hooks_of[site]
 
     def sites_at(self, key: tuple[str, str]) -> list[tuple[Site, Point]]:
-        """Every (site, point) living at one (module path, io), in forward order."""
+        """Every (site, point) living at one (module path, io), in forward order (what one
+        dispatcher hook serves)."""
         if self._by_hook is None:
             self._by_hook = {}
             for name in self.site_names():
@@ -129,4 +197,5 @@ class Layout:
         return self._by_hook.get(key, [])
 
     def site_names(self) -> list[str]:
+        """Every site name of this model, in forward order."""
         return all_names(self.n_layers, set(self.points))

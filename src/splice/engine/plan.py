@@ -8,7 +8,9 @@ it imports neither.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -20,10 +22,19 @@ from .recording import Recording
 from .selection import axis_selector, locate
 from .sites import Site
 
+if TYPE_CHECKING:
+    from .layout import Layout
+
+HookPoints: TypeAlias = dict[tuple[str, str], int | None]
+"""{(module path, "input" | "output"): layer whose residual input that hook saves, or None}."""
+
 
 class StopForward(Exception):
     """Raised once a stopping recording holds every site it records: the rest of the forward
-    (later layers, the unembedding) is not needed. `Model.run(stop_after_record=True)` catches it."""
+    (later layers, the unembedding) is not needed. `Model.run(stop_after_record=True)` catches it.
+
+    Not an error: it is how a forward ends early, so it does not derive from `SpliceError`.
+    """
 
 
 # -- scopes: what one `with` block adds ----------------------------------------------------------
@@ -35,30 +46,35 @@ class Scope:
     closed = (
         False  # set once when the block ends; a context copied from inside it (an asyncio task) then drops it
     )
-    _memo = None
+    _memo: tuple[Any, list[tuple[Site, Any]], tuple[HookPoints, bool]] | None = None
 
     @property
-    def version(self):
+    def version(self) -> tuple[int, bool]:
+        """(content version, closed): a stack of scopes rebuilds its plan when any changes."""
         return (self._content_version(), self.closed)
 
     def _content_version(self) -> int:
         return 0
 
-    def _compute_entries(self, layout) -> list:
+    def _compute_entries(self, layout: Layout) -> list[tuple[Site, Any]]:
         raise NotImplementedError
 
-    def _memoised(self, layout):
+    def _memoised(self, layout: Layout) -> tuple[Any, list[tuple[Site, Any]], tuple[HookPoints, bool]]:
         key = (id(layout), self._content_version())
         if self._memo is None or self._memo[0] != key:
             entries = self._compute_entries(layout)
             self._memo = (key, entries, hook_points([site for site, _ in entries], layout))
         return self._memo
 
-    def entries(self, layout) -> list:
-        """(site, item) in application order: item is an Intervention or this RecordScope."""
+    def entries(self, layout: Layout) -> list[tuple[Site, Any]]:
+        """(site, item) in application order: item is an Intervention or this RecordScope.
+
+        Raises:
+            SpliceError: For a key or value that does not fit the model (see `check_static`).
+        """
         return self._memoised(layout)[1]
 
-    def hooks(self, layout) -> tuple[dict[tuple[str, str], int | None], bool]:
+    def hooks(self, layout: Layout) -> tuple[HookPoints, bool]:
         """What the engine must install for this scope (see `hook_points`)."""
         return self._memoised(layout)[2]
 
@@ -72,7 +88,7 @@ class EditScope(Scope):
     def _content_version(self) -> int:
         return self.edits.version
 
-    def _compute_entries(self, layout) -> list[tuple[Site, Intervention]]:
+    def _compute_entries(self, layout: Layout) -> list[tuple[Site, Any]]:
         """Every intervention checked against its site's static shape: a mistake surfaces at the
         `with` line (or the assignment), not mid-forward."""
         out = []
@@ -91,14 +107,20 @@ class RecordScope(Scope):
     sites: tuple[Site, ...]
     stop_when_complete: bool = False
 
-    def _compute_entries(self, layout) -> list[tuple[Site, RecordScope]]:
+    def _compute_entries(self, layout: Layout) -> list[tuple[Site, Any]]:
         return [(site, self) for site in self.sites]
 
 
 # -- the plan ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Action:
-    """What happens at one site during a forward: edits in order, then recorders."""
+    """What happens at one site during a forward: edits in order, then recorders.
+
+    Attributes:
+        site: The site.
+        edits: Its interventions, in the order the contexts were opened and listed them.
+        recorders: The recordings storing it (after the edits).
+    """
 
     site: Site
     edits: tuple[Intervention, ...] = ()
@@ -107,14 +129,23 @@ class Action:
 
 @dataclass(frozen=True)
 class Plan:
-    """Site name -> Action, and what the engine must hook to carry it out."""
+    """What one forward does: site name -> `Action`. An empty plan is falsy.
+
+    Example:
+        >>> from splice import Scale
+        >>> from splice.engine.sites import Site
+        >>> plan = Plan({"embed": Action(Site("embed"), (Scale(2.0),))})
+        >>> bool(plan), bool(EMPTY), plan.unfired(set())
+        (True, False, ['embed'])
+    """
 
     actions: dict[str, Action] = field(default_factory=dict)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self.actions)
 
     def get(self, name: str) -> Action | None:
+        """The action at a canonical site name, or None."""
         return self.actions.get(name)
 
     def unfired(self, fired: set[str]) -> list[str]:
@@ -123,11 +154,16 @@ class Plan:
 
 
 EMPTY = Plan()
+"""The plan of a forward with nothing open."""
 
 
-def build_plan(scopes, layout) -> Plan:
-    """The plan of the open scopes, in the order they were opened. Raises (SpliceError) on a key
-    or value that does not fit the model, before anything is installed."""
+def build_plan(scopes: Iterable[Scope], layout: Layout) -> Plan:
+    """The plan of the open scopes, in the order they were opened (closed ones are skipped).
+
+    Raises:
+        SpliceError: On a key or value that does not fit the model, before anything is
+            installed.
+    """
     edits: dict[str, list] = {}
     recorders: dict[str, list] = {}
     sites: dict[str, Site] = {}
@@ -146,7 +182,7 @@ def build_plan(scopes, layout) -> Plan:
     )
 
 
-def hook_points(sites, layout) -> tuple[dict[tuple[str, str], int | None], bool]:
+def hook_points(sites: Iterable[Site], layout: Layout) -> tuple[HookPoints, bool]:
     """What the engine must install for these sites: {(module path, io): layer whose residual input
     that hook saves, or None}, in first-use order, and whether attention must be routed."""
     wanted: dict[tuple[str, str], int | None] = {}
@@ -163,8 +199,25 @@ def hook_points(sites, layout) -> tuple[dict[tuple[str, str], int | None], bool]
 
 
 # -- applying it ---------------------------------------------------------------------------------
-def check_same(site: str, before: torch.Tensor, after, what: str) -> None:
-    """An edit's result must be a tensor exactly like the one it replaces."""
+def check_same(site: str, before: torch.Tensor, after: object, what: str) -> None:
+    """An edit's result must be a tensor exactly like the one it replaces.
+
+    Args:
+        site: The site, for messages.
+        before: The tensor being replaced.
+        after: What the edit returned.
+        what: How messages name it (`"Apply result"`).
+
+    Raises:
+        SpliceError: For a non-tensor, or another shape, dtype or device.
+
+    Example:
+        >>> import torch
+        >>> check_same("embed", torch.ones(2, 3), torch.ones(3), "Apply result")
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Apply result at embed has shape [3], expected [2, 3] (the shape it replaces)
+    """
     if not isinstance(after, torch.Tensor):
         raise SpliceError(
             f"{what} at {site} returned {type(after).__name__}, expected a tensor of shape {list(before.shape)}"
@@ -179,8 +232,32 @@ def check_same(site: str, before: torch.Tensor, after, what: str) -> None:
         )
 
 
-def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Frame) -> torch.Tensor:
-    """Clone-then-assign one intervention on a site tensor; returns x itself if nothing is selected."""
+def apply_edit(
+    edit: Intervention, x: torch.Tensor, name: str, axes: tuple[str, ...], frame: Frame
+) -> torch.Tensor:
+    """Apply one intervention to a site tensor, clone-then-assign (`x` itself is never changed).
+
+    Args:
+        edit: The intervention.
+        x: The site tensor.
+        name: The site's name, for messages.
+        axes: The site's axis names.
+        frame: The forward's positions.
+
+    Returns:
+        A new tensor with the selected region replaced, or `x` itself if nothing is selected.
+
+    Raises:
+        SpliceError: For a selection out of range or a result of the wrong shape or dtype.
+
+    Example:
+        >>> import torch
+        >>> from splice import Zero
+        >>> apply_edit(Zero(pos=1), torch.ones(1, 3, 2), "embed", ("batch", "pos", "d_model"), Frame(1, 3))
+        tensor([[[1., 1.],
+                 [0., 0.],
+                 [1., 1.]]])
+    """
     seq = x.shape[axes.index("pos")]
     if seq != frame.seq:
         frame = frame.tail(seq)  # e.g. logits computed for the last positions only
@@ -197,10 +274,20 @@ def apply_edit(edit: Intervention, x: torch.Tensor, name: str, axes, frame: Fram
     return out
 
 
-def apply_action(action: Action, x: torch.Tensor, frame: Frame, axes, settle=None) -> torch.Tensor:
+def apply_action(
+    action: Action,
+    x: torch.Tensor,
+    frame: Frame,
+    axes: tuple[str, ...],
+    settle: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A site's edits in order, then its recorders, on one tensor. `settle(x)` restores invariants
     the edits may not break (masked attention pairs) before recorders see the tensor the model
-    will use. Marks the site fired; raises StopForward when a stopping recording is complete."""
+    will use. Marks the site fired; raises StopForward when a stopping recording is complete.
+
+    Returns:
+        The tensor the model goes on with (`x` itself if no edit selected anything).
+    """
     name = action.site.name
     if action.edits:
         produced = x
@@ -223,8 +310,32 @@ def _selected_size(sel, size: int | None, what: str, site: str) -> int | None:
     return len(range(size)[chosen]) if isinstance(chosen, slice) else len(chosen)
 
 
-def check_static(edit: Intervention, site_name: str, axes, shape) -> None:
-    """Validate heads/dims ranges and value shapes against the site's known (non-batch, non-pos) axes."""
+def check_static(
+    edit: Intervention, site_name: str, axes: tuple[str, ...], shape: tuple[int | None, ...]
+) -> None:
+    """Check an intervention against a site before any forward: heads/dims ranges and value shapes.
+
+    Only the axes known statically are checked (not batch and pos), so a mistake surfaces at
+    the `with` line or the assignment rather than mid-forward.
+
+    Args:
+        edit: The intervention.
+        site_name: The site, for messages.
+        axes: The site's axis names.
+        shape: Its shape, None for the axes that vary per forward.
+
+    Raises:
+        SpliceError: For `heads=` at a site without heads, a head or dim out of range, or a
+            value that cannot broadcast to the selection.
+
+    Example:
+        >>> import torch
+        >>> from splice import Add
+        >>> check_static(Add(torch.ones(5)), "blocks.0.resid_post", ("batch", "pos", "d_model"), (None, None, 8))
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Add vector of shape [5] cannot broadcast to the selection at blocks.0.resid_post: site is [batch, pos, d_model=8], selection keeps trailing shape [8] (heads=None, dims=None)
+    """
     has_heads = any(a in ("head", "kv_head") for a in axes)
     if edit.heads is not None and not has_heads:
         raise SpliceError(

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def prompt_report(model, prompt: str, answer: str, top_k: int, edits, print_results: bool):
+    from .model import Model
+
+
+def prompt_report(
+    model: Model, prompt: str, answer: str, top_k: int, edits: Any, print_results: bool
+) -> pd.DataFrame | None:
+    """How a model (under optional edits) ranks each token of an answer after a prompt.
+
+    The work behind `Model.test_prompt`: one forward over prompt + answer, then for each answer
+    token its rank, logit and probability and the `top_k` alternatives.
+
+    Args:
+        model: The model, with a tokenizer.
+        prompt: The prompt text.
+        answer: The answer text (tokenized without special tokens, e.g. `" Paris"`).
+        top_k: How many alternatives to list per answer token (at least 1).
+        edits: Edits applied to the forward (`Edits`, a dict or None).
+        print_results: Print the report (and return None) instead of returning the table.
+
+    Returns:
+        None when printing; otherwise a DataFrame with one row per (answer token, rank):
+        `answer_token, rank, token, logit, prob, is_answer`, plus a row for the answer itself
+        when it is not among the top k.
+    """
     import pandas as pd
 
     prompt_ids = model.to_tokens(prompt)
@@ -15,6 +42,7 @@ def prompt_report(model, prompt: str, answer: str, top_k: int, edits, print_resu
     ids = torch.cat([prompt_ids, answer_ids], dim=1)
     with torch.no_grad():
         logits, _ = model.run(ids, edits=edits)
+    assert logits is not None  # None only with stop_after_record
     start = prompt_ids.shape[1] - 1
     rows, lines = (
         [],

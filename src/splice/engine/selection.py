@@ -12,15 +12,28 @@ selections, [n_selected_tokens, (head), last] for per-row (masked) ones.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeAlias, TypeGuard, cast, overload
 
 import torch
 
 from ..errors import SpliceError, valid_range
 from .frame import Frame
 
+Index: TypeAlias = int | slice | Sequence[int]
+"""What `heads=`, `dims=` and `rows=` accept: an int (negative counts from the end), a slice
+(int bounds, stepping forward) or a list of ints (each once). An int tensor of at most one axis is
+accepted too and read as a list."""
 
-def _integer(value) -> bool:
+Positions: TypeAlias = int | slice | Sequence[int] | torch.Tensor
+"""What `pos=` accepts: what `Index` accepts, or a `[batch, pos]` bool mask."""
+
+Selector: TypeAlias = slice | torch.Tensor
+"""One axis of a located region: a slice, or a 1-D LongTensor of indices."""
+
+
+def _integer(value: object) -> TypeGuard[numbers.Integral]:
     """An index: a Python or NumPy integer, never a bool (True would silently mean 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -56,11 +69,40 @@ def _first_repeat(values):
     return None
 
 
-def normalize_index(value, what: str, unique: bool = True):
-    """heads/dims/rows (and source_pos, with unique=False): None, int, slice, or a tuple of ints.
+def normalize_index(
+    value: Index | torch.Tensor | None, what: str, unique: bool = True
+) -> int | slice | tuple[int, ...] | None:
+    """Check a `heads=`/`dims=`/`rows=` (or `source_pos=`) selection and freeze it.
 
-    `unique`: a repeated index is refused, since the edit would touch it once however often it
-    is listed (an Add listed twice is applied once)."""
+    Called when an intervention is built, so a bad selection fails at its own line. What needs
+    the site's size (range checks) is checked later, by `axis_selector`.
+
+    Args:
+        value: None (everything), an int, a slice with int bounds stepping forward that selects
+            something on some axis, a non-empty list/tuple/range of ints, or an int tensor of at
+            most one axis (read as a list). Python and NumPy integers count; bools and floats
+            do not.
+        what: The argument's name, for messages (`"heads"`, `"dims"`, ...).
+        unique: Refuse an index listed twice (default). The edit would touch it once however
+            often it is listed (an `Add` listed twice is applied once); `source_pos` passes
+            False, since one source position may feed several targets.
+
+    Returns:
+        None, an int, a slice or a tuple of ints (JSON-friendly and hashable).
+
+    Raises:
+        SpliceError: For a bool or float index or tensor, a bool mask (only `pos=` takes
+            one), an empty list, a repeated index, a slice stepping backwards or by 0, with
+            non-int bounds, or selecting nothing on any axis.
+
+    Example:
+        >>> normalize_index([2, 0], "heads")
+        (2, 0)
+        >>> normalize_index(slice(4, 2), "dims")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: dims slice(4, 2, None) selects nothing on any axis ...
+    """
     if value is None:
         return None
     if isinstance(value, slice):
@@ -96,8 +138,28 @@ def normalize_index(value, what: str, unique: bool = True):
     raise SpliceError(f"{what} must be an int, slice or list of ints; got {value!r} ({type(value).__name__})")
 
 
-def normalize_pos(value):
-    """pos: what normalize_index takes, or a [batch, pos] bool mask (copied: the edit owns it)."""
+def normalize_pos(value: Positions | None) -> int | slice | tuple[int, ...] | torch.Tensor | None:
+    """Check a `pos=` selection and freeze it: what `normalize_index` takes, or a bool mask.
+
+    Args:
+        value: None (every position), an int (negative counts from the end of each row), a
+            slice, a list of ints, or a `[batch, pos]` bool tensor marking the tokens to edit
+            per row (its batch axis may be 1, standing for every row).
+
+    Returns:
+        What `normalize_index` returns, or a detached copy of the mask (the edit owns it:
+        changing yours later does not change the edit).
+
+    Raises:
+        SpliceError: For a mask that is not 2-D, or anything `normalize_index` refuses.
+
+    Example:
+        >>> import torch
+        >>> normalize_pos(-1)
+        -1
+        >>> normalize_pos(torch.tensor([[False, True, True]]))
+        tensor([[False,  True,  True]])
+    """
     if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
         if value.dim() != 2:
             raise SpliceError(f"a pos mask must be a [batch, pos] bool tensor; got shape {list(value.shape)}")
@@ -107,7 +169,7 @@ def normalize_pos(value):
 
 def _refuse_repeat(what: str, given, resolved, site: str, axis: str) -> None:
     """Indices that differ as written but name one element (1 and -8 of 9): refused like a literal repeat."""
-    seen = {}
+    seen: dict[int, int] = {}
     for g, r in zip(given, resolved):
         if r in seen:
             raise SpliceError(
@@ -117,16 +179,69 @@ def _refuse_repeat(what: str, given, resolved, site: str, axis: str) -> None:
         seen[r] = g
 
 
+@overload
 def axis_selector(
-    sel, size: int, what: str, site: str, growing: bool = False, unique: bool = True, clamp: bool = False
-):
-    """A slice or a LongTensor selecting along one axis of known size, with range checks.
+    sel: int | slice | Sequence[int] | None,
+    size: int,
+    what: str,
+    site: str,
+    growing: Literal[False] = False,
+    unique: bool = True,
+    clamp: bool = False,
+) -> Selector: ...
+@overload
+def axis_selector(
+    sel: int | slice | Sequence[int] | None,
+    size: int,
+    what: str,
+    site: str,
+    growing: bool,
+    unique: bool = True,
+    clamp: bool = False,
+) -> Selector | None: ...
+def axis_selector(
+    sel: int | slice | Sequence[int] | None,
+    size: int,
+    what: str,
+    site: str,
+    growing: bool = False,
+    unique: bool = True,
+    clamp: bool = False,
+) -> Selector | None:
+    """Turn a normalised selection into a selector along one axis of known size, range-checked.
 
-    `growing`: the axis grows as generation goes on (key positions); indices beyond it select
-    nothing yet (None is returned when nothing is left) instead of raising. `clamp`: a token
-    axis, where slice bounds beyond the current length are clipped like Python's (on a fixed
-    axis, heads or dims, they are refused: `dims=slice(0, 128)` on 64 dims edits half of what
-    was meant). `unique=False` allows an index twice (source_pos pairs with pos)."""
+    Args:
+        sel: A normalised selection (see `normalize_index`); None selects the whole axis.
+        size: Length of the axis in this forward.
+        what: The axis, for messages (`"head"`, `"dim"`, `"row"`).
+        site: The site name, for messages.
+        growing: The axis grows as generation goes on (key positions): indices beyond it
+            select nothing yet (None is returned when nothing is left) instead of raising, and
+            negative indices are refused (they would name different keys at every step).
+        unique: Refuse two indices naming one element (`1` and `-3` of 4; default). False
+            allows repeats (`source_pos` pairs with `pos`).
+        clamp: A token axis: slice bounds beyond the current length are clipped like Python's.
+            On a fixed axis (heads, dims) they are refused: `dims=slice(0, 128)` on 64 dims
+            would edit half of what was meant.
+
+    Returns:
+        A slice (cheap: indexing with it gives a view) or a 1-D LongTensor of non-negative
+        indices in the order given; None only for a `growing` axis with nothing selected yet.
+
+    Raises:
+        SpliceError: For an index out of range, a slice reaching beyond a fixed axis or
+            selecting nothing, or a repeat (with `unique`).
+
+    Example:
+        >>> axis_selector(-1, 4, "head", "blocks.0.attn.z")
+        slice(3, 4, None)
+        >>> axis_selector([3, 0], 4, "head", "blocks.0.attn.z")
+        tensor([3, 0])
+        >>> axis_selector(slice(0, 8), 4, "dim", "blocks.0.attn.z")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: dim slice(0, 8, None) reaches beyond the axis at blocks.0.attn.z: ...
+    """
     if sel is None:
         return slice(None)
     if growing and _negative(sel):
@@ -169,7 +284,20 @@ def axis_selector(
 
 @dataclass
 class Region:
-    """Where an edit lands in one site tensor: `index` selects `shape` elements."""
+    """Where an edit lands in one site tensor, as `locate` finds it for one forward.
+
+    Attributes:
+        index: A tuple indexing the site tensor: `site[index]` is the selected region, in the
+            site's axis order (slices where possible, broadcast LongTensors otherwise).
+        masked: True when positions differ per row (padding or a bool mask): then the region's
+            first axis enumerates the selected (row, position) pairs.
+        trailing: The selectors of the axes after `pos` (heads, dims), used to cut a value as
+            wide as the site down to the selection.
+
+    Example:
+        >>> Region((slice(None), slice(2, 3)), False).masked
+        False
+    """
 
     index: tuple
     masked: bool  # True: first axis of the region enumerates (row, position) pairs
@@ -193,15 +321,15 @@ def _pos_outer(pos, frame: Frame, site: str):
         p = check(pos) - past
         return slice(p, p + 1) if 0 <= p < seq else None
     if isinstance(pos, slice):
-        absolute = range(
-            total if not frame.cached or pos.stop is None or pos.stop < 0 else max(total, pos.stop)
-        )[pos]
-        if not frame.cached and len(absolute) == 0:
+        span = range(total if not frame.cached or pos.stop is None or pos.stop < 0 else max(total, pos.stop))[
+            pos
+        ]
+        if not frame.cached and len(span) == 0:
             raise SpliceError(f"pos {pos} selects nothing at {site}: the sequence has {total} tokens")
-        if absolute.step == 1:
-            lo, hi = max(absolute.start, past), min(absolute.stop, total)
+        if span.step == 1:
+            lo, hi = max(span.start, past), min(span.stop, total)
             return slice(lo - past, hi - past) if lo < hi else None
-        local = [p - past for p in absolute if past <= p < total]
+        local = [p - past for p in span if past <= p < total]
     else:
         # In the order given, so that per-position values and source_pos pair up as written.
         absolute = [check(p) for p in pos]
@@ -269,9 +397,25 @@ def _pos_mask(pos, frame: Frame, site: str):
     return mask
 
 
-def positions_needed(pos) -> int | None:
-    """How many tokens a sequence must have for every position `pos` names to exist (None: no
-    fixed number, e.g. all positions or a mask). `generate` refuses edits it could never reach."""
+def positions_needed(pos: Positions | None) -> int | None:
+    """How many tokens a sequence must have for every position a `pos=` selection names to exist.
+
+    `generate` uses it to refuse edits it could never reach (`pos=50` with 20 new tokens after
+    a 10-token prompt).
+
+    Args:
+        pos: A normalised `pos=` selection (see `normalize_pos`).
+
+    Returns:
+        The minimum length, or None when there is no fixed number (every position, a mask,
+        negative positions, a slice starting from the end).
+
+    Example:
+        >>> positions_needed(3), positions_needed(slice(4, None)), positions_needed((1, 5))
+        (4, 5, 6)
+        >>> positions_needed(-1) is None
+        True
+    """
     if isinstance(pos, int):
         return pos + 1 if pos >= 0 else None
     if isinstance(pos, slice):
@@ -289,8 +433,54 @@ def _negative(pos) -> bool:
     return isinstance(pos, tuple) and any(p < 0 for p in pos)
 
 
-def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Region | None:
-    """The index of the selected region in a site tensor, or None if nothing is selected in this forward."""
+def locate(
+    pos: Positions | None,
+    heads: Index | None,
+    dims: Index | None,
+    rows: Index | None,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    frame: Frame,
+    site: str,
+) -> Region | None:
+    """Find where an intervention's selection lands in one site tensor of one forward.
+
+    Positions are absolute token positions: during cached decoding a forward holds only the
+    newest tokens, and a position before them selects nothing here. In a padded batch (or with
+    a bool mask) positions count from each row's first real token and padding is never
+    selected; the region then enumerates (row, position) pairs (`Region.masked`).
+
+    Args:
+        pos: Normalised `pos=` selection (see `normalize_pos`).
+        heads: Normalised `heads=` selection; refused at a site without a head axis.
+        dims: Normalised `dims=` selection over the last axis (key positions at
+            `attn.scores`/`attn.pattern`, clipped to the keys there are).
+        rows: Normalised `rows=` selection over the batch axis.
+        shape: The site tensor's shape in this forward.
+        axes: The site's axis names, e.g. `("batch", "pos", "head", "d_head")`.
+        frame: This forward's positions (see `Frame`).
+        site: The site name, for messages.
+
+    Returns:
+        The `Region`, or None if nothing is selected in this forward (e.g. a prompt position
+        during a later decoding step).
+
+    Raises:
+        SpliceError: For an index out of range, `heads=` at a site without heads, negative
+            positions while generating, a mask narrower than the sequence or with the wrong
+            number of rows, or one position named twice.
+
+    Example:
+        >>> from splice.engine.frame import Frame
+        >>> axes = ("batch", "pos", "head", "d_head")
+        >>> region = locate(-1, 1, None, None, (2, 5, 3, 4), axes, Frame(2, 5), "blocks.0.attn.z")
+        >>> region.index
+        (slice(None, None, None), slice(4, 5, None), slice(1, 2, None), slice(None, None, None))
+        >>> locate(7, None, None, None, (2, 5, 8), ("batch", "pos", "d_model"), Frame(2, 5), "embed")
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: pos 7 is out of range at embed: the sequence has 5 tokens, valid 0..4 (or -5..-1)
+    """
     if frame.cached and _negative(pos):
         raise SpliceError(
             f"pos {pos} at {site}: negative positions are ambiguous while generating (the sequence grows "
@@ -299,21 +489,20 @@ def locate(pos, heads, dims, rows, shape, axes, frame: Frame, site: str) -> Regi
         )
     if heads is not None and not any(a in ("head", "kv_head") for a in axes):
         raise SpliceError(f"heads= was given but {site} has no head axis (its axes are {', '.join(axes)})")
-    selectors = []
+    found: list[Selector | None] = []
     for axis, size in zip(axes, shape):
         if axis == "batch":
-            selectors.append(axis_selector(rows, size, "row", site))
+            found.append(axis_selector(rows, size, "row", site))
         elif axis in ("head", "kv_head"):
-            selectors.append(axis_selector(heads, size, "head", site))
+            found.append(axis_selector(heads, size, "head", site))
         elif axis == axes[-1]:
             keys = axis == "k_pos"  # a token axis: slices are clipped to the keys there are
-            selectors.append(
-                axis_selector(dims, size, "dim", site, growing=keys and frame.cached, clamp=keys)
-            )
+            found.append(axis_selector(dims, size, "dim", site, growing=keys and frame.cached, clamp=keys))
         else:
-            selectors.append(slice(None))
-    if any(s is None for s in selectors):
+            found.append(slice(None))
+    if any(s is None for s in found):
         return None
+    selectors = cast("list[Selector]", found)  # none is None (just checked)
     pos_axis = axes.index("pos")
     trailing = tuple(selectors[pos_axis + 1 :])
     n = len(shape)

@@ -11,8 +11,14 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeAlias
 
 from ..errors import SpliceError, closest, valid_range
+
+SiteKey: TypeAlias = str | tuple[str, int]
+"""How a user names a site: a canonical name (`"blocks.3.attn.z"`), a TransformerLens name
+(`"blocks.3.hook_resid_post"`), a `get_act_name`-style tuple (`("z", 3)`), or a glob
+(`"blocks.*.mlp.out"`)."""
 
 # Per-layer points and the axes of their tensors. The size of each named axis comes from
 # `Dims`; "batch" and "pos" vary per forward.
@@ -33,12 +39,15 @@ LAYER_POINTS: dict[str, tuple[str, ...]] = {
     "mlp.out": ("batch", "pos", "d_model"),
     "resid_post": ("batch", "pos", "d_model"),
 }
+"""Per-layer points (`blocks.<l>.<point>`) and the axis names of their tensors, in forward order."""
 GLOBAL_POINTS: dict[str, tuple[str, ...]] = {
     "embed": ("batch", "pos", "d_model"),
     "final_norm": ("batch", "pos", "d_model"),
     "logits": ("batch", "pos", "vocab"),
 }
+"""Points outside the layers (named without `blocks.<l>.`) and the axis names of their tensors."""
 POINT_AXES: dict[str, tuple[str, ...]] = GLOBAL_POINTS | LAYER_POINTS
+"""Every point and the axis names of its tensor."""
 
 # TransformerLens hook names that denote exactly the same tensor as a splice site. Names whose
 # TransformerLens tensor differs (hook_embed is the token embedding without positions,
@@ -80,13 +89,27 @@ _LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
 @dataclass(frozen=True)
 class Site:
-    """A parsed canonical site: `layer` is None for global sites."""
+    """One site of one model, parsed and validated (see `parse`).
+
+    Attributes:
+        point: The point: a key of `LAYER_POINTS` (`"attn.z"`, `"resid_post"`, ...) or of
+            `GLOBAL_POINTS` (`"embed"`, `"final_norm"`, `"logits"`).
+        layer: The layer, from 0 (negative layers are resolved by `parse`); None for the
+            global points.
+
+    Example:
+        >>> Site("attn.z", 3).name
+        'blocks.3.attn.z'
+        >>> str(Site("embed"))
+        'embed'
+    """
 
     point: str
     layer: int | None = None
 
     @cached_property  # read several times per hooked forward
     def name(self) -> str:
+        """The canonical name: `blocks.<layer>.<point>`, or the point for a global site."""
         return self.point if self.layer is None else f"blocks.{self.layer}.{self.point}"
 
     def __str__(self) -> str:
@@ -94,12 +117,43 @@ class Site:
 
 
 def is_pattern(key: str) -> bool:
+    """Whether a site key is a glob (holds `*`, `?` or `[`) that may match several sites.
+
+    Example:
+        >>> is_pattern("blocks.*.attn.z"), is_pattern("blocks.3.attn.z")
+        (True, False)
+    """
     return any(ch in key for ch in "*?[")
 
 
-def canonical_name(key) -> str:
-    """Map a site key (canonical name, TransformerLens name, or `(name, layer)` tuple) to a
-    canonical name string. Does not check the name against a model."""
+def canonical_name(key: SiteKey) -> str:
+    """Translate a site key to splice's canonical spelling, without checking it against a model.
+
+    Aliases are only names for the *same* tensor: TransformerLens' `blocks.l.hook_resid_pre`
+    (`_mid`, `_post`), `hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/z`,
+    `attn.hook_pattern`, `attn.hook_attn_scores`, `mlp.hook_post`, and `get_act_name`-style
+    tuples such as `("z", 3)` or `("resid_post", 5)`. Anything else (canonical names, globs)
+    is returned as it is.
+
+    Args:
+        key: A site name (str) or a `(short name, layer)` tuple with an int layer.
+
+    Returns:
+        The canonical name (possibly a glob, possibly not a site of any model).
+
+    Raises:
+        SpliceError: If `key` is neither a string nor a `(name, int)` tuple.
+
+    Example:
+        >>> canonical_name(("z", 3))
+        'blocks.3.attn.z'
+        >>> canonical_name("blocks.2.hook_resid_post")
+        'blocks.2.resid_post'
+        >>> canonical_name(3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: a site is a string like 'blocks.3.attn.z' or a tuple like ('z', 3); got 3
+    """
     if isinstance(key, tuple):
         if len(key) != 2 or not isinstance(key[1], int):
             raise SpliceError(f"a tuple site must be (name, layer), e.g. ('z', 3); got {key!r}")
@@ -115,7 +169,21 @@ def canonical_name(key) -> str:
 
 
 def all_names(n_layers: int, points: set[str]) -> list[str]:
-    """Every site name of a model, in forward order within each layer."""
+    """Every site name of a model, in forward order.
+
+    Args:
+        n_layers: The model's number of decoder layers.
+        points: The points its architecture has (a family without pattern sites lacks
+            `attn.scores`/`attn.pattern`, a parallel-residual one lacks `resid_mid`).
+
+    Returns:
+        `embed`, then each layer's sites in forward order, then `final_norm` and `logits`
+        (each only if the model has it).
+
+    Example:
+        >>> all_names(2, {"embed", "resid_post", "attn.z", "logits"})
+        ['embed', 'blocks.0.attn.z', 'blocks.0.resid_post', 'blocks.1.attn.z', 'blocks.1.resid_post', 'logits']
+    """
     order = list(GLOBAL_POINTS) + list(LAYER_POINTS)
     rank = lambda p: order.index(p) if p in order else len(order)  # noqa: E731
     layer_points = sorted((p for p in points if p not in GLOBAL_POINTS), key=rank)
@@ -126,9 +194,30 @@ def all_names(n_layers: int, points: set[str]) -> list[str]:
 
 
 def parse(name: str, n_layers: int, points: set[str]) -> Site:
-    """Parse a canonical name against a model's layer count and the points its architecture has.
+    """Parse and validate one canonical site name against a model's shape.
 
-    Negative layers count from the end (`blocks.-1.resid_post` is the last layer)."""
+    Args:
+        name: A canonical name (see `canonical_name` for aliases). Negative layers count from
+            the end (`blocks.-1.resid_post` is the last layer).
+        n_layers: The model's number of decoder layers.
+        points: The points its architecture has.
+
+    Returns:
+        The `Site`, with a non-negative layer.
+
+    Raises:
+        SpliceError: For an unknown name (with the closest valid names and the valid
+            points), a point this model does not have, or a layer out of range.
+
+    Example:
+        >>> points = set(POINT_AXES)
+        >>> parse("blocks.-1.resid_post", 12, points)
+        Site(point='resid_post', layer=11)
+        >>> parse("blocks.12.resid_post", 12, points)
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: layer 12 in site 'blocks.12.resid_post' is out of range: this model has 12 layers, valid 0..11 (or -12..-1)
+    """
     if name in GLOBAL_POINTS or (name in points and "." not in name):
         if name not in points:
             raise SpliceError(f"site {name!r} is not available on this model")
@@ -150,8 +239,29 @@ def parse(name: str, n_layers: int, points: set[str]) -> Site:
     return Site(m.group(2), layer % n_layers)
 
 
-def expand(key, n_layers: int, points: set[str]) -> list[Site]:
-    """Resolve a user key (name, alias, tuple or glob) to one or more Sites."""
+def expand(key: SiteKey, n_layers: int, points: set[str]) -> list[Site]:
+    """Resolve any site key (name, alias, tuple or glob) to the sites it names.
+
+    Globs use `fnmatch` rules (`*`, `?`, `[...]`) matched against whole canonical names, so
+    `blocks.*.attn.z` is every layer's `attn.z`.
+
+    Args:
+        key: See `SiteKey`.
+        n_layers: The model's number of decoder layers.
+        points: The points its architecture has.
+
+    Returns:
+        The sites, in forward order for a glob; one site otherwise.
+
+    Raises:
+        SpliceError: For an invalid name (see `parse`) or a glob matching no site.
+
+    Example:
+        >>> [site.name for site in expand("blocks.*.attn.z", 2, set(POINT_AXES))]
+        ['blocks.0.attn.z', 'blocks.1.attn.z']
+        >>> expand(("resid_post", -1), 2, set(POINT_AXES))
+        [Site(point='resid_post', layer=1)]
+    """
     name = canonical_name(key)
     if not is_pattern(name):
         return [parse(name, n_layers, points)]

@@ -34,17 +34,24 @@ as recorded, +/-inf and NaN included (masked `attn.scores` hold -inf); the non-f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeAlias, cast
 
 import torch
 
 from ..errors import SpliceError
 from .interventions import At, Intervention, own
 from .recording import Recording
-from .selection import axis_selector, normalize_index
+from .selection import Index, axis_selector, normalize_index
 from .sites import POINT_AXES, canonical_name
+
+# Mapping[Any, ...]: keys are site keys (SiteKey), but Mapping is invariant in its key type, so
+# Mapping[SiteKey, ...] would refuse a plain dict[str, Tensor].
+Source: TypeAlias = Recording | Mapping[Any, torch.Tensor | Sequence[torch.Tensor]] | torch.Tensor
+"""Where recorded activations come from: a `Recording`, a `{site: tensor (or list of tensors)}`
+mapping (any site key: canonical names, aliases, tuples), or one tensor for whatever site the
+intervention is placed at."""
 
 
 def _site_axes(name: str) -> tuple[str, ...]:
@@ -171,14 +178,43 @@ def aligned(
     region: torch.Tensor,
     at: At,
     kind: str,
-    source_pos=None,
+    source_pos: int | slice | Sequence[int] | None = None,
     row_start: int | None = None,
     broadcast_pos: bool = False,
 ) -> torch.Tensor:
-    """The part of `source` (a tensor with the site's axes) that lines up with the selected region.
-    `row_start`: source row 0 feeds the first selected row (instead of the tiling rule).
-    `broadcast_pos`: a one-position source stands for every position (a Mean over positions);
-    otherwise it is a run of another length, refused like any other length mismatch."""
+    """The part of a recorded activation that lines up with the selected region.
+
+    Follows the row, position and axis rules in this module's docstring.
+
+    Args:
+        source: A tensor with the site's axes (rows and positions may differ, see the rules).
+        region: The selected region.
+        at: Where the region sits.
+        kind: The intervention's name, for messages.
+        source_pos: Normalised source positions feeding the selected positions one to one
+            (repeats allowed); None: the source has the forward's positions.
+        row_start: Source row 0 feeds the first selected row (instead of the tiling rule).
+        broadcast_pos: A one-position source stands for every position (a Mean over
+            positions); otherwise it is a run of another length, refused like any other
+            length mismatch.
+
+    Returns:
+        Values of the region's shape, on its device and in its dtype.
+
+    Raises:
+        SpliceError: For a source whose axes, rows or positions do not line up, naming both
+            shapes.
+
+    Example:
+        >>> import torch
+        >>> at = At("embed", (slice(None), slice(1, 2), slice(None)), (2, 3, 4), False,
+        ...         (slice(None),), ("batch", "pos", "d_model"))
+        >>> source = torch.arange(12.0).reshape(1, 3, 4)  # one row: broadcast to both
+        >>> aligned(source, torch.zeros(2, 1, 4), at, "Patch")
+        tensor([[[4., 5., 6., 7.]],
+        <BLANKLINE>
+                [[4., 5., 6., 7.]]])
+    """
     axes, full = at.axes, at.full_shape
     p = axes.index("pos")
     source = source.to(device=region.device, dtype=region.dtype)
@@ -255,17 +291,54 @@ def aligned(
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Patch(Intervention):
-    """Replace the selection with the same site's activation from another run.
+    """Replace the selection with the same site's activation from another run (activation patching).
 
-    `source`: a Recording (overwrite mode), a {site: tensor} dict, or a tensor; in a sweep, the
-    name of a data field whose prompts are the source. A tensor is copied; a Recording or dict is
-    shared, and refused at use if changed in place since (see the module docstring). `source_pos=` pairs source positions
-    with the selected `pos` when the two runs differ in length."""
+    The source is lined up with the selected region by the rules in `splice.engine.sources`:
+    a source with as many rows as the batch is used row for row, one row is broadcast, n rows
+    are tiled over k*n; positions must match unless `source_pos=` pairs them; every other axis
+    must match the site. Values are written as recorded (+/-inf and NaN included). See
+    `Intervention` for the selection rules.
 
-    source: Any = None
-    source_pos: Any = None
+    Args:
+        source: A `Recording` (overwrite mode, e.g. from `model.run(prompts, record=...)` or
+            `splice.patching.cache`), a `{site: tensor}` dict, or a tensor (for whatever site
+            the Patch is placed at). In a sweep, the name of a data field whose prompts are the
+            source (recorded once per prompt batch). A tensor is copied; a Recording or dict is
+            shared, and refused at use if a tensor in it was changed in place since. Empty
+            sources are refused.
+        source_pos: Source positions feeding the selected `pos`, one to one (an int, slice or
+            list; repeats allowed), when the two runs differ in length. Not with a bool mask.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
 
-    def __post_init__(self):
+    Raises:
+        SpliceError: For a missing or empty source, `source_pos` with a `pos` mask, or a bad
+            selection; at the site, for a source that does not line up.
+
+    Example:
+        >>> import torch
+        >>> from splice import Patch
+        >>> Patch({"blocks.0.resid_pre": torch.zeros(1, 5, 8)}, pos=2)
+        Patch(pos=2, source={'blocks.0.resid_pre': <tensor float32 [1, 5, 8]>})
+        >>> Patch("clean", pos=[3, 4], source_pos=[0, 0]).to_dict()
+        {'type': 'Patch', 'pos': [3, 4], 'source': 'clean', 'source_pos': [0, 0]}
+        >>> Patch()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Patch needs a source: a Recording, a {site: tensor} dict or a tensor, ...
+    """
+
+    source: Source | str | None = None
+    source_pos: Index | None = None
+
+    # Set per instance when built (a class default, not a dataclass field, so it stays out of
+    # repr, equality and to_dict): the version counters of a shared source's tensors.
+    _versions: ClassVar[dict[str, tuple] | None] = None
+
+    def __post_init__(self) -> None:
         super().__post_init__()
         _hold(self, "source", "Patch", allow_field=True)
         # A source position may feed several target positions: repeats are allowed here.
@@ -275,7 +348,8 @@ class Patch(Intervention):
                 "Patch: source_pos= pairs source positions with a list or slice of pos=, not with a bool mask (per-row positions)"
             )
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The source's values for the region."""
         source = _single(_for_site(self.source, at, "Patch", self._versions), at.site, "Patch")
         return aligned(source, region, at, "Patch", self.source_pos)
 
@@ -288,7 +362,8 @@ def _mean(entries: list[torch.Tensor], axes: tuple[str, ...], per_position: bool
         raise SpliceError(
             f"Mean(per_position=True) at {site}: the reference forwards have different lengths {sorted({e.shape[p] for e in entries})}"
         )
-    total = sum(e.double().sum(reduce, keepdim=True) for e in entries)
+    # sum() of tensors is a tensor; typeshed types sum's int start into the result.
+    total = cast(torch.Tensor, sum(e.double().sum(reduce, keepdim=True) for e in entries))
     count = sum(e.shape[0] * (1 if per_position else e.shape[p]) for e in entries)
     return (total / count).to(entries[0].dtype)
 
@@ -297,18 +372,43 @@ def _mean(entries: list[torch.Tensor], axes: tuple[str, ...], per_position: bool
 class Mean(Intervention):
     """Mean ablation: replace the selection with the site's mean over a reference dataset.
 
-    `reference`: a Recording (accumulate mode joins every recorded forward; see
-    `splice.patching.mean_reference` for padding-aware means of prompts), a {site: tensor} dict
-    or a tensor. The mean is over all rows and positions, or per position with
-    `per_position=True` (then the reference and the forward must have the same length). Only the
-    means are kept (and serialised), computed in float64 when the intervention is built."""
+    Only the means are kept (and serialised), computed in float64 when the intervention is
+    built and stored in the reference's dtype. See `Intervention` for the selection rules.
 
-    reference: Any = None
+    Args:
+        reference: A `Recording` (accumulate mode joins every recorded forward; see
+            `splice.patching.mean_reference` for padding-aware means of prompts), a
+            `{site: tensor or [tensors]}` dict, or a tensor (`[batch, pos, ...]`, or a
+            ready-made mean of fewer axes, copied). Empty references are refused.
+        per_position: Mean over rows only, one mean per position (then the reference and the
+            forward must have the same length); default False: over rows and positions.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a missing or empty reference, per-position means of forwards of
+            different lengths, or a bad selection.
+
+    Example:
+        >>> import torch
+        >>> from splice import Intervention, Mean
+        >>> ablate = Mean({"blocks.0.resid_pre": torch.ones(4, 5, 8)})
+        >>> ablate
+        Mean(reference={'blocks.0.resid_pre': <tensor float32 [1, 1, 8]>}, per_position=False)
+        >>> Intervention.from_dict(ablate.to_dict()) == ablate
+        True
+    """
+
+    reference: Source | None = None
     per_position: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         reference = _required(self.reference, "Mean")
+        means: torch.Tensor | dict[str, torch.Tensor]
         if isinstance(reference, torch.Tensor):  # means are new tensors; a ready-made mean is copied
             means = (
                 _mean([reference], ("batch", "pos"), self.per_position, "this site")
@@ -322,7 +422,8 @@ class Mean(Intervention):
             }
         object.__setattr__(self, "reference", means)
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """The site's mean, broadcast to the region."""
         return aligned(
             _for_site(self.reference, at, "Mean"), region, at, "Mean", broadcast_pos=not self.per_position
         )
@@ -330,21 +431,47 @@ class Mean(Intervention):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Resample(Intervention):
-    """Resample ablation: each row of the batch gets the activation of a reference prompt drawn
-    at random (the same draw for all its positions), reproducibly from `seed`.
+    """Resample ablation: each row gets the activation of a reference prompt drawn at random.
 
-    Draws depend only on the seed and a row's place among the selected rows, so a sweep's row
-    block v draws exactly what a one-variant run draws. The reference must have the forward's
-    number of positions."""
+    The same draw holds for all of a row's positions, and draws are reproducible from `seed`:
+    they depend only on the seed and a row's place among the selected rows, so a sweep's row
+    block v draws exactly what a one-variant run draws. See `Intervention` for the selection
+    rules.
 
-    reference: Any = None
+    Args:
+        reference: A `Recording` (overwrite mode), a `{site: tensor}` dict or a tensor, with
+            one row per reference prompt and the forward's number of positions. A tensor is
+            copied; a Recording or dict is shared and refused at use if changed in place since.
+        seed: Seed of the draws (an int); default 0.
+        pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
+            ints, or a `[batch, pos]` bool mask.
+        heads: Heads to edit (default all): an int or a list of ints; head sites only.
+        dims: Indices of the site's last axis to edit (default all): an int, slice or list.
+        rows: Batch rows to edit (default all): an int, slice or list.
+
+    Raises:
+        SpliceError: For a missing or empty reference or a bad selection; at the site, for a
+            reference that does not line up.
+
+    Example:
+        >>> import torch
+        >>> from splice import Resample
+        >>> Resample({"blocks.0.resid_pre": torch.zeros(4, 5, 8)}, seed=1)
+        Resample(reference={'blocks.0.resid_pre': <tensor float32 [4, 5, 8]>}, seed=1)
+    """
+
+    reference: Source | None = None
     seed: int = 0
 
-    def __post_init__(self):
+    # Set per instance when built (see Patch).
+    _versions: ClassVar[dict[str, tuple] | None] = None
+
+    def __post_init__(self) -> None:
         super().__post_init__()
         _hold(self, "reference", "Resample")
 
-    def compute(self, region, at):
+    def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
+        """Each selected row's drawn reference activation, lined up with the region."""
         reference = _single(_for_site(self.reference, at, "Resample", self._versions), at.site, "Resample")
         b = at.index[0]
         chosen = torch.arange(at.full_shape[0])[b] if isinstance(b, slice) else b.flatten()

@@ -13,26 +13,63 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from ..engine import files
 from ..errors import SpliceError
 
 HEADER = '{"splice_sweep": 1, "spec_hash": "..."} (the header line of a splice sweep checkpoint)'
+"""How messages describe a checkpoint's header line."""
 RECORD = '{"variant": int, "batch": int, "values": {metric: [numbers]}} (one finished result per line)'
+"""How messages describe a checkpoint's result lines."""
 
 
 class Checkpoint:
-    def __init__(self, path, spec_hash: str):
+    """A sweep's finished (variant, prompt batch) results, kept durably in a JSON-lines file.
+
+    Opening one reads what an earlier run of the same sweep finished (see the module docstring);
+    `has` tells the sweep what to skip and `add` records new results.
+
+    Args:
+        path: The checkpoint file (created with the first results, its folder too), or None to
+            keep results in memory only.
+        spec_hash: The sweep's identity (data, variants, metrics); a file holding another
+            sweep's results is refused.
+
+    Attributes:
+        done: `{(variant, batch): record}` of every finished result.
+
+    Raises:
+        SpliceError: For an unreadable or damaged file (naming the line), or one belonging to a
+            different sweep.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "sweep.jsonl"
+        >>> Checkpoint(path, "abc123").add([{"variant": 0, "batch": 1, "values": {"logit_diff": [0.5]}}])
+        >>> print(path.read_text(), end="")
+        {"splice_sweep": 1, "spec_hash": "abc123"}
+        {"variant": 0, "batch": 1, "values": {"logit_diff": [0.5]}}
+        >>> Checkpoint(path, "abc123").has(0, 1)  # resumed
+        True
+        >>> Checkpoint(path, "def456")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: checkpoint ...sweep.jsonl belongs to a different sweep (spec hash abc123, this sweep def456): ...
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, spec_hash: str):
         """path=None keeps results in memory only."""
         self.path = Path(path) if path is not None else None
         self.spec_hash = spec_hash
-        self.done: dict[tuple[int, int], dict] = {}
+        self.done: dict[tuple[int, int], dict[str, Any]] = {}
         self._own = False  # the file holds this sweep's header and results (appends go there)
         self._cut: int | None = None  # where an unfinished last line starts, cut off before appending
         if self.path is not None:
             self._load(self._read())
 
     def _read(self) -> bytes:
+        assert self.path is not None  # only called with a file
         try:
             return self.path.read_bytes()
         except FileNotFoundError:
@@ -96,10 +133,19 @@ class Checkpoint:
         )
 
     def has(self, variant: int, batch: int) -> bool:
+        """Whether (variant, prompt batch) is finished (variant -1 is the baseline)."""
         return (variant, batch) in self.done
 
-    def add(self, records: list[dict]) -> None:
-        """Record finished results, on disk in one durable write."""
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Record finished results, on disk in one durable write (appended and fsynced; the first
+        write creates the file with its header atomically).
+
+        Args:
+            records: `{"variant": int, "batch": int, "values": {metric: [numbers]}}` each.
+
+        Raises:
+            SpliceError: If the file cannot be written.
+        """
         if not records:
             return
         if self.path is not None:
@@ -108,6 +154,7 @@ class Checkpoint:
             self.done[(record["variant"], record["batch"])] = record
 
     def _write(self, lines: bytes) -> None:
+        assert self.path is not None  # only called with a file
         if not self._own:  # the first results: the file appears with its header, whole
             header = json.dumps({"splice_sweep": 1, "spec_hash": self.spec_hash}) + "\n"
             try:

@@ -1,5 +1,6 @@
 """Sweep configuration files (YAML, read with the safe loader only) for `splice sweep`.
 
+```yaml
 model: smollm2                     # embedded default, a hub name, or a local folder
 data: prompts.jsonl                # or an inline list of strings / dicts with "prompt"
 sweep:
@@ -10,26 +11,31 @@ metrics:
   - logit_diff: {correct: correct, wrong: wrong}
 run: {batch_size: 8, checkpoint: out/sweep.jsonl}
 output: {table: out/sweep.csv, heatmap: out/sweep.png, top: 10}
+```
 """
 
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..engine import files
 from ..errors import SpliceError
 from . import metrics as metric_fns
 from .sweep import Sweep
 
-METRICS = {
+METRICS: dict[str, Callable[..., metric_fns.Metric]] = {
     "logit_diff": metric_fns.logit_diff,
     "answer_logprob": metric_fns.answer_logprob,
     "loss": metric_fns.loss,
     "kl_from_baseline": metric_fns.kl_from_baseline,
     "kl_from_clean": metric_fns.kl_from_clean,  # deprecated name, warns
 }
+"""The metrics a config may name, with the functions its arguments are passed to."""
 CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.sweeps.config)"
 KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")
 RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress")
@@ -40,16 +46,63 @@ ROWS = "a list of data rows, each " + ROW
 
 @dataclass
 class SweepConfig:
+    """A sweep config, read and checked by `load_config`.
+
+    Attributes:
+        model: What `splice.load` is given: a hub name, a local folder, or None for the
+            embedded SmolLM2-135M.
+        data: The data rows (prompt strings or mappings with `prompt`/`input_ids` and fields).
+        sweep: The `Sweep` built from `sweep:` and `metrics:` (named by `name:` or the file's
+            stem).
+        run: Keyword arguments of `Sweep.run` (`batch_size`, `max_rows`, `checkpoint`,
+            `prefix_reuse`, `progress`).
+        output: Where `splice sweep` writes: `table` (CSV path; a JSONL copy beside it),
+            `heatmap` (a path, or false for none), `top` (rows printed per metric).
+    """
+
     model: str | None
-    data: list
+    data: list[Any]
     sweep: Sweep
-    run: dict = field(default_factory=dict)
-    output: dict = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
 
 
-def load_config(path) -> SweepConfig:
+def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     """Read a sweep config; every mistake in it (or in its data file) is a SpliceError naming the
-    file, the line and what was expected."""
+    file, the line and what was expected.
+
+    Args:
+        path: A YAML file (read with the safe loader; anchors and aliases are refused) in the
+            format of this module's docstring. `data:` is an inline list or a file path,
+            relative to the config's folder: `.jsonl`, `.json`, `.csv` (a `prompt` column), or
+            anything else for one prompt per non-empty line.
+
+    Returns:
+        The config, with its `Sweep` built.
+
+    Raises:
+        SpliceError: For an unknown key, section, metric or metric argument, a bad
+            intervention record or data row, or an unreadable file.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "heads.yaml"
+        >>> _ = path.write_text(
+        ...     "data: [{prompt: When Mary and John went to the store, John gave a drink to,"
+        ...     " correct: ' Mary', wrong: ' John'}]\\n"
+        ...     "sweep: {sites: blocks.*.attn.z, interventions: [{type: Zero}], over: heads}\\n"
+        ...     "metrics: [logit_diff]\\n"
+        ...     "run: {batch_size: 8}\\n"
+        ... )
+        >>> config = load_config(path)
+        >>> config.model, len(config.data), config.run
+        (None, 1, {'batch_size': 8})
+        >>> _ = path.write_text(path.read_text().replace("[logit_diff]", "[logit_dif]"))
+        >>> load_config(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: ...heads.yaml line 3 at ['metrics'][0]: unknown metric 'logit_dif'; known: logit_diff, ...
+    """
     doc = files.load_yaml(path, CONFIG)
     raw = doc.data
     if not isinstance(raw, dict):

@@ -17,6 +17,8 @@ import hashlib
 import sys
 import sysconfig
 import types
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,8 +29,36 @@ _LIBRARIES = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "
 _GLOBAL_LOADS = {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"}
 
 
-def fingerprint(fn) -> str:
-    """sha256 hex digest of `fn` by value; SpliceError naming the first part with no stable value."""
+def fingerprint(fn: Callable[..., Any]) -> str:
+    """A digest of what a function computes, by value, for a checkpoint's identity.
+
+    Two functions with the same code reading the same values get the same fingerprint, in any
+    process; changing the code, a default, a closure cell or a global it reads changes it. So a
+    sweep resumed with a custom metric that reads other values is refused instead of mixed.
+
+    Args:
+        fn: A function, method, `functools.partial` or builtin (see the module docstring for
+            what is described and how).
+
+    Returns:
+        A sha256 hex digest (64 characters).
+
+    Raises:
+        SpliceError: Naming the first value with no stable description (e.g. an arbitrary
+            object a global or closure refers to).
+
+    Example:
+        >>> a = fingerprint(lambda logits, baseline, batch: logits[:, -1, 3])
+        >>> a == fingerprint(lambda logits, baseline, batch: logits[:, -1, 3])
+        True
+        >>> a == fingerprint(lambda logits, baseline, batch: logits[:, -1, 4])
+        False
+        >>> thing = object()
+        >>> fingerprint(lambda logits, baseline, batch: thing)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: global 'thing' read by <lambda> is an object of type object, which has no stable value ...
+    """
     return hashlib.sha256(_Describe().value(fn, "the metric function").encode()).hexdigest()
 
 

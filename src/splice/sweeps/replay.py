@@ -10,11 +10,16 @@ logits before a sweep trusts it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from ..engine.frame import Frame
 from ..engine.sites import Site
 from ..errors import SpliceError
+
+if TYPE_CHECKING:
+    from ..engine.model import Model
 
 
 def _tile(value, rows: set[int], k: int):
@@ -37,18 +42,35 @@ def _tile(value, rows: set[int], k: int):
 
 class PrefixReplay:
     """A clean forward of one prompt batch, kept so that its layers can be run again from any
-    layer on: each layer's input and call arguments, and the clean logits."""
+    layer on: each layer's input and call arguments, and the clean logits.
 
-    def __init__(self, model, batch: dict, tail: int | None = None):
+    Built outside the variants' edits (the baseline); `replay` then runs the variants' suffixes
+    under whatever the calling context has open. Needs a model (no example here; see
+    `tests/test_sweep.py`).
+
+    Args:
+        model: The `splice.Model`.
+        batch: The model keyword arguments of the prompt batch (`PromptBatch.kwargs`).
+        tail: Unembed only the last `tail` positions (what the metrics read); None: all.
+
+    Attributes:
+        logits: The baseline logits, `[n, tail, vocab]`.
+        n: Rows in the prompt batch.
+    """
+
+    def __init__(self, model: Model, batch: dict[str, Any], tail: int | None = None):
         self.model = model
         layout = model.layout
         self.layers = [layout.module(Site("resid_pre", i)) for i in range(layout.n_layers)]
         self.layer_arg = layout.points["resid_pre"].arg
         self.final_norm = layout.module(Site("final_norm"))
-        self.unembed = model.hf.get_output_embeddings()
+        # Any: an HF PreTrainedModel; torch types undeclared nn.Module attributes as Tensor | Module.
+        hf: Any = model.hf
+        self.unembed = hf.get_output_embeddings()
         self.logits_transform = layout.logits_transform
-        self.inputs: list[torch.Tensor] = [None] * len(self.layers)
-        self.calls: list[tuple] = [None] * len(self.layers)
+        # Every entry is filled by the forward below (each layer's pre-hook), before any use.
+        self.inputs = cast("list[torch.Tensor]", [None] * len(self.layers))
+        self.calls = cast("list[tuple[tuple[Any, ...], dict[str, Any]]]", [None] * len(self.layers))
         self.batch_kwargs = batch
         handles = [
             layer.register_forward_pre_hook(self._grab(i), with_kwargs=True)
@@ -83,7 +105,12 @@ class PrefixReplay:
         """Logits [k*n, tail, vocab] of k = len(starts) copies of the batch, copy v run from layer
         starts[v] on (non-decreasing), under whatever this context has open (rows
         v*n..(v+1)*n are copy v). Copies join the batch at their own layer, so each computes
-        only its own suffix while every layer still runs as one large batch."""
+        only its own suffix while every layer still runs as one large batch.
+
+        Raises:
+            SpliceError: If `starts` decreases anywhere, or an edit of the open contexts never
+                ran (its layer lies before every start).
+        """
         if any(a > b for a, b in zip(starts, starts[1:])):
             raise SpliceError(f"replay start layers must be non-decreasing; got {starts}")
         n = self.n
@@ -116,7 +143,11 @@ class PrefixReplay:
         """A replay of two copies, one joining at the second-to-last layer and one at the last,
         must reproduce the model's own logits in both (this catches call arguments that were
         tiled wrongly or not at all, and copies joining mid-replay; two layers cover families
-        that alternate layer types)."""
+        that alternate layer types).
+
+        Raises:
+            SpliceError: If they differ (beyond 1e-4), suggesting `prefix_reuse=False`.
+        """
         with torch.no_grad():
             last = len(self.layers) - 1
             again = self.replay([max(0, last - 1), last], self.tail)
