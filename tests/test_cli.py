@@ -94,3 +94,18 @@ def test_sweep_config_errors_are_clear(tmp_path):
     bad.write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(Exception, match="constructor"):
         load_config(bad)
+
+
+def test_a_folder_that_holds_no_model_is_a_splice_error(tmp_path):
+    # transformers raises ValueError ("Unrecognized model") for an existing folder without a
+    # config: it must reach the user as one `splice:` line like every other unloadable model.
+    out = subprocess.run(
+        [sys.executable, "-m", "splice.cli", "sites", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(
+        f"splice: cannot load the model '{tmp_path}'"
+    ), out.stderr

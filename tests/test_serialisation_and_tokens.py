@@ -53,7 +53,7 @@ def test_edits_save_and_load(tmp_path):
         }
     )
     assert list(edits) == ["blocks.3.attn.q", "blocks.*.mlp.out", "blocks.2.attn.z"]
-    for name in ("edits.json", "edits.yaml"):
+    for name in ("edits.json", "edits.yaml", "new/folder/edits.yaml"):  # save makes missing folders
         edits.save(tmp_path / name)
         again = splice.Edits.load(tmp_path / name)
         assert again.to_dict() == edits.to_dict()

@@ -158,7 +158,9 @@ def load_hf(
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:  # no such folder, no weights in it, or a hub name with no network
+    # OSError: no such folder, no weights in it, or a hub name with no network; ValueError: a
+    # folder transformers cannot recognise as a model (e.g. an empty one).
+    except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())[:300]
         raise SpliceError(
             f"cannot load the model {str(name_or_path)!r}: {reason}. Expected a local folder holding a "

@@ -247,6 +247,7 @@ class Edits(MutableMapping[SiteKey, Intervention | list[Intervention]]):
         path = Path(path)
         record = self.to_dict()
         text = files.dump_yaml(record) if path.suffix in files.YAML_SUFFIXES else json.dumps(record, indent=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
         files.write_atomic(path, text.encode())
 
     @classmethod
