@@ -11,7 +11,7 @@ LATEST := .venv-latest
 TRANSFORMERS ?=
 PYTEST := -m pytest -q -p no:cacheprovider
 
-.PHONY: install demo test test-latest lock bench clean
+.PHONY: install demo test check test-latest lock bench clean
 
 # Installs everything from constraints.txt into the venv $(1).
 define install_pinned
@@ -31,8 +31,15 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/ioi_head_sweep.py out
 
-test: install
-	$(PY) $(PYTEST)
+# The suite includes the doctests in src/, the README and docs code blocks, the docs build and
+# the notebooks (tests/test_docs.py, tests/test_notebooks.py); `check` is the linters and mypy.
+test: install check
+	$(PY) $(PYTEST) tests src/splice --doctest-modules
+
+check: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 # Not pinned on purpose: this is how drift is seen before users see it. pip warns that the
 # newer transformers is outside pyproject's tested range; the suite decides whether it works.
@@ -40,7 +47,7 @@ test-latest:
 	$(call install_pinned,$(LATEST))
 	$(LATEST)/bin/python -m pip install -q --upgrade "transformers$(TRANSFORMERS)"
 	$(LATEST)/bin/python -c "import torch, transformers; print('testing with transformers', transformers.__version__, 'torch', torch.__version__)"
-	$(LATEST)/bin/python $(PYTEST)
+	$(LATEST)/bin/python $(PYTEST) tests src/splice --doctest-modules
 
 # Re-resolves every dependency afresh (newest allowed by pyproject.toml) and writes constraints.txt.
 lock:

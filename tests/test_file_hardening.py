@@ -302,7 +302,9 @@ def test_a_missing_edits_file_is_named(tmp_path):
         splice.Edits.load(tmp_path / "nope.yaml")
 
 
-def write_config(tmp_path, model_dir=None, data="data.jsonl", metric="kl_from_baseline", rows=None, **replace):
+def write_config(
+    tmp_path, model_dir=None, data="data.jsonl", metric="kl_from_baseline", rows=None, **replace
+):
     """A working sweep config (and its data file) in tmp_path, with parts replaced."""
     rows = rows if rows is not None else [{"prompt": p["prompt"]} for p in DATA]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

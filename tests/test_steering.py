@@ -10,8 +10,8 @@ import torch
 from conftest import CharTokenizer, build
 
 import splice
-from splice.steering import SteeringVector, coefficient_sweep, config_fingerprint, contrastive
 from splice.loading import weights_sha256
+from splice.steering import SteeringVector, coefficient_sweep, config_fingerprint, contrastive
 
 SITE = "blocks.1.resid_post"
 # Different lengths, so batches are left-padded and padding must be left out of the means.

@@ -17,7 +17,12 @@ import splice
 from splice import metrics
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcdefg", "bcd", "cdefgh", "defghij", "efghi"]]
-METRICS = [metrics.logit_diff(), metrics.kl_from_baseline(), metrics.loss(2), metrics.answer_logprob("correct")]
+METRICS = [
+    metrics.logit_diff(),
+    metrics.kl_from_baseline(),
+    metrics.loss(2),
+    metrics.answer_logprob("correct"),
+]
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ def heatmap(
     """
     # A pyplot-free Figure renders to PNG without touching the user's backend (matplotlib.use
     # would switch a Jupyter kernel away from inline plotting for every later figure).
-    from matplotlib.figure import Figure
     import numpy as np
+    from matplotlib.figure import Figure
 
     labels_x = labels_y = None
     if hasattr(values, "to_numpy"):  # DataFrame

@@ -9,10 +9,9 @@ Each metric says how many final positions it reads (`tail`), so a sweep unembeds
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-import warnings
 
 import torch
 
