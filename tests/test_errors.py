@@ -39,6 +39,16 @@ def test_layer_out_of_range_names_valid_range(model, hf, ids):
     _raises(model, hf, ids, {"blocks.7.resid_post": splice.Zero()}, r"layer 7 .* 3 layers, valid 0\.\.2")
 
 
+def test_an_alias_never_names_a_different_tensor(model):
+    # TransformerLens' "result" is z @ W_O per head, [batch, pos, head, d_model]; attn.z is the
+    # projection's input. Accepting ("result", l) as attn.z would edit the wrong tensor.
+    with pytest.raises(splice.SpliceError):
+        model.resolve(("result", 1))
+    with pytest.raises(splice.SpliceError):
+        model.resolve("blocks.1.attn.hook_result")
+    assert model.resolve(("z", 1)) == model.resolve("blocks.1.attn.hook_z") == ["blocks.1.attn.z"]
+
+
 def test_negative_layer_counts_from_the_end(model):
     assert model.resolve("blocks.-1.resid_post") == ["blocks.2.resid_post"]
 

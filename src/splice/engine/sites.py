@@ -77,7 +77,6 @@ _ACT_NAMES = {
     "k": "attn.k",
     "v": "attn.v",
     "z": "attn.z",
-    "result": "attn.z",
     "pattern": "attn.pattern",
     "attn": "attn.pattern",
     "attn_scores": "attn.scores",
