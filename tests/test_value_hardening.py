@@ -91,6 +91,22 @@ def test_a_mask_wider_than_the_sequence_edits_exactly_its_true_positions(model, 
     assert torch.equal(_after(model, ids, Zero(pos=wide)), expected)
 
 
+def test_a_mask_on_a_left_padded_batch_counts_from_each_rows_first_token(model, ids):
+    # Columns of a pos mask are positions counted from each row's first real token, as every
+    # other pos selection is; padding is never edited. (A padded row used to crash the gather.)
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, :3] = 0  # row 1: 6 real tokens in columns 3..8
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 1] = mask[1, 1] = mask[1, 5] = True
+    by_mask = _after(model, ids, Zero(pos=mask), attention_mask=padding)
+    by_rows = _after(model, ids, Zero(pos=1, rows=0), attention_mask=padding)
+    by_rows = _after(model, ids, Zero(pos=[1, 5], rows=1), attention_mask=padding).where(
+        torch.arange(2)[:, None, None] == 1, by_rows
+    )
+    assert torch.equal(by_mask, by_rows)
+    assert (by_mask[1, 3 + 1] == 0).all() and (by_mask[1, 3 + 5] == 0).all() and (by_mask[1, :3] != 0).any()
+
+
 def test_generation_needs_a_mask_as_wide_as_prompt_plus_new_tokens(model, hf, ids):
     prompt, new = ids[:, :6], 3
     generate = dict(

@@ -353,7 +353,9 @@ def _pos_mask(pos, frame: Frame, site: str):
             )
         inside = positions < width
         gathered = (
-            pos.to(positions.device).expand(frame.batch, width).gather(1, positions.clamp(max=width - 1))
+            pos.to(positions.device)
+            .expand(frame.batch, width)
+            .gather(1, positions.clamp(min=0, max=width - 1))
         )
         return gathered & inside & valid
     longest = int(lengths.max())
