@@ -219,3 +219,23 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg" and (tmp_path / "h.png").stat().st_size > 500
     finally:
         matplotlib.use(before)
+
+
+def test_rank_correlation_pairs_rows_by_what_they_edit(model, patch_table):
+    from splice.patching import rank_correlation
+
+    approx = attribution(model, PATCH_DATA, "blocks.*.resid_pre", "pos", [metrics.logit_diff()])
+    rho = rank_correlation(patch_table, approx)
+    # Independent: Spearman = Pearson on ranks, computed by hand over the same cells.
+    cells = patch_table[patch_table.variant >= 0].merge(
+        approx[approx.variant >= 0], on=["site", "pos", "metric"], suffixes=("_e", "_a")
+    )
+    by_hand = float(cells.effect_e.rank().corr(cells.effect_a.rank()))
+    assert rho == pytest.approx(by_hand, abs=1e-12)
+    # Renumbering one table's variants changes nothing...
+    shuffled = approx.assign(variant=approx.variant.where(approx.variant < 0, 1000 - approx.variant))
+    assert rank_correlation(patch_table, shuffled) == pytest.approx(rho, abs=1e-12)
+    # ...and tables over different sites are refused instead of paired by number.
+    other = patch_sweep(model, PATCH_DATA, "blocks.*.mlp.out", "pos", [metrics.logit_diff()], progress=False)
+    with pytest.raises(splice.SpliceError, match="share 0 edited cell"):
+        rank_correlation(patch_table, other)

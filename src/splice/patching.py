@@ -242,10 +242,28 @@ def attribution(
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:
-    """Spearman rank correlation of `column` between two tables over their common (variant,
-    metric) rows, e.g. `rank_correlation(exact, approx)` for attribution vs exact patching;
-    the baseline rows are left out."""
-    left = a[a.variant >= 0].set_index(["variant", "metric"])[column]
-    right = b[b.variant >= 0].set_index(["variant", "metric"])[column]
-    left, right = left.align(right, join="inner")
+    """Spearman rank correlation of `column` between two tables, e.g. `rank_correlation(exact,
+    approx)` for attribution vs exact patching.
+
+    Rows are paired by what they edit (site, head, pos, metric), not by variant number, so two
+    tables whose variants are numbered differently cannot be silently correlated row by row;
+    baseline rows are left out. Tables that share no edited cell, or in which one cell appears
+    twice (several interventions per cell: filter first), are refused."""
+    key = ["site", "head", "pos", "metric"]
+
+    def cells(table, which):
+        rows = table[table.variant >= 0]
+        if rows.duplicated(key).any():
+            raise SpliceError(
+                f"rank_correlation: table {which} has several rows per (site, head, pos, metric); "
+                "filter it to one intervention per cell first"
+            )
+        return rows.assign(head=rows["head"].fillna(-1), pos=rows["pos"].fillna(-1)).set_index(key)[column]
+
+    left, right = cells(a, "a").align(cells(b, "b"), join="inner")
+    if len(left) < 2:
+        raise SpliceError(
+            f"rank_correlation: the tables share {len(left)} edited cell(s) (site, head, pos, metric); "
+            "they must cover the same sites to be compared"
+        )
     return float(left.rank().corr(right.rank()))
