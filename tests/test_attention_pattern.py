@@ -9,7 +9,7 @@ import splice
 @pytest.fixture
 def pmodel(model):
     if "blocks.0.attn.pattern" not in model.sites:
-        # GPT-J/Falcon/BLOOM compute attention inline: no pattern sites, and that is asserted here.
+        # Falcon and BLOOM compute attention inline: no pattern sites, and that is asserted here.
         assert "attn.pattern" not in model.layout.points
         return None
     return model

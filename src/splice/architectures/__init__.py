@@ -72,7 +72,7 @@ def architecture_for(model: nn.Module) -> Architecture:
 def uses_attention_interface(attention: nn.Module) -> bool:
     """Whether an attention module dispatches through transformers' `AttentionInterface`.
 
-    Pattern/scores sites need it (most families do; GPT-J, Falcon and BLOOM compute attention
+    Pattern/scores sites need it (most families do; Falcon and BLOOM compute attention
     inline, so they have no pattern sites).
 
     Args:
