@@ -349,8 +349,11 @@ def test_run_with_hooks_name_filters_and_globs(model, ids):
 
 
 def test_run_with_hooks_on_attention_patterns_and_several_hooks_per_site(model, ids):
-    if "attn.pattern" not in model.layout.points:
-        pytest.skip("this family computes attention inline: no pattern site")
+    if "attn.pattern" not in model.layout.points:  # Falcon, BLOOM: attention computed inline
+        with pytest.raises(splice.SpliceError):
+            model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p)])
+        assert model.hook_count == 0
+        return
     order = []
 
     def first(p, hook):
@@ -371,9 +374,9 @@ def test_run_with_hooks_on_attention_patterns_and_several_hooks_per_site(model, 
 
 
 def test_hook_layer_of_a_global_site_is_an_error():
-    assert splice.engine.model.Hook("blocks.11.attn.z").layer() == 11
+    assert splice.engine.tl_hooks.Hook("blocks.11.attn.z").layer() == 11
     with pytest.raises(splice.SpliceError, match="final_norm is not a layer's site"):
-        splice.engine.model.Hook("final_norm").layer()
+        splice.engine.tl_hooks.Hook("final_norm").layer()
 
 
 def test_run_with_hooks_on_a_padded_batch_sees_the_whole_site(hf):
@@ -593,3 +596,11 @@ def test_smollm2_bos_rule_and_weights(smol):
     torch.testing.assert_close(
         cache["final_norm"][0, -1] @ mary, logits[0, -1, smol.to_single_token(" Mary")]
     )
+
+
+def test_splice_arguments_in_a_tl_call_are_refused_with_the_splice_call(model, ids):
+    with pytest.raises(splice.SpliceError, match="edits= belong.*m.run"):
+        model.run_with_hooks(ids, fwd_hooks=[], edits={"blocks.0.mlp.out": splice.Zero()})
+    with pytest.raises(splice.SpliceError, match="record, stop_after_record= belong"):
+        model.run_with_cache(ids, record="blocks.0.mlp.out", stop_after_record=True)
+    assert model.hook_count == 0

@@ -52,7 +52,7 @@ POINT_AXES: dict[str, tuple[str, ...]] = GLOBAL_POINTS | LAYER_POINTS
 # TransformerLens hook names that denote exactly the same tensor as a splice site. Names whose
 # TransformerLens tensor differs (hook_embed is the token embedding without positions,
 # ln*.hook_normalized is before the norm's weight) are deliberately not aliased.
-_TL_LAYER = {
+TL_HOOK_NAMES = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_mid": "resid_mid",
     "hook_resid_post": "resid_post",
@@ -162,8 +162,8 @@ def canonical_name(key: SiteKey) -> str:
     if not isinstance(key, str):
         raise SpliceError(f"a site is a string like 'blocks.3.attn.z' or a tuple like ('z', 3); got {key!r}")
     m = _LAYER_RE.match(key)
-    if m and m.group(2) in _TL_LAYER:
-        return f"blocks.{m.group(1)}.{_TL_LAYER[m.group(2)]}"
+    if m and m.group(2) in TL_HOOK_NAMES:
+        return f"blocks.{m.group(1)}.{TL_HOOK_NAMES[m.group(2)]}"
     return key
 
 

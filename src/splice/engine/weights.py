@@ -165,6 +165,21 @@ def unembedding(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor
     return module, weight, bias
 
 
+def unembedding_weight(model: nn.Module) -> torch.Tensor:
+    """`W_U [d_model, vocab]`: the lm_head weight, transposed, as a detached contiguous copy."""
+    _, weight, _ = unembedding(model)
+    with torch.no_grad():
+        return weight.detach().clone(memory_format=torch.contiguous_format)
+
+
+def unembedding_bias(model: nn.Module) -> torch.Tensor:
+    """`b_U [vocab]`: lm_head's bias as a detached copy, or zeros where it has none (so that
+    `resid @ W_U + b_U` works for every model)."""
+    _, weight, bias = unembedding(model)
+    with torch.no_grad():
+        return weight.new_zeros(weight.shape[1]) if bias is None else bias.detach().clone()
+
+
 def _embeddings(model: nn.Module, getter: str, what: str) -> nn.Module:
     get: Callable[[], nn.Module | None] | None = getattr(model, getter, None)
     module = get() if get is not None else None
