@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -22,7 +22,19 @@ from ..errors import SpliceError
 from .sites import Site
 
 if TYPE_CHECKING:
-    from .hooks import Engine
+    from .layout import Layout
+
+
+class Engine(Protocol):
+    """What the attention functions need of the hook engine (`splice.engine.hooks.Engine`, which
+    imports this module; naming it here by its shape keeps the import one way)."""
+
+    layout: Layout
+
+    def frame(self, full: torch.Tensor) -> Any: ...
+
+    def process(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
 
 _ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Engine, int]] = weakref.WeakKeyDictionary()
 SUPPORTED = ("sdpa", "eager")

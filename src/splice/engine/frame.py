@@ -7,15 +7,12 @@ computed lazily: a forward whose edits select no positions pays nothing for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from ..errors import SpliceError
-
-if TYPE_CHECKING:
-    from .plan import Plan
 
 
 class Frame:
@@ -55,7 +52,7 @@ class Frame:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cached: bool = False,
-        plan: Plan | None = None,
+        plan: Any = None,  # a splice.engine.plan.Plan (which imports this module)
     ):
         self.batch, self.seq, self.past = batch, seq, past
         self.cached = cached  # part of a generation (KV cache or generate's logits_to_keep): later forwards reach further positions

@@ -9,11 +9,14 @@ import torch
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .model import Model
-
 
 def prompt_report(
-    model: Model, prompt: str, answer: str, top_k: int, edits: Any, print_results: bool
+    model: Any,
+    prompt: str,
+    answer: str,
+    top_k: int,
+    edits: Any,
+    print_results: bool,  # a splice.Model
 ) -> pd.DataFrame | None:
     """How a model (under optional edits) ranks each token of an answer after a prompt.
 
