@@ -40,12 +40,10 @@ def test_layer_out_of_range_names_valid_range(model, hf, ids):
 
 
 def test_an_alias_never_names_a_different_tensor(model):
-    # TransformerLens' "result" is z @ W_O per head, [batch, pos, head, d_model]; attn.z is the
-    # projection's input. Accepting ("result", l) as attn.z would edit the wrong tensor.
+    # TransformerLens' "result" is z @ W_O per head: splice's attn.result, never attn.z.
+    assert model.resolve(("result", 1)) == model.resolve("blocks.1.attn.hook_result") == ["blocks.1.attn.result"]
     with pytest.raises(splice.SpliceError):
-        model.resolve(("result", 1))
-    with pytest.raises(splice.SpliceError):
-        model.resolve("blocks.1.attn.hook_result")
+        model.resolve("blocks.1.ln1.hook_normalized")  # a TL tensor that differs from splice's
     assert model.resolve(("z", 1)) == model.resolve("blocks.1.attn.hook_z") == ["blocks.1.attn.z"]
 
 

@@ -114,7 +114,8 @@ def show_view(view) -> str:
         return type(view).__name__
     values = [(f.name, getattr(view, f.name)) for f in dataclasses.fields(view)]
     values = [(n, v) for n, v in values if v is not None]
-    parts = [repr(v) if i == 0 else f"{n}={v!r}" for i, (n, v) in enumerate(values)]
+    shown = [(n, show_view(v) if dataclasses.is_dataclass(v) else repr(v)) for n, v in values]  # nested views
+    parts = [v if i == 0 else f"{n}={v}" for i, (n, v) in enumerate(shown)]
     return f"{type(view).__name__}({', '.join(parts)})"
 
 

@@ -10,7 +10,7 @@ Everything a user imports is listed in `__all__`; internals stay importable from
 
 import transformers as _transformers
 
-from . import patching, plot, steering
+from . import analysis, patching, plot, steering
 from .architectures import ARCHITECTURES
 from .architectures.table import Architecture, Dims, Point
 from .compat import UntestedVersionWarning, check_transformers
@@ -55,6 +55,7 @@ __all__ = [
     "Sweep",
     "grid",
     "metrics",
+    "analysis",
     "patching",
     "steering",
     "plot",

@@ -1,7 +1,8 @@
 """The adapter table format: an architecture is data (module paths and views), not code paths.
 
 To add a family, write a module of this package that defines `ARCHITECTURE = Architecture(...)`;
-it is registered by being there, and the hook engine needs nothing new.
+it is registered by being there, and the hook engine needs nothing new. Some points follow from
+others and are added to every table (`derived_points`): `attn.result` from `attn.z`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .views import WHOLE, InterleavedHeads, ResidualSum, View
+from .views import WHOLE, HeadResults, InterleavedHeads, ResidualSum, View
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class Point:
         """Whether the view needs the layer's residual input (`Tokens`, `ResidualSum`)."""
         return getattr(self.view, "needs_layer_input", False)
 
+    @property
+    def needs_call(self) -> bool:
+        """Whether the view needs the hooked module and its input (`HeadResults`)."""
+        return getattr(self.view, "needs_call", False)
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -110,7 +116,9 @@ class Architecture:
     None: a sweep that unembeds by hand applies it too.
 
     A module of `splice.architectures` that defines `ARCHITECTURE = Architecture(...)` is
-    registered by being there (see `ARCHITECTURES`).
+    registered by being there (see `ARCHITECTURES`). `points` gives the family's table with the
+    points that follow from it added (`derived_points`: `attn.result` from `attn.z`), so no
+    family writes them.
 
     Attributes:
         name: The family's name, for messages.
@@ -142,6 +150,54 @@ class Architecture:
     logits_transform: Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None] = field(
         default=lambda config: None
     )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.points, _WithDerived):
+            object.__setattr__(self, "points", _WithDerived(self.points))
+
+
+@dataclass(frozen=True)
+class _WithDerived:
+    """A family's `points` function, with `derived_points` applied to what it returns."""
+
+    given: Callable[[Dims], dict[str, Point]]
+
+    def __call__(self, dims: Dims) -> dict[str, Point]:
+        return derived_points(self.given(dims))
+
+
+def head_result_point(z: Point) -> Point | None:
+    """The `attn.result` point of a table, from its `attn.z` point: the output of the module whose
+    input is `attn.z` (the output projection), seen per head through `HeadResults(z.view)`, so
+    the weights of each head are cut out of that module by the table's own z view. None when
+    `attn.z` is not a module input cut out without the layer input (no family has such a z).
+
+    Example:
+        >>> from splice.architectures.views import Heads
+        >>> head_result_point(Point("model.layers.{l}.self_attn.o_proj", "input", Heads(9)))
+        Point(module='model.layers.{l}.self_attn.o_proj', io='output', view=HeadResults(heads=Heads(heads=9, start=None, stop=None)), arg='hidden_states', field=0)
+    """
+    if z.io != "input" or z.needs_layer_input or z.needs_call:
+        return None
+    return Point(z.module, "output", HeadResults(z.view), arg=z.arg)
+
+
+def derived_points(table: dict[str, Point]) -> dict[str, Point]:
+    """A family's table with the points that follow from its other points added: `attn.result`
+    from `attn.z` (see `head_result_point`). A point the table already has is kept as written.
+
+    Example:
+        >>> import transformers
+        >>> from splice.architectures import gpt2
+        >>> table = gpt2.points(gpt2.dims(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+        >>> "attn.result" in table, derived_points(table)["attn.result"].module  # gpt2.points: as written
+        (False, 'transformer.h.{l}.attn.c_proj')
+        >>> "attn.result" in gpt2.ARCHITECTURE.points(gpt2.dims(transformers.GPT2Config()))
+        True
+    """
+    z = table.get("attn.z")
+    result = head_result_point(z) if z is not None and "attn.result" not in table else None
+    return table if result is None else {**table, "attn.result": result}
 
 
 def residual_stream_points(

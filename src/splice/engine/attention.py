@@ -31,9 +31,11 @@ class Engine(Protocol):
 
     layout: Layout
 
-    def frame(self, full: torch.Tensor) -> Any: ...
+    def frame(self, full: torch.Tensor) -> Any:
+        """The current forward's frame (see `Engine.frame`)."""
 
-    def process(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+    def process(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run a site's edits and recorders on a tensor (see `Engine.process`)."""
 
 
 _ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Engine, int]] = weakref.WeakKeyDictionary()

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from ..architectures.views import Call
 from ..errors import SpliceError
 from .attention import AttentionRouting
 from .frame import Frame
@@ -128,49 +129,55 @@ class Dispatcher:
 
     It reads each site out of the module tensor through the site's view, runs the plan's action
     for it, and writes the result back (a new tensor), so several sites of one fused projection
-    cost one hook.
+    cost one hook. A view that needs the call (`needs_call`: the module and its input, e.g.
+    `attn.result`'s) is given it; on an output hook the input is the one the module was called
+    with, after the edits of the input hook.
     """
 
-    __slots__ = ("engine", "entries", "arg", "field", "layer_input_of", "handle")
+    __slots__ = ("engine", "entries", "arg", "field", "io", "layer_input_of", "handle")
 
     def __init__(self, engine: Engine, module: nn.Module, io: str, entries: list):
-        self.engine, self.entries = engine, entries
+        self.engine, self.entries, self.io = engine, entries, io
         point = entries[0][1]
         self.arg, self.field = point.arg, point.field
         self.layer_input_of: int | None = None  # layer whose residual input this hook saves, if any
         if io == "input":
             self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
         else:
-            self.handle = module.register_forward_hook(self._post, prepend=True)
+            self.handle = module.register_forward_hook(self._post, with_kwargs=True, prepend=True)
 
     def _pre(self, module, args, kwargs):
         positional = bool(args)
-        new = self._edited(args[0] if positional else kwargs.get(self.arg))
+        new = self._edited(args[0] if positional else kwargs.get(self.arg), module, args, kwargs)
         if new is None:
             return None
         if positional:
             return (new,) + tuple(args[1:]), kwargs
         return args, {**kwargs, self.arg: new}
 
-    def _post(self, module, args, output):
+    def _post(self, module, args, kwargs, output):
         if isinstance(output, torch.Tensor):
-            return self._edited(output)
-        new = self._edited(output[self.field])
+            return self._edited(output, module, args, kwargs)
+        new = self._edited(output[self.field], module, args, kwargs)
         if new is None:
             return None
         if isinstance(output, tuple):
             return output[: self.field] + (new,) + output[self.field + 1 :]
         return type(output)(**{**output, self.field: new})  # a ModelOutput, e.g. Gemma2's soft-capped logits
 
-    def _edited(self, full: torch.Tensor) -> torch.Tensor | None:
+    def _edited(
+        self, full: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict
+    ) -> torch.Tensor | None:
         """The module tensor as this context's plan leaves it, or None if it changes nothing."""
         frame = self.engine.frame(full)
         if frame is None:
             return None
-        new = self._run(full, frame)
+        new = self._run(full, frame, module, args, kwargs)
         return None if new is full else new
 
-    def _run(self, full: torch.Tensor, frame: Frame) -> torch.Tensor:
+    def _run(
+        self, full: torch.Tensor, frame: Frame, module: nn.Module, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
         plan = frame.plan
         assert plan is not None  # a current frame always has its plan (see Engine.begin and frame)
         for site, point in self.entries:
@@ -178,15 +185,30 @@ class Dispatcher:
             if action is None:
                 continue
             layer_input = frame.layer_inputs.get(site.layer) if point.needs_layer_input else None
-            x = point.view.read(full, layer_input)
+            call = self._call(module, full, args, kwargs, point.arg) if point.needs_call else None
+            x = point.view.read(full, layer_input, call)
             edited = self.engine.process(action, x, frame)
             if edited is not x:
-                new_full = point.view.write(full, edited, layer_input)
+                new_full = point.view.write(full, edited, layer_input, call)
                 check_same(site.name, full, new_full, "edited tensor")
                 full = new_full
         if self.layer_input_of is not None:
             frame.layer_inputs[self.layer_input_of] = full
         return full
+
+    def _call(self, module: nn.Module, full: torch.Tensor, args: tuple, kwargs: dict, arg: str) -> Call:
+        """The call a view sees: on an input hook the input is `full` as edited so far; on an
+        output hook the first positional argument, or the `arg=` keyword."""
+        if self.io == "input":
+            return Call(module, full)
+        if args:
+            return Call(module, args[0])
+        if arg not in kwargs:
+            raise SpliceError(
+                f"{type(module).__name__} was called with neither a positional input nor {arg}=: "
+                f"the sites read from its input cannot be computed (keywords: {', '.join(kwargs) or 'none'})"
+            )
+        return Call(module, kwargs[arg])
 
 
 class Forward:

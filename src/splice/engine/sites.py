@@ -32,6 +32,10 @@ LAYER_POINTS: dict[str, tuple[str, ...]] = {
     "attn.scores": ("batch", "head", "pos", "k_pos"),
     "attn.pattern": ("batch", "head", "pos", "k_pos"),
     "attn.z": ("batch", "pos", "head", "d_head"),
+    # Head h's contribution to the output projection's output (attn.out but in Gemma2, whose
+    # attn.out is after a norm): z[..., h, :] @ W_O[h], the bias being no head's. Computed only in
+    # the layers and forwards that touch it (it is n_heads times the size of attn.out).
+    "attn.result": ("batch", "pos", "head", "d_model"),
     "attn.out": ("batch", "pos", "d_model"),
     "resid_mid": ("batch", "pos", "d_model"),
     "mlp.in": ("batch", "pos", "d_model"),
@@ -62,6 +66,7 @@ TL_HOOK_NAMES = {
     "attn.hook_k": "attn.k",
     "attn.hook_v": "attn.v",
     "attn.hook_z": "attn.z",
+    "attn.hook_result": "attn.result",
     "attn.hook_pattern": "attn.pattern",
     "attn.hook_attn_scores": "attn.scores",
     "mlp.hook_post": "mlp.post",
@@ -77,6 +82,7 @@ _ACT_NAMES = {
     "k": "attn.k",
     "v": "attn.v",
     "z": "attn.z",
+    "result": "attn.result",
     "pattern": "attn.pattern",
     "attn": "attn.pattern",
     "attn_scores": "attn.scores",
@@ -130,9 +136,9 @@ def canonical_name(key: SiteKey) -> str:
 
     Aliases are only names for the *same* tensor: TransformerLens' `blocks.l.hook_resid_pre`
     (`_mid`, `_post`), `hook_attn_out`, `hook_mlp_out`, `attn.hook_q/k/v/z`,
-    `attn.hook_pattern`, `attn.hook_attn_scores`, `mlp.hook_post`, and `get_act_name`-style
-    tuples such as `("z", 3)` or `("resid_post", 5)`. Anything else (canonical names, globs)
-    is returned as it is.
+    `attn.hook_result`, `attn.hook_pattern`, `attn.hook_attn_scores`, `mlp.hook_post`, and
+    `get_act_name`-style tuples such as `("z", 3)`, `("result", 3)` or `("resid_post", 5)`.
+    Anything else (canonical names, globs) is returned as it is.
 
     Args:
         key: A site name (str) or a `(short name, layer)` tuple with an int layer.
@@ -148,6 +154,8 @@ def canonical_name(key: SiteKey) -> str:
         'blocks.3.attn.z'
         >>> canonical_name("blocks.2.hook_resid_post")
         'blocks.2.resid_post'
+        >>> canonical_name("blocks.2.attn.hook_result"), canonical_name(("result", 2))
+        ('blocks.2.attn.result', 'blocks.2.attn.result')
         >>> canonical_name(3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
