@@ -41,7 +41,9 @@ def test_layer_out_of_range_names_valid_range(model, hf, ids):
 
 def test_an_alias_never_names_a_different_tensor(model):
     # TransformerLens' "result" is z @ W_O per head: splice's attn.result, never attn.z.
-    assert model.resolve(("result", 1)) == model.resolve("blocks.1.attn.hook_result") == ["blocks.1.attn.result"]
+    assert (
+        model.resolve(("result", 1)) == model.resolve("blocks.1.attn.hook_result") == ["blocks.1.attn.result"]
+    )
     with pytest.raises(splice.SpliceError):
         model.resolve("blocks.1.ln1.hook_normalized")  # a TL tensor that differs from splice's
     assert model.resolve(("z", 1)) == model.resolve("blocks.1.attn.hook_z") == ["blocks.1.attn.z"]

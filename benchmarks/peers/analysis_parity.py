@@ -82,7 +82,9 @@ def compare() -> list[dict]:
         )
 
         # 3. frozen-norm direct logit attribution of logit(A) - logit(B) at the last position, per prompt
-        stack = cache.apply_ln_to_stack(theirs[:, :, -1], layer=None, pos_slice=-1)  # [component, batch, d_model]
+        stack = cache.apply_ln_to_stack(
+            theirs[:, :, -1], layer=None, pos_slice=-1
+        )  # [component, batch, d_model]
         direction = model.W_U[:, A] - model.W_U[:, B]
         theirs_dla = (stack * model.ln_final.w) @ direction  # [component, batch]
         data = [{"input_ids": r, "a": A, "b": B} for r in ids.tolist()]

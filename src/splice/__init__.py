@@ -10,7 +10,7 @@ Everything a user imports is listed in `__all__`; internals stay importable from
 
 import transformers as _transformers
 
-from . import analysis, patching, plot, steering
+from . import analysis, geometry, lens, patching, plot, steering
 from .architectures import ARCHITECTURES
 from .architectures.table import Architecture, Dims, Point
 from .compat import UntestedVersionWarning, check_transformers
@@ -59,6 +59,8 @@ __all__ = [
     "patching",
     "steering",
     "plot",
+    "lens",
+    "geometry",
     # architectures
     "ARCHITECTURES",
     "Architecture",

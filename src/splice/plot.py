@@ -1,7 +1,9 @@
-"""Pictures of per-layer results (matplotlib, written to PNG without a display)."""
+"""Pictures of per-layer results, lenses and token geometry (matplotlib, written to PNG without a
+display)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,9 @@ def heatmap(
     colorbar: str = "",
     annotate_top: int = 0,
     xticklabels=None,
+    cell_text=None,
+    limits: tuple[float, float] | None = None,
+    figsize: tuple[float, float] | None = None,
 ):
     """Save a `[rows, cols]` grid as a heatmap PNG (no display needed); returns the path.
 
@@ -30,6 +35,11 @@ def heatmap(
             blue = lower, red = higher); None scales from the data's minimum to its maximum.
         annotate_top: write the values of the k largest cells.
         xticklabels: names for the columns (e.g. the prompt's tokens for a layer x position grid).
+        cell_text: a `[rows][cols]` nested list of strings written in the cells (dark text on
+            light cells, light on dark), e.g. each cell's top token in a lens picture.
+        limits: `(low, high)` of the colour scale (e.g. `(0, 1)` for probabilities); overrides
+            `center`.
+        figsize: the figure's (width, height) in inches; default from the grid's size.
     """
     # A pyplot-free Figure renders to PNG without touching the user's backend (matplotlib.use
     # would switch a Jupyter kernel away from inline plotting for every later figure).
@@ -46,9 +56,11 @@ def heatmap(
         else np.asarray(values, dtype=float)
     )
     rows, cols = grid.shape
-    fig = Figure(figsize=(max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
+    fig = Figure(figsize=figsize or (max(4.0, 0.45 * cols + 2), max(3.0, 0.28 * rows + 1.5)))
     ax = fig.subplots()
-    if center is None:
+    if limits is not None:
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1])
+    elif center is None:
         image = ax.imshow(grid, aspect="auto", cmap=cmap)
     else:
         span = float(np.nanmax(np.abs(grid - center))) or 1.0
@@ -57,13 +69,16 @@ def heatmap(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     names_x = [str(x) for x in (xticklabels or labels_x or range(cols))]
-    ax.set_xticks(range(cols), names_x, fontsize=7, rotation=90 if xticklabels else 0)
+    upright = xticklabels is None and max((len(x) for x in names_x), default=0) <= 3
+    ax.set_xticks(range(cols), names_x, fontsize=7, rotation=0 if upright else 90)
     ax.set_yticks(range(rows), [str(y) for y in (labels_y or range(rows))], fontsize=7)
     fig.colorbar(image, ax=ax, label=colorbar)
     if annotate_top:
         flat = np.argsort(np.nan_to_num(grid, nan=-np.inf), axis=None)[::-1][:annotate_top]
         for r, c in zip(*np.unravel_index(flat, grid.shape)):
             ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6)
+    if cell_text is not None:
+        _write_cells(ax, image, grid, cell_text)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,3 +128,191 @@ def sweep_heatmap(
         center=0.0 if value in ("effect", "relative", "normalised") else None,
         xticklabels=xticklabels,
     )
+
+
+def _write_cells(ax, image, grid, cell_text) -> None:
+    """Write `cell_text[r][c]` in each cell, dark on light colours and light on dark."""
+    from .errors import SpliceError
+
+    rows, cols = grid.shape
+    if len(cell_text) != rows or any(len(row) != cols for row in cell_text):
+        shape = [len(cell_text), *sorted({len(row) for row in cell_text})]
+        raise SpliceError(f"cell_text must be a [{rows}][{cols}] nested list like the grid; got {shape}")
+    for r in range(rows):
+        for c in range(cols):
+            text = cell_text[r][c]
+            if text is None or text == "":
+                continue
+            red, green, blue, _ = image.cmap(image.norm(grid[r, c]))
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
+            ax.text(
+                c, r, str(text), ha="center", va="center", fontsize=6, color="black" if light else "white"
+            )
+
+
+def _cell_token(token: str, width: int = 8) -> str:
+    """A token as a short cell label: escapes shown (`\\n`), a leading space as `_`."""
+    shown = repr(str(token))[1:-1]
+    if shown.startswith(" "):
+        shown = "_" + shown[1:]
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def lens_heatmap(
+    table,
+    path,
+    batch: int = 0,
+    title: str | None = None,
+    cmap: str = "Blues",
+):
+    """Picture of a `splice.lens.logit_lens` table: site (layer) x position, each cell showing the
+    lens' top-1 token and coloured by its probability (0 to 1); x labels are the prompt's tokens.
+    Returns the PNG's path.
+
+    Args:
+        table: A `logit_lens` table (any `top_k`; rank 0 is drawn).
+        path: Where the PNG goes (folders are created).
+        batch: Which prompt of a batched table.
+        title: The title (default says what is drawn).
+        cmap: A matplotlib colour map name.
+
+    Example:
+        >>> import splice, tempfile, torch, transformers
+        >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+        >>> m = splice.Model(transformers.GPT2LMHeadModel(config).eval())  # tiny, random weights
+        >>> from splice.lens import logit_lens
+        >>> table = logit_lens(m, torch.tensor([[1, 2, 3]]))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     lens_heatmap(table, f"{folder}/lens.png").name
+        'lens.png'
+    """
+    import pandas as pd
+
+    from .errors import SpliceError
+
+    needed = {"site", "layer", "batch", "pos", "input_token", "rank", "token", "prob"}
+    columns = set(getattr(table, "columns", ()))
+    if not needed <= columns:
+        raise SpliceError(
+            f"lens_heatmap needs a splice.lens.logit_lens table with columns {sorted(needed)}; "
+            f"missing {sorted(needed - columns)}"
+        )
+    top = table[(table["rank"] == 0) & (table["batch"] == batch)]
+    if top.empty:
+        batches = sorted(set(table["batch"]))
+        raise SpliceError(f"the table has no rank-0 rows for batch {batch!r}; its batches are {batches}")
+    sites = list(dict.fromkeys(top["site"]))
+    positions = sorted(set(top["pos"]))
+    points = {s.split(".", 2)[-1] if s.startswith("blocks.") else s for s in sites}
+    by_layer = len(points - {"embed"}) == 1
+    row_names = [
+        str(layer) if by_layer and not pd.isna(layer) else site
+        for site, layer in top.drop_duplicates("site")[["site", "layer"]].itertuples(index=False)
+    ]
+    cells = top.set_index(["site", "pos"])
+    grid = pd.DataFrame(
+        [[float(cells.loc[(s, p), "prob"]) for p in positions] for s in sites],
+        index=pd.Index(row_names, name="layer" if by_layer else "site"),
+        columns=positions,
+    )
+    text = [[_cell_token(cells.loc[(s, p), "token"]) for p in positions] for s in sites]
+    inputs = top.drop_duplicates("pos").set_index("pos")["input_token"]
+    labels = [f"{p} {str(inputs[p])!r}" for p in positions]  # as geometry.position_labels
+    width = max(5.0, 0.8 * len(positions) + 2.5)
+    height = max(3.0, 0.26 * len(sites) + 1.8)
+    with warnings.catch_warnings():  # a token in a script the font lacks (CJK, ...) is drawn as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        return heatmap(
+            grid,
+            path,
+            title=title or "lens: top-1 token per layer and position",
+            xlabel="position (input token)",
+            ylabel="layer" if by_layer else "site",
+            cmap=cmap,
+            colorbar="top-1 probability",
+            xticklabels=labels,
+            cell_text=text,
+            limits=(0.0, 1.0),
+            figsize=(width, height),
+        )
+
+
+def token_scatter(
+    recording,
+    site,
+    tok_a: int,
+    tok_b: int,
+    path,
+    batch_index: int = 0,
+    labels=None,
+    title: str | None = None,
+    scale: str = "linear",
+):
+    """Scatter of one prompt's activations at a site, unit by unit: token `tok_a`'s value (x)
+    against token `tok_b`'s (y), with the diagonal and their Pearson r. Returns the PNG's path.
+
+    Args:
+        recording: A `Recording` in overwrite mode, or a `{site: tensor}` mapping.
+        site: A `[batch, pos, ...]` site (trailing axes are flattened into units).
+        tok_a, tok_b: Position indices of the two tokens (negative counts from the end).
+        path: Where the PNG goes (folders are created).
+        batch_index: Which prompt of the batch.
+        labels: The prompt's tokens (e.g. `m.to_str_tokens(prompt)`), to name the axes.
+        title: The title (default: site, tokens and r).
+        scale: "linear" or "symlog" (both axes; symlog shows a few huge units, such as an
+            attention sink's, together with the bulk near 0).
+
+    Example:
+        >>> import tempfile, torch
+        >>> acts = {"blocks.0.resid_post": torch.randn(1, 4, 16)}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     token_scatter(acts, "blocks.0.resid_post", 0, -1, f"{folder}/scatter.png").name
+        'scatter.png'
+    """
+    from matplotlib.figure import Figure
+
+    from .errors import SpliceError, valid_range
+    from .geometry import correlation, position_labels, site_tokens
+
+    if scale not in ("linear", "symlog"):
+        raise SpliceError(f'scale must be "linear" or "symlog"; got {scale!r}')
+    acts = site_tokens(recording, site, batch_index)
+    n = acts.shape[0]
+    chosen = []
+    for which, index in (("tok_a", tok_a), ("tok_b", tok_b)):
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise SpliceError(
+                f"{which}={index!r} is not a position of this prompt ({n} tokens: {valid_range(n)})"
+            )
+        chosen.append(index % n)
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) != n:
+            raise SpliceError(
+                f"labels has {len(labels)} entries for {n} positions: give one label per position"
+            )
+        names = position_labels(labels)
+    else:
+        names = [f"token {i}" for i in range(n)]
+    a, b = chosen
+    x, y = acts[a].numpy(), acts[b].numpy()
+    r = float(correlation(acts[[a, b]])[0, 1])
+    fig = Figure(figsize=(4.8, 4.6))
+    ax = fig.subplots()
+    ax.scatter(x, y, s=6, alpha=0.5, linewidths=0)
+    low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--", label="y = x")
+    if scale == "symlog":
+        ax.set_xscale("symlog")
+        ax.set_yscale("symlog")
+    ax.set_xlabel(names[a])
+    ax.set_ylabel(names[b])
+    ax.set_title(
+        title or f"{site}: {names[a]} vs {names[b]}\nPearson r = {r:.3f} over {x.size} units", fontsize=9
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
