@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import tokens as tok
+from .engine.files import tensor_sha256
 from .engine.sites import Site, SiteKey, canonical_name
 from .errors import SpliceError
 
@@ -323,11 +324,6 @@ def _table_rows(
 
 
 # -- the tuned lens ----------------------------------------------------------------------------------
-def _sha256_tensor(t: torch.Tensor) -> str:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 class TunedLens:
     """One affine translator per site, `A h + b`, read through the model's final norm and
     unembedding: a tuned lens (`fit_tuned_lens` trains one; `TunedLens.identity` is the logit lens).
@@ -512,7 +508,7 @@ class TunedLens:
             "format": FORMAT,
             "sites": self.sites,
             "d_model": self.d_model,
-            "tensors_sha256": {k: _sha256_tensor(v) for k, v in tensors.items()},
+            "tensors_sha256": {k: tensor_sha256(v) for k, v in tensors.items()},
         }
         meta_path.write_text(json.dumps(record, indent=1, ensure_ascii=False, default=str) + "\n")
         return tensors_path, meta_path
@@ -550,7 +546,7 @@ class TunedLens:
                 "the files belong to different lenses"
             )
         for key, tensor in tensors.items():
-            if _sha256_tensor(tensor) != sums.get(key):
+            if tensor_sha256(tensor) != sums.get(key):
                 raise SpliceError(
                     f"{tensors_path}: tensor {key} does not match its checksum in {meta_path}: the files "
                     "belong to different lenses or one was changed"

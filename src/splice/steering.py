@@ -27,6 +27,7 @@ import torch
 from .engine import tokens as tok
 from .engine.codec import decode, encode
 from .engine.edits import Edits
+from .engine.files import tensor_sha256
 from .engine.interventions import Add
 from .errors import SpliceError
 from .loading import identity
@@ -37,11 +38,6 @@ READABLE_FORMATS = ("splice-steering-vector/1", FORMAT)  # /1 recorded only a mo
 
 def _sha256_texts(texts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
-
-
-def _sha256_tensor(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def config_fingerprint(config) -> str:
@@ -199,7 +195,7 @@ class SteeringVector:
             **self.provenance(),
             "shape": list(vector.shape),
             "dtype": str(vector.dtype).removeprefix("torch."),
-            "vector_sha256": _sha256_tensor(vector),
+            "vector_sha256": tensor_sha256(vector),
         }
         meta.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         return tensors, meta
@@ -228,7 +224,7 @@ class SteeringVector:
                 f"{meta}: 'model' must be a mapping (name, revision, weights_sha256, dtype); got {model!r}"
             )
         vector = load_file(str(tensors))["vector"]
-        if _sha256_tensor(vector) != record.get("vector_sha256"):
+        if tensor_sha256(vector) != record.get("vector_sha256"):
             raise SpliceError(
                 f"{tensors} does not match the checksum in {meta}: the files belong to different vectors"
             )

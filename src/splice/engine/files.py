@@ -11,12 +11,14 @@ safetensors files (as steering vectors are saved), not in YAML or JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import torch
 import yaml
 
 from ..errors import SpliceError
@@ -428,3 +430,16 @@ def write_atomic(path: PathLike, data: bytes) -> None:
         raise SpliceError(f"cannot write {path}: {error.strerror or error}") from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (contiguous, on the CPU): the checksum saved next to a tensor
+    file, so that loading can refuse a tensor file that belongs to another record.
+
+    Example:
+        >>> import torch
+        >>> tensor_sha256(torch.zeros(2)) == tensor_sha256(torch.zeros(2)) != tensor_sha256(torch.ones(2))
+        True
+    """
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
