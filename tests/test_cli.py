@@ -80,7 +80,7 @@ def test_sweep_command_writes_table_and_heatmap(tmp_path):
 
 def test_sweep_config_errors_are_clear(tmp_path):
     from splice import SpliceError
-    from splice.sweeps.config import load_config
+    from splice.config import load_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: smollm2\ndata: [hi]\nsweep: {sites: blocks.0.attn.z}\nmetrics: [logit_diff]\n")

@@ -78,7 +78,7 @@ DOCUMENTED_MODULES = [
     "splice.sweeps.replay",
     "splice.sweeps.checkpoint",
     "splice.sweeps.fingerprint",
-    "splice.sweeps.config",
+    "splice.config",
 ]
 
 # What `help()` must show for every intervention: the selection arguments and their rules.

@@ -16,7 +16,7 @@ import splice
 from splice import metrics
 from splice.cli import main
 from splice.sweeps.checkpoint import Checkpoint
-from splice.sweeps.config import load_config
+from splice.config import load_config
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcde", "bcdefg", "cdefgh", "ghijk"]]
 TOKEN = 5  # read as a module global by the metrics below

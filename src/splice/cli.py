@@ -44,10 +44,10 @@ def _sites(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .config import load_config
     from .errors import SpliceError
     from .loading import load
     from .plot import sweep_heatmap
-    from .sweeps.config import load_config
 
     config = load_config(args.config)
     output = config.output
@@ -57,8 +57,17 @@ def _sweep(args: argparse.Namespace) -> int:
         raise SpliceError(
             f"run.checkpoint {checkpoint} is also where the table's JSONL copy goes; name it differently"
         )
+    run = dict(config.run)
+    if args.executor is not None:
+        run["executor"] = args.executor
+    if args.address is not None or args.workers is not None:
+        if run.get("executor") != "ray":
+            raise SpliceError("--address and --workers are options of --executor ray")
+        from .sweeps.ray_executor import RayExecutor
+
+        run["executor"] = RayExecutor(address=args.address, num_workers=args.workers)
     model = load(config.model)
-    table = config.sweep.run(model, config.data, **config.run)
+    table = config.sweep.run(model, config.data, **run)
     top = int(output.get("top", 10))
     for metric in table["metric"].unique():
         rows = table[(table["metric"] == metric) & (table["variant"] >= 0)]
@@ -84,10 +93,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `splice` command: `splice sites [MODEL] [--filter TEXT]` and `splice sweep CONFIG.yaml`.
+    """The `splice` command: `splice sites [MODEL] [--filter TEXT]` and `splice sweep CONFIG.yaml
+    [--executor ray [--address ADDR] [--workers N]]`.
 
     `sites` prints the model and every site with its shape; `sweep` runs a sweep config (see
-    `splice.sweeps.config`), prints the variants with the largest effect per metric and writes
+    `splice.config`), prints the variants with the largest effect per metric and writes
     the table (CSV and JSONL) and a heatmap.
 
     Args:
@@ -121,7 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep = commands.add_parser(
         "sweep", help="run a sweep described in a YAML file; writes a table and a heatmap"
     )
-    sweep.add_argument("config", help="YAML sweep config (see splice.sweeps.config)")
+    sweep.add_argument("config", help="YAML sweep config (see splice.config)")
+    sweep.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default=None,
+        help="where the variants run (default: the config's run.executor, else here)",
+    )
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    sweep.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
     sweep.set_defaults(run=_sweep)
     args = parser.parse_args(argv)
     from .errors import SpliceError

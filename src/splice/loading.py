@@ -131,7 +131,7 @@ def load_hf(
             SmolLM2-135M-Instruct (converted once to safetensors under `cache_root()`).
         from_gguf: For the embedded model, de-quantise the GGUF file directly instead of using
             (or making) the cached copy (~20 s).
-        **kwargs: Passed to `AutoModelForCausalLM.from_pretrained` (e.g. `torch_dtype=`).
+        **kwargs: Passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype=torch.bfloat16`).
 
     Returns:
         `(model, tokenizer)`: an `AutoModelForCausalLM` in eval mode and its tokenizer.
@@ -244,20 +244,24 @@ class _quiet_loading:
             logging.enable_progress_bar()
 
 
-def load(name_or_path: str | os.PathLike[str] | None = None, progress: bool = False, **kwargs: Any) -> Model:
-    """A `splice.Model` for a hub name, a local folder, or (default) the embedded SmolLM2-135M.
-    `progress=True` shows transformers' loading bars.
+def load(spec: Any = None, progress: bool = False, **kwargs: Any) -> Model:
+    """A `splice.Model` for a model spec: a hub name, a local folder, None (the embedded
+    SmolLM2-135M), or a mapping with `model`, `dtype`, `device_map`, `attn_implementation`,
+    `revision`, `offload_folder` (see `splice.spec.ModelSpec`). The model remembers it (`m.spec`),
+    so that Ray workers can load the same model.
 
     Args:
-        name_or_path: See `load_hf`; None (the default) is the embedded SmolLM2-135M-Instruct.
+        spec: The model spec; None (the default) is the embedded SmolLM2-135M-Instruct.
         progress: Show transformers' per-load progress bars (off by default).
-        **kwargs: Passed to `AutoModelForCausalLM.from_pretrained`.
+        **kwargs: Loading options, merged into the spec: its keys (`dtype="bfloat16"`,
+            `device_map="auto"`, ...; a `torch.dtype` is accepted), anything else is passed to
+            `AutoModelForCausalLM.from_pretrained` as `options`.
 
     Returns:
-        The model, wrapped, in eval mode, with its tokenizer.
+        The model, wrapped, in eval mode, with its tokenizer and spec.
 
     Raises:
-        SpliceError: As `load_hf`, or for a model splice has no table for.
+        SpliceError: As `load_hf`; for a malformed spec; or for a model splice has no table for.
 
     Example:
         >>> import splice
@@ -265,12 +269,39 @@ def load(name_or_path: str | os.PathLike[str] | None = None, progress: bool = Fa
         Traceback (most recent call last):
         ...
         splice.errors.SpliceError: cannot load the model '/no/such/model': ...
+        >>> splice.load({"model": "embedded", "dtype": "fp16"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: model spec: dtype 'fp16' is not one of float32, bfloat16, float16, auto
     """
+    from .spec import KEYS, ModelSpec
+
+    parsed = ModelSpec.parse(spec)
+    if kwargs:
+        if parsed.factory is not None:
+            raise SpliceError(f"loading options {sorted(kwargs)} cannot be applied to a factory spec")
+        if "torch_dtype" in kwargs:  # transformers' older name
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        merged = {k: v for k, v in parsed.to_dict().items() if k != "options"}
+        options = dict(parsed.options or {})
+        for key, value in kwargs.items():
+            if key in KEYS and key != "options":
+                merged[key] = value
+            else:
+                options[key] = value
+        parsed = ModelSpec.parse({**merged, "options": options or None})
+    return parsed.load(progress)
+
+
+def load_model(spec: Any, progress: bool = False) -> Model:
+    """`spec.load()` for a named spec: `load_hf` with the spec's options, wrapped with the spec."""
     from .engine.model import Model
 
+    name = None if spec.is_embedded else spec.model
+    options = spec.from_pretrained_kwargs()
     if progress:
-        model, tokenizer = load_hf(name_or_path, **kwargs)
+        model, tokenizer = load_hf(name, **options)
     else:
         with _quiet_loading():
-            model, tokenizer = load_hf(name_or_path, **kwargs)
-    return Model(model, tokenizer)
+            model, tokenizer = load_hf(name, **options)
+    return Model(model, tokenizer, spec=spec)

@@ -36,6 +36,11 @@ class Model:
     Args:
         hf_model: The Hugging Face model; it is never modified (no weight, submodule or forward).
         tokenizer: Its tokenizer, needed only for text inputs and token helpers.
+        spec: How another process loads the same model (a `splice.spec.ModelSpec`, set by
+            `splice.load`); None for a model wrapped by hand. Needed only to run sweeps on Ray.
+
+    Attributes:
+        spec: The spec given (or None).
 
     Example:
         >>> import splice, torch, transformers
@@ -45,11 +50,12 @@ class Model:
         splice.Model(GPT2LMHeadModel: 2 layers, d_model 16, 2 heads (2 KV) x 8, d_mlp 64, vocab 32)
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None):
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, spec: Any = None):
         if not isinstance(hf_model, nn.Module):
             raise SpliceError(f"splice.Model wraps a torch/Hugging Face model; got {type(hf_model).__name__}")
         self.hf = hf_model
         self.tokenizer = tokenizer
+        self.spec = spec
         self.engine = engine_for(hf_model)
         self.layout = self.engine.layout
         self.dims = self.layout.dims

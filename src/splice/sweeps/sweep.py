@@ -14,13 +14,12 @@ from itertools import product
 
 import torch
 
-from ..engine.edits import Edits
 from ..engine.interventions import Intervention
 from ..errors import SpliceError
 from .checkpoint import Checkpoint
-from .data import PromptBatch, as_items, batches_of, shortest_length, source_batch
+from .data import as_items, batches_of, shortest_length
 from .metrics import Metric
-from .replay import PrefixReplay
+from .shards import ShardRunner, plan_shards
 from .tables import tidy_table
 
 OVER = ("heads", "pos")
@@ -45,39 +44,7 @@ class Variant:
         )
 
 
-def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
-    """Variants whose Patch names a data field, given that field's activations for this batch
-    (one unedited forward per field, recording only the sites those variants patch)."""
-    from ..engine.sources import Patch
-
-    def field_of(v: Variant) -> str | None:
-        source = v.intervention.source if isinstance(v.intervention, Patch) else None
-        return source if isinstance(source, str) else None
-
-    by_field: dict[str, set[str]] = {}
-    for v in variants:
-        if (field_name := field_of(v)) is not None:
-            by_field.setdefault(field_name, set()).add(v.site)
-    recorded = {}
-    for field_name, sites in by_field.items():
-        with torch.no_grad():
-            _, recording = model.run(
-                source_batch(model, batch, field_name).kwargs,
-                record=sorted(sites),
-                stop_after_record=True,
-                use_cache=False,
-            )
-        recorded[field_name] = dict(recording)
-    out = []
-    for v in variants:
-        field_name, patch = field_of(v), v.intervention
-        if field_name is not None and isinstance(patch, Patch):
-            v = dataclasses.replace(v, intervention=dataclasses.replace(patch, source=recorded[field_name]))
-        out.append(v)
-    return out
-
-
-def _fingerprint(model) -> str:
+def fingerprint(model) -> str:
     """Identity of a model's weights and config, for checkpoint spec hashes."""
     digest = hashlib.sha256(type(model.hf).__name__.encode())
     digest.update(model.hf.config.to_json_string(use_diff=False).encode())
@@ -189,7 +156,7 @@ class Sweep:
         """What a checkpoint must match to be resumed: the model's weights, the variants, the
         data, the metrics and how they are batched."""
         spec = {
-            "model": _fingerprint(model),
+            "model": fingerprint(model),
             "variants": [[v.site, v.intervention.to_dict()] for v in variants],
             "data": items,
             "metrics": [list(m.spec) for m in self.metrics],
@@ -210,6 +177,7 @@ class Sweep:
         checkpoint=None,
         prefix_reuse: bool = True,
         progress: bool = True,
+        executor=None,
     ):
         """Run every variant on `data` and return the tidy table.
 
@@ -222,17 +190,25 @@ class Sweep:
                 activation budget elsewhere).
             checkpoint: a JSONL path; every finished (variant, prompt batch) is appended and
                 fsynced, a rerun resumes from it, and a file from a different sweep is refused.
+                Local and Ray runs of one sweep share it: either resumes the other.
             prefix_reuse: False runs each variant as its own full forward (the reference path;
                 the two agree to 1e-5 in the tests).
             progress: a tqdm bar over variants.
+            executor: None or `"local"` runs here; `"ray"` or a `splice.sweeps.ray_executor.RayExecutor`
+                runs the same shards on Ray workers that load the model from `model.spec` (see
+                `splice.sweeps.ray_executor`); the table is the same.
 
         Returns:
             A pandas DataFrame, one row per (variant, metric) after one baseline row per metric
             (variant -1): `variant, site, layer, head, pos, intervention, metric, value, baseline,
             effect, relative` (see `splice.sweeps.tables`).
+
+        Raises:
+            SpliceError: As `variants`; for an unknown executor; for Ray, a model without a spec.
         """
         from tqdm.auto import tqdm
 
+        remote = _remote_executor(executor)
         items = as_items(data)
         batches = batches_of(model, items, batch_size)
         seq = max(b.input_ids.shape[1] for b in batches)
@@ -246,73 +222,54 @@ class Sweep:
             if checkpoint
             else Checkpoint(None, "")
         )
-        # The bar counts variant results only and starts after the first unedited trace (and its
-        # replay check), so its estimate is not the trace's time multiplied by every variant.
+        shards = [
+            plan_shards(
+                [v for v in variants if not store.has(v.id, b)],
+                len(batch),
+                max(1, max_rows // len(batch)) if prefix_reuse else 1,
+                b,
+                baseline=not store.has(-1, b),
+            )
+            for b, batch in enumerate(batches)
+        ]
         done = sum(1 for variant, _ in store.done if variant >= 0)
-        bar = None
-        for b, batch in enumerate(batches):
-            if all(store.has(v.id, b) for v in variants) and store.has(-1, b):
-                continue
-            prefix = PrefixReplay(model, batch.kwargs, tail)
-            if b == 0 and prefix_reuse:
-                prefix.check()
-            baseline = prefix.logits
-            if not store.has(-1, b):
-                store.add([self._record(-1, b, baseline, baseline, batch)])
-            todo = bind_sources(model, batch, [v for v in variants if not store.has(v.id, b)])
-            if bar is None:
-                bar = tqdm(
-                    total=len(variants) * len(batches),
-                    initial=done,
-                    desc=self.name,
-                    unit="variant",
-                    disable=not progress,
-                )
-            # Sorted by first edited layer, chunks hold consecutive variants that join the replay
-            # at their own layers (see PrefixReplay.replay).
-            todo.sort(key=lambda v: v.start_layer)
-            per_chunk = max(1, max_rows // len(batch)) if prefix_reuse else 1
-            run_chunk = self._batched if prefix_reuse else self._sequential
-            for i in range(0, len(todo), per_chunk):
-                chunk = todo[i : i + per_chunk]
-                logits = run_chunk(model, prefix, batch, chunk, tail)
-                n = len(batch)
-                store.add(
-                    [
-                        self._record(v.id, b, logits[j * n : (j + 1) * n], baseline, batch)
-                        for j, v in enumerate(chunk)
-                    ]
-                )
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
+
+        def bar():
+            return tqdm(
+                total=len(variants) * len(batches),
+                initial=done,
+                desc=self.name,
+                unit="variant",
+                disable=not progress,
+            )
+
+        job = Job(self.metrics, variants, items, batch_size, tail, prefix_reuse)
+        if remote is not None:
+            remote.run(model, job, [s for per_batch in shards for s in per_batch], store, bar)
+        else:
+            self._run_here(model, job, batches, shards, store, bar)
         return self._table(variants, store, len(batches))
 
-    def _record(self, variant: int, batch_index: int, logits, baseline, batch) -> dict:
-        values = {m.name: m(logits, baseline, batch).tolist() for m in self.metrics}
-        return {"variant": variant, "batch": batch_index, "values": values}
-
     @staticmethod
-    def _batched(model, prefix, batch, chunk, tail):
-        n = len(batch)
-        edits = Edits()
-        for j, variant in enumerate(chunk):
-            placed = dataclasses.replace(variant.intervention, rows=slice(j * n, (j + 1) * n))
-            existing = edits.get(variant.site)
-            edits[variant.site] = (
-                [existing] if isinstance(existing, Intervention) else list(existing or [])
-            ) + [placed]
-        with torch.no_grad(), model.edit(edits):
-            return prefix.replay([max(v.start_layer, 0) for v in chunk], tail)
-
-    @staticmethod
-    def _sequential(model, prefix, batch, chunk, tail):
-        outs = []
-        for variant in chunk:
-            with torch.no_grad(), model.edit({variant.site: variant.intervention}):
-                logits = model.hf(**batch.kwargs, use_cache=False).logits
-            outs.append(logits if tail is None else logits[:, -tail:])
-        return torch.cat(outs)
+    def _run_here(model, job, batches, shards, store, make_bar) -> None:
+        """The local executor: shards in order, one prompt batch's trace at a time."""
+        runner = ShardRunner(model, job.metrics, job.variants, batches, job.tail, job.prefix_reuse)
+        bar = None
+        try:
+            for b, per_batch in enumerate(shards):
+                if not per_batch:
+                    continue
+                # The bar counts variant results only and starts after the first unedited trace
+                # (and its replay check), so its estimate is not the trace's time multiplied by
+                # every variant.
+                runner.enter(b)
+                bar = bar or make_bar()
+                for shard in per_batch:
+                    store.add(runner.run(shard))
+                    bar.update(len(shard.variants))
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _table(self, variants, store, n_batches):
         def mean(variant_id, metric):
@@ -320,6 +277,34 @@ class Sweep:
             return sum(values) / len(values)
 
         return tidy_table(self.metrics, variants, mean)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs, besides the model, to compute any shard of one sweep run: the
+    metrics, the variants, the data rows and how they are batched."""
+
+    metrics: list[Metric]
+    variants: list[Variant]
+    items: list[dict]
+    batch_size: int
+    tail: int | None
+    prefix_reuse: bool
+
+
+def _remote_executor(executor):
+    """None for the local executor, else the Ray executor asked for (checked before any work)."""
+    if executor is None or executor == "local":
+        return None
+    if executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor()
+    if hasattr(executor, "run") and hasattr(executor, "num_workers"):
+        return executor
+    raise SpliceError(
+        f"executor= takes None, 'local', 'ray' or a splice.sweeps.ray_executor.RayExecutor; got {executor!r}"
+    )
 
 
 def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_tokens: int = 2048) -> int:

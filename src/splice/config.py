@@ -1,7 +1,8 @@
 """Sweep configuration files (YAML, read with the safe loader only) for `splice sweep`.
 
 ```yaml
-model: smollm2                     # embedded default, a hub name, or a local folder
+model: smollm2                     # embedded default, a hub name, a local folder, or a mapping:
+                                   # {model: ..., dtype: bfloat16, device_map: auto, ...}
 data: prompts.jsonl                # or an inline list of strings / dicts with "prompt"
 sweep:
   sites: blocks.*.attn.z
@@ -23,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import files
-from ..errors import SpliceError
-from . import metrics as metric_fns
-from .sweep import Sweep
+from .engine import files
+from .errors import SpliceError
+from .spec import ModelSpec
+from .sweeps import metrics as metric_fns
+from .sweeps.sweep import Sweep
 
 METRICS: dict[str, Callable[..., metric_fns.Metric]] = {
     "logit_diff": metric_fns.logit_diff,
@@ -36,9 +38,9 @@ METRICS: dict[str, Callable[..., metric_fns.Metric]] = {
     "kl_from_clean": metric_fns.kl_from_clean,  # deprecated name, warns
 }
 """The metrics a config may name, with the functions its arguments are passed to."""
-CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.sweeps.config)"
+CONFIG = "a sweep config: a YAML mapping with model, data, sweep, metrics (see splice.config)"
 KEYS = ("model", "data", "sweep", "metrics", "run", "output", "name")
-RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress")
+RUN_KEYS = ("batch_size", "max_rows", "checkpoint", "prefix_reuse", "progress", "executor")
 OUTPUT_KEYS = ("table", "heatmap", "top")
 ROW = "a prompt string or a mapping with 'prompt' (or 'input_ids') and the metrics' answer fields"
 ROWS = "a list of data rows, each " + ROW
@@ -49,18 +51,19 @@ class SweepConfig:
     """A sweep config, read and checked by `load_config`.
 
     Attributes:
-        model: What `splice.load` is given: a hub name, a local folder, or None for the
-            embedded SmolLM2-135M.
+        model: What `splice.load` is given: a model spec (a hub name, a local folder, None for
+            the embedded SmolLM2-135M, or a mapping with `model`, `dtype`, `device_map`, ...; see
+            `splice.spec.ModelSpec`), checked when the file is read.
         data: The data rows (prompt strings or mappings with `prompt`/`input_ids` and fields).
         sweep: The `Sweep` built from `sweep:` and `metrics:` (named by `name:` or the file's
             stem).
         run: Keyword arguments of `Sweep.run` (`batch_size`, `max_rows`, `checkpoint`,
-            `prefix_reuse`, `progress`).
+            `prefix_reuse`, `progress`, `executor`: `local` or `ray`).
         output: Where `splice sweep` writes: `table` (CSV path; a JSONL copy beside it),
             `heatmap` (a path, or false for none), `top` (rows printed per metric).
     """
 
-    model: str | None
+    model: Any
     data: list[Any]
     sweep: Sweep
     run: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +113,12 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     _known(doc, (), raw, KEYS)
     sweep = _sweep(doc, raw)
     run, output = _section(doc, raw, "run", RUN_KEYS), _section(doc, raw, "output", OUTPUT_KEYS)
+    if run.get("executor", "local") not in ("local", "ray"):
+        raise doc.error(("run", "executor"), f"executor is 'local' or 'ray'; got {run['executor']!r}")
+    try:
+        ModelSpec.parse(raw.get("model"))
+    except SpliceError as error:
+        raise doc.error(("model",), str(error)) from None
     return SweepConfig(raw.get("model"), _data(doc, raw.get("data")), sweep, run, output)
 
 
