@@ -75,6 +75,25 @@ def test_ray_table_equals_the_local_table_and_every_shard_runs_once(warm, tmp_pa
     assert ray_job.pids(again) == ray_job.pids(log)
 
 
+def test_patch_sweep_on_ray_equals_the_local_one(warm):
+    """Patch("clean") sources are recorded by the workers, from the data rows they are sent."""
+    from splice import metrics, patching
+
+    model = ray_job.driver_model()
+    pairs = [
+        {"prompt": p, "clean": p[::-1], "correct": "a", "wrong": "b"}
+        for p in ["abcdef", "bcdefg", "ghijkl", "hijklm"]
+    ]
+    run = dict(
+        sites="blocks.*.resid_pre", over="pos", metrics=[metrics.logit_diff()], batch_size=2, progress=False
+    )
+    local = patching.patch_sweep(model, pairs, **run)
+    remote = patching.patch_sweep(model, pairs, executor=warm, max_rows=6, **run)
+    assert remote[["variant", "site", "pos", "metric"]].equals(local[["variant", "site", "pos", "metric"]])
+    for column in ("value", "source", "normalised"):
+        assert (remote[column] - local[column]).abs().max() <= 1e-6
+
+
 def test_a_worker_killed_mid_shard_costs_only_that_shard(warm, tmp_path):
     log = tmp_path / "calls.log"
     model = ray_job.driver_model()
