@@ -171,7 +171,9 @@ class SteeringVector:
     def edit(self, coefficient: float = 1.0, pos=None, rows=None) -> Edits:
         """`Edits({site: Add(vector, scale=coefficient, pos=pos)})`, ready for `edits=`
         (`m.generate(p, edits=sv.edit(4.0, pos=slice(n_prompt, None)))` steers only generated
-        tokens); `sv.edit(...)[sv.site]` is the bare `Add`."""
+        tokens); `sv.edit(...)[sv.site]` is the bare `Add`. Like every `Add`, it computes in the
+        dtype of the model it runs in: the vector and the coefficient are cast to it (a float32
+        vector steers a bfloat16 model as `resid + v.to(bfloat16) * c`)."""
         return Edits({self.site: Add(self.vector, scale=float(coefficient), pos=pos, rows=rows)})
 
     # -- files ---------------------------------------------------------------------------------

@@ -17,6 +17,12 @@ means. To act on a subspace of coordinates, use directions that are zero outside
 `Clamp(min=, max=)` bounds the selection elementwise (numbers, or tensors that broadcast to it).
 `Apply(fn)` is the escape hatch: `fn(region)` returns a tensor of the region's shape and dtype
 (checked by the dispatcher); it holds a Python function, so it cannot be serialised.
+
+Precision: the projections are computed in float32 (float64 for float64 activations) and the
+result is rounded once to the activation's dtype, so `ProjectOut` in a bfloat16 model equals
+`(x.float() - P x.float()).to(torch.bfloat16)` with P the float32 projector. Clamp bounds are
+cast to the activation's dtype like every declared value (see `splice.engine.interventions`).
+`Apply` results are not cast: a function returning another dtype than the region's is refused.
 """
 
 from __future__ import annotations
@@ -145,7 +151,10 @@ class _Directional(Intervention, registered=False):
         directions = cast(torch.Tensor, self.directions)  # a tensor once built
         return {f"{type(self).__name__} direction": directions.reshape(-1, self.width)[0]}
 
-    def _projection(self, region: torch.Tensor, at: At) -> torch.Tensor:
+    def _projection(self, region: torch.Tensor, at: At) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the region, its projection on the span), both in the working dtype: float32 for
+        half-precision regions (at least float32), so that the result is rounded to the region's
+        dtype once, by the caller."""
         if region.shape[-1] != self.width:
             raise SpliceError(
                 f"{type(self).__name__} directions at {at.site} have width {self.width}, but the site's last "
@@ -155,7 +164,7 @@ class _Directional(Intervention, registered=False):
         assert self._basis is not None  # callers return early without directions
         basis = self._basis.to(device=region.device, dtype=work)
         x = region.to(work)
-        return ((x @ basis.T) @ basis).to(region.dtype)
+        return x, (x @ basis.T) @ basis
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -166,7 +175,8 @@ class Project(_Directional):
     row, position and head. The directions need not be orthogonal, normalised or independent:
     an orthonormal basis of their span is computed once, in float64, when the intervention is
     built (what you passed is what is stored, shown and serialised). With no directions the
-    selection becomes zeros (the span of nothing is {0}).
+    selection becomes zeros (the span of nothing is {0}). Half-precision activations are
+    projected in float32 and the result rounded once to their dtype.
 
     Args:
         directions: One direction (`[d]`), several (`[k, d]`, or a list of `[d]` tensors), or
@@ -194,7 +204,7 @@ class Project(_Directional):
         """The region's component in the span of the directions (zeros with none)."""
         if self._basis is None:
             return torch.zeros_like(region)  # the span of nothing is {0}
-        return self._projection(region, at)
+        return self._projection(region, at)[1].to(region.dtype)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -240,7 +250,8 @@ class ProjectOut(_Directional):
         """The region minus its component in the span of the directions (the region itself with none)."""
         if self._basis is None:
             return region
-        return region - self._projection(region, at)
+        x, projection = self._projection(region, at)
+        return (x - projection).to(region.dtype)
 
 
 def _refuse_crossed_bounds(lo, hi) -> None:
@@ -344,8 +355,8 @@ class Apply(Intervention):
 
     Args:
         fn: A callable `region -> tensor` returning a tensor of the region's shape, dtype and
-            device (checked, naming the site and both shapes). It must not modify `region`
-            in place.
+            device (checked, naming the site and both shapes or dtypes; a result of another
+            dtype is refused, not cast). It must not modify `region` in place.
         pos: Token positions to edit (default all): an int, a negative int, a slice, a list of
             ints, or a `[batch, pos]` bool mask.
         heads: Heads to edit (default all): an int or a list of ints; head sites only.
@@ -353,7 +364,8 @@ class Apply(Intervention):
         rows: Batch rows to edit (default all): an int, slice or list.
 
     Raises:
-        SpliceError: If `fn` is not callable, or for a bad selection.
+        SpliceError: If `fn` is not callable, or for a bad selection; at the site, for a result
+            of another shape, dtype or device than the region.
 
     Example:
         >>> import torch
@@ -378,9 +390,17 @@ class Apply(Intervention):
             raise SpliceError(f"Apply needs a function region -> tensor; got {type(self.fn).__name__}")
 
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
-        """`fn(region)`."""
+        """`fn(region)`, which must keep the region's dtype (refused otherwise, never cast)."""
         assert self.fn is not None  # checked when built
-        return self.fn(region)
+        out = self.fn(region)
+        if isinstance(out, torch.Tensor) and out.dtype != region.dtype:
+            name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+            raise SpliceError(
+                f"Apply result at {at.site} is {out.dtype}, expected {region.dtype} (the dtype of the activation "
+                f"it replaces; function {name}). Apply results are not cast, since a silent cast could hide a "
+                "computation done in the wrong precision: return e.g. `result.to(region.dtype)`"
+            )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Always refused: a Python function cannot be written to a file.

@@ -6,11 +6,19 @@ tensor, so the tensor the model produced is never mutated and autograd stays val
 rules are documented once, on `Intervention`; `Zero`, `Scale`, `Replace` and `Add` live here,
 `Project`, `ProjectOut`, `Clamp` and `Apply` in `splice.engine.directional`, and `Patch`, `Mean`
 and `Resample` in `splice.engine.sources`.
+
+**Precision.** An edit computes in the dtype of the activation it edits (bfloat16 in a bfloat16
+model): every declared value (numbers too) is first cast to that dtype and moved to its device
+by `as_value`, then combined with the region in that dtype, so `Add(v)` in a bfloat16 model is
+exactly `t + v.to(torch.bfloat16)`. A finite value that the cast would turn into +/-inf (1e5 into
+float16) is refused. What an edit returns must already have the region's dtype; the dispatcher
+casts nothing, so an `Apply` function returning another dtype is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import weakref
 from dataclasses import dataclass, field
@@ -115,6 +123,9 @@ class ValueField(NamedTuple):
 
 # Copies made by `own`, by id (weakly: an entry goes when its tensor does).
 _OWNED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# Values already found to fit a narrower dtype, by (id, version, dtype) (weakly, as _OWNED), so
+# that the range check of `as_value` runs once per value and dtype, not at every forward.
+_FITS: weakref.WeakValueDictionary[tuple[int, int, torch.dtype], torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def own(tensor: torch.Tensor) -> torch.Tensor:
@@ -232,6 +243,11 @@ def owned_value(value: Value | None, spec: ValueField) -> Value | None:
 def as_value(value: Value, like: torch.Tensor, what: str, site: str) -> torch.Tensor:
     """A value as a tensor on the region's device and dtype, ready to combine with it.
 
+    This is the precision rule of every declared value: a float32 steering vector added in a
+    bfloat16 model is cast to bfloat16 first, and a number becomes a tensor of the region's dtype
+    (`Scale(0.3)` in bfloat16 multiplies by 0.30078125, the nearest bfloat16), so the edit
+    computes entirely in the activation's dtype.
+
     Args:
         value: A number or a tensor. Integer tensors with more than one element are refused
             (a one-element one is converted like a number).
@@ -243,22 +259,70 @@ def as_value(value: Value, like: torch.Tensor, what: str, site: str) -> torch.Te
         `value` converted to `like.dtype` on `like.device` (a differentiable conversion).
 
     Raises:
-        SpliceError: For a non-float tensor or a value that is not a number or a tensor.
+        SpliceError: For a non-float tensor, a value that is not a number or a tensor, or a
+            finite value outside the range of `like.dtype` (it would become +/-inf).
 
     Example:
         >>> import torch
         >>> as_value(2, torch.zeros(3, dtype=torch.float16), "Scale factor", "embed")
         tensor(2., dtype=torch.float16)
+        >>> as_value(1e5, torch.zeros(3, dtype=torch.float16), "Add vector", "embed")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: Add vector at embed is 1e+05, outside the range of torch.float16 ...
     """
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.is_complex()) and value.numel() > 1:
             raise SpliceError(
                 f"{what} at {site} has dtype {value.dtype}; activations are {like.dtype}: pass a floating-point tensor"
             )
+        if _narrows(value.dtype, like.dtype):
+            _refuse_overflow(value, like.dtype, what, site)
         return value.to(device=like.device, dtype=like.dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (
+            like.is_floating_point()
+            and math.isfinite(value)
+            and abs(value) > torch.finfo(like.dtype).max
+            and torch.tensor(value, dtype=like.dtype).isinf()  # just beyond the max rounds down to it
+        ):
+            raise SpliceError(
+                f"{what} at {site} is {value:.4g}, outside the range of {like.dtype} (largest finite value "
+                f"{torch.finfo(like.dtype).max:.4g}): cast to the activations' dtype it would be +/-inf"
+            )
         return torch.tensor(value, device=like.device, dtype=like.dtype)
     raise SpliceError(f"{what} at {site} must be a number or a tensor; got {type(value).__name__}")
+
+
+def _narrows(source: torch.dtype, target: torch.dtype) -> bool:
+    """Casting from `source` to `target` can turn a finite value into +/-inf."""
+    return (
+        source.is_floating_point
+        and target.is_floating_point
+        and torch.finfo(target).max < torch.finfo(source).max
+    )
+
+
+def _refuse_overflow(value: torch.Tensor, dtype: torch.dtype, what: str, site: str) -> None:
+    """Refuse a tensor with finite entries beyond `dtype`'s range, once per (tensor, version, dtype)."""
+    # Inference tensors keep no version counter: they are checked at every use instead.
+    key = None if value.is_inference() else (id(value), value._version, dtype)
+    if key is not None and _FITS.get(key) is value:
+        return
+    v = value.detach()
+    limit = torch.finfo(dtype).max
+    # Rounding to `dtype` keeps values up to a little beyond its max finite (they round down to
+    # it): cast to see which become infinite, rather than comparing with the max.
+    bad = torch.isfinite(v) & ~torch.isfinite(v.to(dtype))
+    if bool(bad.any()):
+        first = tuple(bad.nonzero()[0].tolist())
+        raise SpliceError(
+            f"{what} at {site} has {int(bad.sum())} of {v.numel()} value(s) outside the range of {dtype} "
+            f"(largest finite value {limit:.4g}; first at index {first}: {float(v[first]):.4g}): cast to the "
+            "activations' dtype they would be +/-inf. Scale the value down, or run the model in a wider dtype"
+        )
+    if key is not None:
+        _FITS[key] = value
 
 
 def broadcast_to_region(value: torch.Tensor, region: torch.Tensor, at: At, what: str) -> torch.Tensor:
@@ -353,6 +417,9 @@ class Intervention:
     wide as the site is cut to the selection: a `d_model` vector with `dims=slice(0, 10)`, a
     `[heads, d_head]` tensor with `heads=[1, 2]`, or the whole `[batch, pos, ...]` site tensor.
     Gradients flow through edits and into the values (pass a tensor with `requires_grad`).
+    Values are cast to the site tensor's dtype and device where they are used, and the edit
+    computes in that dtype: a float32 vector added in a bfloat16 model is rounded to bfloat16
+    first (see `as_value`).
 
     **Checks.** Everything is checked when the intervention is built, so a bad value fails at
     its own line:
@@ -677,15 +744,16 @@ class Add(Intervention):
     value_fields: ClassVar = {"vector": ValueField("Add vector"), "scale": ValueField("Add scale")}
 
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
-        """The region plus `scale * vector`."""
+        """The region plus `scale * vector`, in the region's dtype (both values cast to it)."""
         vector = broadcast_to_region(
             as_value(self.vector, region, "Add vector", at.site), region, at, "Add vector"
         )
-        return (
-            region + vector * self.scale
-            if isinstance(self.scale, torch.Tensor) or self.scale != 1
-            else region + vector
+        if not isinstance(self.scale, torch.Tensor) and self.scale == 1:
+            return region + vector
+        scale = broadcast_to_region(
+            as_value(self.scale, region, "Add scale", at.site), region, at, "Add scale"
         )
+        return region + vector * scale
 
 
 def registered_types() -> dict[str, type[Intervention]]:

@@ -19,8 +19,9 @@ class Recording(Mapping):
     """Site -> tensor ("overwrite": the last forward's value) or list of tensors ("accumulate":
     one per forward; `stack`/`cat` join them).
 
-    Values are clones, detached: nothing the model or the user does later can change them. Keys
-    accept the same aliases as edits (`blocks.3.hook_resid_post`, `("z", 3)`).
+    Values are clones, detached: nothing the model or the user does later can change them. They
+    keep the dtype the model computed them in (a bfloat16 model records bfloat16, never upcast).
+    Keys accept the same aliases as edits (`blocks.3.hook_resid_post`, `("z", 3)`).
 
     Example:
         >>> import splice, torch, transformers
@@ -50,7 +51,7 @@ class Recording(Mapping):
         return len(self._data) == len(self.sites)
 
     def store(self, name: str, tensor: torch.Tensor) -> None:
-        """Keep a detached copy of `tensor` as site `name` (called by the hook engine)."""
+        """Keep a detached copy of `tensor`, in its own dtype, as site `name` (called by the hook engine)."""
         value = tensor.detach().clone()
         if self.mode == "overwrite":
             self._data[name] = value

@@ -30,6 +30,12 @@ sweep binds it): no sites, no recorded forwards, or a tensor with no rows or no 
 mean would be NaN and which has nothing to patch from. Sources are activations: they are written
 as recorded, +/-inf and NaN included (masked `attn.scores` hold -inf); the non-finite policy of
 `Intervention` is for the values you write by hand.
+
+Precision: a source is cast to the dtype (and device) of the activation it is written into, like
+every declared value, so a float32 recording patches into a bfloat16 model as
+`source.to(torch.bfloat16)`. `Mean` sums in float64 and keeps its means in the reference's dtype
+(cast at the site in turn). A float32 source with values beyond float16's range becomes +/-inf in
+a float16 model: sources are written as recorded, so this is not refused.
 """
 
 from __future__ import annotations

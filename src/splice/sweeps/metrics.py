@@ -5,7 +5,12 @@
 
 Each metric says how many final positions it reads (`tail`), so a sweep unembeds only those
 (the unembedding is a large share of a small model's forward). Logits arrive as
-[prompts, tail, vocab] (left-padded, so position -1 is every prompt's last token)."""
+[prompts, tail, vocab] (left-padded, so position -1 is every prompt's last token).
+
+Precision: metrics compute in float32 whatever the model's dtype. A metric is handed its logits
+upcast to float32 (float64 logits stay float64), so in a bfloat16 model a logit difference is
+the exact difference of two bfloat16 logits and a log-softmax is not rounded to bfloat16 on the
+way; custom metrics get the same float32 logits. The values are returned as float32."""
 
 from __future__ import annotations
 
@@ -40,7 +45,28 @@ class Metric:
     spec: Iterable = ()  # what identifies the metric in a checkpoint's spec hash (iterated when it is made)
 
     def __call__(self, logits, baseline_logits, batch) -> torch.Tensor:
-        value = self.fn(logits, baseline_logits, batch)
+        """One float32 value per prompt, computed from float32 (or wider) logits.
+
+        Args:
+            logits: `[prompts, tail, vocab]` logits under the variant's edit, in any float
+                dtype (upcast to float32 before the metric sees them).
+            baseline_logits: The same prompts' unedited logits, likewise.
+            batch: The prompt batch (a `PromptBatch`).
+
+        Returns:
+            A float32 tensor `[prompts]` (gradients flow to the logits).
+
+        Raises:
+            SpliceError: If the metric returns neither a scalar nor one value per prompt.
+
+        Example:
+            >>> import torch
+            >>> m = custom(lambda logits, baseline, batch: logits[:, -1, 0] - logits[:, -1, 1])
+            >>> half = torch.tensor([[[3.0, -0.01171875]]], dtype=torch.bfloat16)
+            >>> m(half, half, [0])  # exact in float32; bfloat16 would round it to 3.0156
+            tensor([3.0117])
+        """
+        value = self.fn(_at_least_float32(logits), _at_least_float32(baseline_logits), batch)
         value = torch.as_tensor(value, dtype=torch.float32)
         if value.dim() == 0:
             value = value.expand(len(batch))
@@ -49,6 +75,13 @@ class Metric:
                 f"metric {self.name!r} returned shape {list(value.shape)}; expected one value per prompt, [{len(batch)}]"
             )
         return value
+
+
+def _at_least_float32(logits):
+    """Half-precision logits upcast to float32 (differentiably); anything else as it is."""
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dtype != torch.float64:
+        return logits.float()
+    return logits
 
 
 def _token_column(batch, field: str) -> torch.Tensor:

@@ -15,12 +15,14 @@ BASELINE = "baseline"
 
 def tidy_table(metrics, variants, value_of, label=repr):
     """One row per (variant, metric), after a baseline row (variant -1) per metric:
-    `value_of(variant_id, metric_name)` gives the mean metric value, -1 the unedited run's."""
+    `value_of(variant_id, metric_name)` gives the mean metric value, -1 the unedited run's (a
+    number or a one-element tensor of any dtype: the table holds float64)."""
     import pandas as pd
 
     rows = []
     for metric in metrics:
-        baseline = value_of(-1, metric.name)
+        # Python floats (float64 columns), whatever the values were computed in.
+        baseline = float(value_of(-1, metric.name))
         rows.append(
             {
                 "variant": -1,
@@ -37,7 +39,7 @@ def tidy_table(metrics, variants, value_of, label=repr):
             }
         )
         for v in variants:
-            value = value_of(v.id, metric.name)
+            value = float(value_of(v.id, metric.name))
             rows.append(
                 {
                     "variant": v.id,
