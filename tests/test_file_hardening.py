@@ -15,8 +15,8 @@ from conftest import CharTokenizer, build
 import splice
 from splice import metrics
 from splice.cli import main
-from splice.sweeps.checkpoint import Checkpoint
 from splice.config import load_config
+from splice.sweeps.checkpoint import Checkpoint
 
 DATA = [{"prompt": p, "correct": "a", "wrong": "c"} for p in ["abcde", "bcdefg", "cdefgh", "ghijk"]]
 TOKEN = 5  # read as a module global by the metrics below

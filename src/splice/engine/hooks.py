@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from ..architectures.table import Point
 from ..architectures.views import Call
 from ..errors import SpliceError
+from . import devices
 from .attention import AttentionRouting
 from .frame import Frame
 from .layout import Layout
@@ -134,13 +136,17 @@ class Dispatcher:
     with, after the edits of the input hook.
     """
 
-    __slots__ = ("engine", "entries", "arg", "field", "io", "layer_input_of", "handle")
+    __slots__ = ("engine", "entries", "arg", "field", "io", "layer_input_of", "offloaded", "placed", "handle")
 
     def __init__(self, engine: Engine, module: nn.Module, io: str, entries: list):
         self.engine, self.entries, self.io = engine, entries, io
         point = entries[0][1]
         self.arg, self.field = point.arg, point.field
         self.layer_input_of: int | None = None  # layer whose residual input this hook saves, if any
+        # Under accelerate (a model split across devices): the module's weights may rest on "meta"
+        # between calls, and its inputs may arrive from another device.
+        self.offloaded = devices.offloaded(module)
+        self.placed = hasattr(module, "_hf_hook")
         if io == "input":
             self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
         else:
@@ -184,17 +190,36 @@ class Dispatcher:
             action = plan.get(site.name)
             if action is None:
                 continue
-            layer_input = frame.layer_inputs.get(site.layer) if point.needs_layer_input else None
+            layer_input = self._layer_input(frame, site.layer, full) if point.needs_layer_input else None
             call = self._call(module, full, args, kwargs, point.arg) if point.needs_call else None
-            x = point.view.read(full, layer_input, call)
-            edited = self.engine.process(action, x, frame)
-            if edited is not x:
-                new_full = point.view.write(full, edited, layer_input, call)
-                check_same(site.name, full, new_full, "edited tensor")
-                full = new_full
+            if call is not None and self.offloaded:
+                # The view reads the module's weights, which rest on "meta" outside its forward.
+                with devices.loaded(module):
+                    full = self._site(site.name, point, action, full, frame, layer_input, call)
+            else:
+                full = self._site(site.name, point, action, full, frame, layer_input, call)
         if self.layer_input_of is not None:
             frame.layer_inputs[self.layer_input_of] = full
         return full
+
+    def _site(
+        self,
+        name: str,
+        point: Point,
+        action: Action,
+        full: torch.Tensor,
+        frame: Frame,
+        layer_input: torch.Tensor | None,
+        call: Call | None,
+    ) -> torch.Tensor:
+        """The module tensor after one site's action: read through the view, edit, write back."""
+        x = point.view.read(full, layer_input, call)
+        edited = self.engine.process(action, x, frame)
+        if edited is x:
+            return full
+        new_full = point.view.write(full, edited, layer_input, call)
+        check_same(name, full, new_full, "edited tensor")
+        return new_full
 
     def _call(self, module: nn.Module, full: torch.Tensor, args: tuple, kwargs: dict, arg: str) -> Call:
         """The call a view sees: on an input hook the input is `full` as edited so far; on an
@@ -202,13 +227,27 @@ class Dispatcher:
         if self.io == "input":
             return Call(module, full)
         if args:
-            return Call(module, args[0])
-        if arg not in kwargs:
+            given = args[0]
+        elif arg in kwargs:
+            given = kwargs[arg]
+        else:
             raise SpliceError(
                 f"{type(module).__name__} was called with neither a positional input nor {arg}=: "
                 f"the sites read from its input cannot be computed (keywords: {', '.join(kwargs) or 'none'})"
             )
-        return Call(module, kwargs[arg])
+        # As the module saw it: accelerate moves a split model's inputs to the module's device.
+        return Call(module, devices.to_module(given, module) if self.placed else given)
+
+    @staticmethod
+    def _layer_input(frame: Frame, layer: int | None, full: torch.Tensor) -> torch.Tensor | None:
+        """The layer's saved residual input, on `full`'s device: a layer of a split model is
+        given its input on the previous layer's device (accelerate moves it inside the call)."""
+        if layer is None:
+            return None
+        saved = frame.layer_inputs.get(layer)
+        if saved is not None and saved.device != full.device:
+            saved = frame.layer_inputs[layer] = saved.to(full.device)
+        return saved
 
 
 class Forward:

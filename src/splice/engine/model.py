@@ -69,8 +69,12 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """The device of the model's first parameter (where inputs are sent)."""
-        return next(self.hf.parameters()).device
+        """Where inputs are sent: the device the input embedding computes on. For a model split
+        across devices by accelerate (`device_map=...`) that is the first block's device, never
+        "meta" (where offloaded weights rest); otherwise the model's device."""
+        from .devices import input_device  # here: only this property of the module is devices-aware
+
+        return input_device(self.hf)
 
     @property
     def sites(self) -> dict[str, tuple]:

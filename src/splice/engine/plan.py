@@ -264,13 +264,19 @@ def apply_edit(
     region = locate(edit.pos, edit.heads, edit.dims, edit.rows, tuple(x.shape), axes, frame, name)
     if region is None:
         return x
-    selected = x[region.index]
-    values = edit.compute(
-        selected, At(name, region.index, tuple(x.shape), region.masked, region.trailing, axes)
+    # Per-row positions come from the forward's mask, on the input device; a model split across
+    # devices (accelerate) computes this site elsewhere. CPU indices index any tensor.
+    index = tuple(
+        i.to(x.device)
+        if isinstance(i, torch.Tensor) and i.device.type != "cpu" and i.device != x.device
+        else i
+        for i in region.index
     )
+    selected = x[index]
+    values = edit.compute(selected, At(name, index, tuple(x.shape), region.masked, region.trailing, axes))
     check_same(name, selected, values, f"{type(edit).__name__} result")
     out = x.clone()
-    out[region.index] = values
+    out[index] = values
     return out
 
 

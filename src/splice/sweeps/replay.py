@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from ..engine import devices
 from ..engine.frame import Frame
 from ..engine.sites import Site
 from ..errors import SpliceError
@@ -119,25 +120,33 @@ class PrefixReplay:
         hidden, active = None, 0
         with self.model.engine.forward(Frame(n * starts.count(starts[0]), seq, 0)) as forward:
             for i in range(starts[0], len(self.layers)):
+                layer = self.layers[i]
                 joining = starts.count(i)
                 if joining:
                     new = self.inputs[i].repeat(joining, *([1] * (self.inputs[i].dim() - 1)))
-                    hidden = new if hidden is None else torch.cat([hidden, new])
+                    hidden = new if hidden is None else torch.cat([hidden, new.to(hidden.device)])
                     active += joining
                     # The frame describes the rows present now; which edits fired carries over.
                     forward.retarget(
                         n * active, self.mask.repeat(active, 1) if self.mask is not None else None
                     )
+                assert hidden is not None  # starts[0] joins at the first layer replayed
+                # In a model split across devices each layer computes on its own device; the
+                # call arguments (masks, rotary tables) are moved by accelerate's own hook.
+                hidden = devices.to_module(hidden, layer)
                 args, kwargs = self.calls[i]
-                out = self.layers[i](hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
+                out = layer(hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
                 hidden = out[0] if isinstance(out, tuple) else out
-            hidden = self.final_norm(hidden)
+            assert hidden is not None
+            hidden = self.final_norm(devices.to_module(hidden, self.final_norm))
             if tail is not None:
                 hidden = hidden[:, -tail:]
-            logits = self.unembed(hidden)
+            logits = self.unembed(devices.to_module(hidden, self.unembed))
             if self.logits_transform is not None:
                 logits = self.logits_transform(logits)
-        return logits
+        # Where the model's own forward returns them (accelerate returns a split model's
+        # outputs to the input's device), so metrics compare them with the baseline directly.
+        return logits.to(self.logits.device)
 
     def check(self) -> None:
         """A replay of two copies, one joining at the second-to-last layer and one at the last,
@@ -152,7 +161,9 @@ class PrefixReplay:
             last = len(self.layers) - 1
             again = self.replay([max(0, last - 1), last], self.tail)
         expected = self.logits.repeat(2, *([1] * (self.logits.dim() - 1)))
-        if again.shape != expected.shape or not torch.allclose(again, expected, rtol=1e-4, atol=1e-4):
+        # Half precision: two ulps of the largest logit, never less than 1e-4.
+        atol = max(1e-4, 2 * torch.finfo(expected.dtype).eps * float(expected.abs().max()))
+        if again.shape != expected.shape or not torch.allclose(again, expected, rtol=1e-4, atol=atol):
             raise SpliceError(
                 f"replaying {type(self.model.hf).__name__}'s layers does not reproduce its logits "
                 f"(shapes {list(again.shape)} vs {list(expected.shape)}); run the sweep with prefix_reuse=False"

@@ -14,6 +14,7 @@ from itertools import product
 
 import torch
 
+from ..engine import devices
 from ..engine.interventions import Intervention
 from ..errors import SpliceError
 from .checkpoint import Checkpoint
@@ -48,8 +49,8 @@ def fingerprint(model) -> str:
     """Identity of a model's weights and config, for checkpoint spec hashes."""
     digest = hashlib.sha256(type(model.hf).__name__.encode())
     digest.update(model.hf.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        sums = [float(p.double().sum()) for p in model.hf.parameters()]
+    with torch.no_grad():  # offloaded weights (accelerate) are read from where they rest
+        sums = [float(p.double().sum()) for p in devices.parameters(model.hf)]
     digest.update(json.dumps(sums).encode())
     return digest.hexdigest()
 
