@@ -11,6 +11,7 @@ Everything a user imports is listed in `__all__`; internals stay importable from
 import transformers as _transformers
 
 from . import analysis, geometry, lens, patching, plot, steering
+from .activations import ActivationStore, cache_activations
 from .architectures import ARCHITECTURES
 from .architectures.table import Architecture, Dims, Point
 from .compat import UntestedVersionWarning, check_transformers
@@ -24,7 +25,9 @@ from .engine.recording import Recording
 from .engine.sources import Mean, Patch, Resample
 from .errors import SpliceError
 from .loading import embedded_model_dir, load, load_hf
+from .spec import ModelSpec
 from .sweeps import metrics
+from .sweeps.ray_executor import RayExecutor
 from .sweeps.sweep import Sweep
 from .sweeps.tables import grid
 from .version import __version__ as __version__
@@ -34,6 +37,7 @@ __all__ = [
     "Model",
     "load",
     "load_hf",
+    "ModelSpec",
     "embedded_model_dir",
     "Edits",
     "Recording",
@@ -51,8 +55,12 @@ __all__ = [
     "Patch",
     "Mean",
     "Resample",
+    # activations to disk
+    "cache_activations",
+    "ActivationStore",
     # sweeps and features
     "Sweep",
+    "RayExecutor",
     "grid",
     "metrics",
     "analysis",
