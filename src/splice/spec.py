@@ -164,7 +164,6 @@ class ModelSpec:
             SpliceError: As `splice.load`, or if a factory returns something that is not a model.
         """
         from .engine.model import Model
-        from .loading import load_model
 
         if self.factory is None:
             return load_model(self, progress)
@@ -209,3 +208,65 @@ def spec_of(model: Any) -> ModelSpec:
             )
         return ModelSpec.parse(model.spec)
     return ModelSpec.parse(model)
+
+
+def load(spec: Any = None, progress: bool = False, **kwargs: Any) -> Model:
+    """A `splice.Model` for a model spec: a hub name, a local folder, None (the embedded
+    SmolLM2-135M), or a mapping with `model`, `dtype`, `device_map`, `attn_implementation`,
+    `revision`, `offload_folder` (see `splice.spec.ModelSpec`). The model remembers it (`m.spec`),
+    so that Ray workers can load the same model.
+
+    Args:
+        spec: The model spec; None (the default) is the embedded SmolLM2-135M-Instruct.
+        progress: Show transformers' per-load progress bars (off by default).
+        **kwargs: Loading options, merged into the spec: its keys (`dtype="bfloat16"`,
+            `device_map="auto"`, ...; a `torch.dtype` is accepted), anything else is passed to
+            `AutoModelForCausalLM.from_pretrained` as `options`.
+
+    Returns:
+        The model, wrapped, in eval mode, with its tokenizer and spec.
+
+    Raises:
+        SpliceError: As `load_hf`; for a malformed spec; or for a model splice has no table for.
+
+    Example:
+        >>> import splice
+        >>> splice.load("/no/such/model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: cannot load the model '/no/such/model': ...
+        >>> splice.load({"model": "embedded", "dtype": "fp16"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        splice.errors.SpliceError: model spec: dtype 'fp16' is not one of float32, bfloat16, float16, auto
+    """
+    parsed = ModelSpec.parse(spec)
+    if kwargs:
+        if parsed.factory is not None:
+            raise SpliceError(f"loading options {sorted(kwargs)} cannot be applied to a factory spec")
+        if "torch_dtype" in kwargs:  # transformers' older name
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        merged = {k: v for k, v in parsed.to_dict().items() if k != "options"}
+        options = dict(parsed.options or {})
+        for key, value in kwargs.items():
+            if key in KEYS and key != "options":
+                merged[key] = value
+            else:
+                options[key] = value
+        parsed = ModelSpec.parse({**merged, "options": options or None})
+    return parsed.load(progress)
+
+
+def load_model(spec: Any, progress: bool = False) -> Model:
+    """`spec.load()` for a named spec: `load_hf` with the spec's options, wrapped with the spec."""
+    from .engine.model import Model
+    from .loading import load_hf, quiet_loading
+
+    name = None if spec.is_embedded else spec.model
+    options = spec.from_pretrained_kwargs()
+    if progress:
+        model, tokenizer = load_hf(name, **options)
+    else:
+        with quiet_loading():
+            model, tokenizer = load_hf(name, **options)
+    return Model(model, tokenizer, spec=spec)

@@ -1,4 +1,6 @@
-"""Fingerprints of Python functions by value, for checkpoint identities.
+"""Fingerprints for checkpoint identities: of Python functions by value (custom metrics), and of
+a model's weights and config (`model_fingerprint`; also how a Ray worker proves it loaded the
+driver's model).
 
 What a function computes depends on its code and on every value the code reads from outside:
 default arguments, closure cells, the module globals it names (also from nested functions), and,
@@ -14,6 +16,7 @@ import builtins
 import dis
 import functools
 import hashlib
+import json
 import sys
 import sysconfig
 import types
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..engine import devices
 from ..errors import SpliceError
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis))
@@ -188,3 +192,13 @@ def _array(value, where: str) -> str:
             f"{where} is a numpy array of Python objects, which has no stable value to fingerprint"
         )
     return f"numpy:{value.dtype.str}:{list(value.shape)}:{hashlib.sha256(value.tobytes()).hexdigest()}"
+
+
+def model_fingerprint(model) -> str:
+    """Identity of a model's weights and config, for checkpoint spec hashes."""
+    digest = hashlib.sha256(type(model.hf).__name__.encode())
+    digest.update(model.hf.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():  # offloaded weights (accelerate) are read from where they rest
+        sums = [float(p.double().sum()) for p in devices.parameters(model.hf)]
+    digest.update(json.dumps(sums).encode())
+    return digest.hexdigest()

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SpliceError
 from .data import batches_of
+from .fingerprint import model_fingerprint
 from .shards import Shard, ShardRunner
 
 NO_RAY = "executor='ray' needs Ray: pip install 'splice[ray]' (ray 2.x)"
@@ -54,10 +55,8 @@ class ShardWorker:
 
     @staticmethod
     def _load(spec, fingerprint: str):
-        from .sweep import fingerprint as fingerprint_of
-
         model = spec.load()
-        if fingerprint_of(model) != fingerprint:
+        if model_fingerprint(model) != fingerprint:
             raise SpliceError(
                 f"the model a Ray worker loaded from the spec ({spec.describe()}) differs from the driver's "
                 "model (weights or config): the table would not be the driver's model's. Load the driver's "
@@ -206,8 +205,6 @@ class RayExecutor:
             SpliceError: For a model without a spec (saying how to give one), or a worker whose
                 model differs from the driver's. Whatever a shard raised, as its own type.
         """
-        from .sweep import fingerprint
-
         spec = getattr(model, "spec", None)
         if spec is None:
             raise SpliceError(
@@ -226,7 +223,7 @@ class RayExecutor:
         bar = None
         ok = False
         try:
-            actors = self._actors(ray, spec, fingerprint(model))  # loaded before the bar starts
+            actors = self._actors(ray, spec, model_fingerprint(model))  # loaded before the bar starts
             bar = make_bar()
             self._stream(ray, actors, shards, store, bar, run_id, job_box)
             ok = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,8 +22,37 @@ from .data import PromptBatch, source_batch
 from .metrics import Metric
 from .replay import PrefixReplay
 
-if TYPE_CHECKING:
-    from .sweep import Variant
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of a sweep: an intervention at a site, with labels for the table."""
+
+    id: int
+    site: str
+    intervention: Intervention
+    layer: int | None
+    head: int | None
+    pos: int | None
+
+    @property
+    def start_layer(self) -> int:
+        """First layer whose computation the variant changes (its replay starts there)."""
+        return (
+            0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs, besides the model, to compute any shard of one sweep run: the
+    metrics, the variants, the data rows and how they are batched."""
+
+    metrics: list[Metric]
+    variants: list[Variant]
+    items: list[dict]
+    batch_size: int
+    tail: int | None
+    prefix_reuse: bool
 
 
 @dataclass(frozen=True)

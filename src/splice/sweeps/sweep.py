@@ -9,50 +9,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from itertools import product
 
-import torch
-
-from ..engine import devices
 from ..engine.interventions import Intervention
 from ..errors import SpliceError
 from .checkpoint import Checkpoint
 from .data import as_items, batches_of, shortest_length
+from .fingerprint import model_fingerprint
 from .metrics import Metric
-from .shards import ShardRunner, plan_shards
+from .shards import Job, ShardRunner, Variant, plan_shards
 from .tables import tidy_table
 
 OVER = ("heads", "pos")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One cell of a sweep: an intervention at a site, with labels for the table."""
-
-    id: int
-    site: str
-    intervention: Intervention
-    layer: int | None
-    head: int | None
-    pos: int | None
-
-    @property
-    def start_layer(self) -> int:
-        """First layer whose computation the variant changes (its replay starts there)."""
-        return (
-            0 if self.layer is None and self.site == "embed" else self.layer if self.layer is not None else -1
-        )
-
-
-def fingerprint(model) -> str:
-    """Identity of a model's weights and config, for checkpoint spec hashes."""
-    digest = hashlib.sha256(type(model.hf).__name__.encode())
-    digest.update(model.hf.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():  # offloaded weights (accelerate) are read from where they rest
-        sums = [float(p.double().sum()) for p in devices.parameters(model.hf)]
-    digest.update(json.dumps(sums).encode())
-    return digest.hexdigest()
 
 
 class Sweep:
@@ -157,7 +125,7 @@ class Sweep:
         """What a checkpoint must match to be resumed: the model's weights, the variants, the
         data, the metrics and how they are batched."""
         spec = {
-            "model": fingerprint(model),
+            "model": model_fingerprint(model),
             "variants": [[v.site, v.intervention.to_dict()] for v in variants],
             "data": items,
             "metrics": [list(m.spec) for m in self.metrics],
@@ -278,19 +246,6 @@ class Sweep:
             return sum(values) / len(values)
 
         return tidy_table(self.metrics, variants, mean)
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a worker needs, besides the model, to compute any shard of one sweep run: the
-    metrics, the variants, the data rows and how they are batched."""
-
-    metrics: list[Metric]
-    variants: list[Variant]
-    items: list[dict]
-    batch_size: int
-    tail: int | None
-    prefix_reuse: bool
 
 
 def _remote_executor(executor):
