@@ -166,6 +166,18 @@ def test_recordings_are_the_undispatched_ones(pair):
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_weights_and_readouts_read_offloaded_modules(pair):
+    """TransformerLens-style weights and the unembedding read weights that rest on disk."""
+    plain, split, _ = pair
+    for name in ("W_E", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_O", "b_O"):
+        assert torch.equal(getattr(split, name), getattr(plain, name)), name
+    _, rec = plain.run(PROMPTS, record="final_norm")
+    resid = rec["final_norm"]
+    assert torch.equal(split.unembed(resid), plain.unembed(resid))
+    assert torch.equal(split.ln_final(resid), plain.ln_final(resid))
+    assert meta_parameters(split)  # the offloaded weights went back to disk after each read
+
+
 def test_generation_with_an_edit(pair):
     plain, split, _ = pair
     edits = {"blocks.1.resid_post": splice.Add(torch.linspace(-2, 2, plain.dims.d_model), pos=slice(5, None))}

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpliceError
+from . import devices, weights
 from . import tokens as tok
-from . import weights
 from .layout import Layout
 
 
@@ -31,10 +31,11 @@ def _check_resid(resid: Any, module: nn.Module, what: str, d_model: int) -> None
             "(a residual-stream tensor such as cache['final_norm'])"
         )
     param = next(module.parameters(), None)
-    if param is not None and (resid.dtype != param.dtype or resid.device != param.device):
+    device = devices.execution_device(module)  # not "meta" for weights accelerate offloads
+    if param is not None and (resid.dtype != param.dtype or (device is not None and resid.device != device)):
         raise SpliceError(
-            f"{what}: resid is {resid.dtype} on {resid.device}, the model is {param.dtype} on "
-            f"{param.device}: pass resid.to(m.device, {param.dtype})"
+            f"{what}: resid is {resid.dtype} on {resid.device}, the module computes in {param.dtype} on "
+            f"{device}: pass resid.to({str(device)!r}, {param.dtype})"
         )
 
 

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..architectures.table import Point
 from ..errors import SpliceError, valid_range
+from . import devices
 from .layout import Layout
 
 HEAD_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
@@ -37,12 +38,13 @@ class _View(Protocol):
 
 def in_out(module: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A projection's weight as `[d_in, d_out]` and its bias `[d_out]` (or None): views of the
-    parameters, not copies. `nn.Linear` stores `[out, in]`, transformers' `Conv1D` (GPT-2)
+    parameters, not copies (for a module accelerate offloads, of a copy loaded for the read).
+    `nn.Linear` stores `[out, in]`, transformers' `Conv1D` (GPT-2)
     `[in, out]`; nothing else is a projection splice knows how to read."""
-    if isinstance(module, nn.Linear):
-        return module.weight.T, module.bias
-    if isinstance(module, Conv1D):
-        return module.weight, module.bias
+    if isinstance(module, (nn.Linear, Conv1D)):
+        with devices.loaded(module):  # offloaded by accelerate: read from where the weights rest
+            weight, bias = module.weight, module.bias
+        return (weight.T if isinstance(module, nn.Linear) else weight), bias
     raise SpliceError(
         f"{path} is a {type(module).__name__}; splice reads the weights of nn.Linear and transformers' "
         "Conv1D projections only"
@@ -153,7 +155,7 @@ def embedding(model: nn.Module) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise SpliceError(f"the input embedding is a {type(module).__name__} without a 2-D weight")
     with torch.no_grad():
-        ids = torch.arange(weight.shape[0], device=weight.device)
+        ids = torch.arange(weight.shape[0], device=devices.execution_device(module) or weight.device)
         return module.forward(ids).detach().clone()
 
 
