@@ -66,11 +66,27 @@ def load(threads: int):
     return splice.load()
 
 
+def cache(model, texts: list[str], out: str, exact: bool = True) -> dict:
+    """`cache_activations` with this benchmark's sites and settings."""
+    from splice.activations import cache_activations
+
+    return cache_activations(
+        model,
+        texts,
+        SITES,
+        out,
+        batch_size=BATCH,
+        max_tokens=MAX_TOKENS,
+        shard_rows=SHARD_ROWS,
+        exact=exact,
+        progress=False,
+    )
+
+
 def child_memory(docs: int, threads: int) -> dict:
     """Cache `docs` documents; report the peak RSS before and after."""
     import torch
 
-    from splice.activations import cache_activations
     from splice.loading import identity
 
     model = load(threads)
@@ -81,16 +97,7 @@ def child_memory(docs: int, threads: int) -> dict:
     before = peak_mb()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        stores = cache_activations(
-            model,
-            texts,
-            SITES,
-            out,
-            batch_size=BATCH,
-            max_tokens=MAX_TOKENS,
-            shard_rows=SHARD_ROWS,
-            progress=False,
-        )
+        stores = cache(model, texts, out)
         seconds = time.perf_counter() - start
         store = stores[SITES[0]]
         return {
@@ -111,7 +118,6 @@ def child_speed(docs: int, rounds: int, threads: int) -> dict:
     import torch
 
     import splice
-    from splice.activations import cache_activations
     from splice.loading import identity
 
     model = load(threads)
@@ -126,21 +132,11 @@ def child_speed(docs: int, rounds: int, threads: int) -> dict:
                 batch = splice.tokens.left_pad(ids[i : i + BATCH], pad)
                 model.run(batch, record=SITES, stop_after_record=True, use_cache=False)
 
-    def cache(exact: bool) -> None:
+    def cached(exact: bool) -> None:
         with tempfile.TemporaryDirectory() as out:
-            cache_activations(
-                model,
-                texts,
-                SITES,
-                out,
-                batch_size=BATCH,
-                max_tokens=MAX_TOKENS,
-                shard_rows=SHARD_ROWS,
-                exact=exact,
-                progress=False,
-            )
+            cache(model, texts, out, exact=exact)
 
-    variants = {"plain": plain, "cache exact": lambda: cache(True), "cache padded": lambda: cache(False)}
+    variants = {"plain": plain, "cache exact": lambda: cached(True), "cache padded": lambda: cached(False)}
     plain()  # warm-up
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):

@@ -109,3 +109,14 @@ def hand_record(hf, family, site, ids) -> torch.Tensor:
     finally:
         handle.remove()
     return seen[0]
+
+
+def eager_attentions(hf, ids):
+    """HF's own attention probabilities (`output_attentions=True` under eager attention), the
+    model's attention implementation restored afterwards."""
+    original = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    try:
+        return hf(ids, output_attentions=True)
+    finally:
+        hf.set_attn_implementation(original)

@@ -24,6 +24,27 @@ def slow_logit(logits, clean, batch):
     return logits[:, -1, 1] - clean[:, -1, 1]
 
 
+def kill_after_lines(process, path: Path, lines: int, timeout: float = 240) -> None:
+    """SIGKILL `process` once the file at `path` has more than `lines` lines (some, not all, of a
+    run's checkpoint records); fails the test if the process ends first."""
+    import os
+    import signal
+
+    import pytest
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) > lines:
+            break
+        if process.poll() is not None:
+            pytest.fail(
+                f"the process finished or died before it could be killed: {process.stderr.read().decode()[-2000:]}"
+            )
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def job():
     torch.manual_seed(0)
     model = splice.Model(build("gpt2"), CharTokenizer())

@@ -486,7 +486,7 @@ def test_store_refuses_a_missing_corrupt_or_altered_cache(cached, tmp_path):
         splice.SpliceError, match=r"shard-00001.safetensors: shard file is \d+ bytes, the index says"
     ):
         ActivationStore(cached)
-    with pytest.raises(splice.SpliceError, match="a finished shard of this cache is"):
+    with pytest.raises(splice.SpliceError, match="a finished shard was altered: delete out_dir"):
         cache_activations(tiny(), TEXTS, SITES[0], cached, max_tokens=24, shard_rows=20, progress=False)
     shard.unlink()
     with pytest.raises(splice.SpliceError, match="shard file is missing"):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from handhooks import eager_attentions
 
 import splice
 
@@ -18,14 +19,10 @@ def pmodel(model):
 def test_pattern_agrees_with_hf_eager_attention(pmodel, hf, ids):
     if pmodel is None:
         return
+    original = hf.config._attn_implementation
     with torch.no_grad():
         _, rec = pmodel.run(ids, record=["blocks.*.attn.pattern", "blocks.*.attn.scores"])
-        original = hf.config._attn_implementation
-        hf.set_attn_implementation("eager")
-        try:
-            ref = hf(ids, output_attentions=True)
-        finally:
-            hf.set_attn_implementation(original)
+        ref = eager_attentions(hf, ids)
     assert hf.config._attn_implementation == original and pmodel.hook_count == 0
     for layer in range(pmodel.dims.n_layers):
         pattern = rec[f"blocks.{layer}.attn.pattern"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import CharTokenizer, build
 from families import FAMILIES
-from handhooks import hand_record, register
+from handhooks import eager_attentions, hand_record, register
 
 import splice
 from splice import metrics
@@ -181,12 +181,7 @@ def test_bf16_attention_pattern_agrees_with_hf_eager_attention(family, ids):
     hf, m = half(family)
     with torch.no_grad():
         _, rec = m.run(ids, record="blocks.*.attn.pattern")
-        original = hf.config._attn_implementation
-        hf.set_attn_implementation("eager")
-        try:
-            ref = hf(ids, output_attentions=True)
-        finally:
-            hf.set_attn_implementation(original)
+        ref = eager_attentions(hf, ids)
     for layer in range(m.dims.n_layers):
         pattern = rec[f"blocks.{layer}.attn.pattern"]
         assert pattern.dtype == ref.attentions[layer].dtype == BF16

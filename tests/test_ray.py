@@ -4,8 +4,6 @@ driver resumes from the checkpoint with or without Ray. One local cluster (2 CPU
 dashboard) serves the module."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray_job
+import sweep_job
 
 import splice
 from splice.spec import ModelSpec
@@ -120,17 +119,7 @@ def test_a_killed_driver_resumes_from_the_checkpoint_with_or_without_ray(cluster
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if checkpoint.exists() and len(checkpoint.read_text().splitlines()) > 6:
-            break
-        if driver.poll() is not None:
-            pytest.fail(
-                f"the driver finished or died before it could be killed: {driver.stderr.read().decode()[-2000:]}"
-            )
-        time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    sweep_job.kill_after_lines(driver, checkpoint, 6)
     done_before = len(records(checkpoint))
     assert 0 < done_before < TOTAL
     copy = tmp_path / "copy.jsonl"

@@ -1,11 +1,8 @@
 """Sweeps: batched variants with prefix reuse equal one-at-a-time runs; tables; checkpoints survive SIGKILL."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,17 +127,7 @@ def test_checkpoint_resumes_after_sigkill_without_recomputing(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait for some, not all, finished records
-        if path.exists() and len(path.read_text().splitlines()) > 8:
-            break
-        if job.poll() is not None:
-            pytest.fail(
-                f"sweep finished or died before it could be killed: {job.stderr.read().decode()[-2000:]}"
-            )
-        time.sleep(0.05)
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
+    sweep_job.kill_after_lines(job, path, 8)
     done_before = len(path.read_text().splitlines()) - 1
     total = (3 * 4 + 1) * 2  # (heads x layers + clean) x prompt batches
     assert 0 < done_before < total

@@ -240,3 +240,12 @@ def read(out_dir: Path) -> dict[str, Any]:
             f"the shards hold {rows} rows of {documents} documents, the totals say {data['rows']} of {data['documents']}"
         )
     return data
+
+
+def check_shard_size(path: Path, shard: dict[str, Any], advice: str) -> None:
+    """Refuse a shard file that is missing or not the size the index recorded, ending the
+    message with `advice` (what the caller's user should do)."""
+    size = path.stat().st_size if path.is_file() else None
+    if size != shard["bytes"]:
+        found = "missing" if size is None else f"{size} bytes"
+        raise SpliceError(f"{path}: shard file is {found}, the index says {shard['bytes']} bytes; {advice}")

@@ -79,14 +79,11 @@ class ActivationStore(Dataset):
         self.complete = bool(self.info["complete"])
         self._shards = self.info["shards"]
         for shard in self._shards:
-            file = self.path / shard["file"]
-            size = file.stat().st_size if file.is_file() else None
-            if size != shard["bytes"]:
-                found = "missing" if size is None else f"{size} bytes"
-                raise SpliceError(
-                    f"{file}: shard file is {found}, the index says {shard['bytes']} bytes; expected the "
-                    "shard cache_activations wrote (the cache was altered or copied in part)"
-                )
+            index.check_shard_size(
+                self.path / shard["file"],
+                shard,
+                "expected the shard cache_activations wrote (the cache was altered or copied in part)",
+            )
         self._starts = torch.tensor(
             [0, *itertools.accumulate(s["rows"] for s in self._shards)], dtype=torch.int64
         )

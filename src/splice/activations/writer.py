@@ -281,14 +281,9 @@ def _open(out: Path, wanted: dict[str, Any]) -> dict[str, Any]:
                 "cache of the same model, sites and settings to continue: use another out_dir, or delete this one"
             )
         for shard in current["shards"]:
-            path = out / shard["file"]
-            size = path.stat().st_size if path.is_file() else None
-            if size != shard["bytes"]:
-                found = "missing" if size is None else f"{size} bytes"
-                raise SpliceError(
-                    f"{path}: a finished shard of this cache is {found}, the index says {shard['bytes']} bytes; "
-                    "the cache was altered: delete out_dir and cache again"
-                )
+            index.check_shard_size(
+                out / shard["file"], shard, "a finished shard was altered: delete out_dir and cache again"
+            )
     else:
         _check_dir(out)
         current = wanted
