@@ -93,6 +93,27 @@ def test_patch_sweep_on_ray_equals_the_local_one(warm):
         assert (remote[column] - local[column]).abs().max() <= 1e-6
 
 
+def test_two_threads_sharing_an_executor_get_their_own_tables(warm, tmp_path):
+    """Sweeps from two threads on one executor take turns on its actors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = ray_job.driver_model()
+    local = ray_job.sweep(tmp_path / "local.log").run(model, ray_job.DATA, **ray_job.RUN)
+    other_data = [dict(row, prompt=row["prompt"][1:] + "z") for row in ray_job.DATA]
+    other_local = ray_job.sweep(tmp_path / "local2.log").run(model, other_data, **ray_job.RUN)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(
+            ray_job.sweep(tmp_path / "a.log").run, model, ray_job.DATA, executor=warm, **ray_job.RUN
+        )
+        second = pool.submit(
+            ray_job.sweep(tmp_path / "b.log").run, model, other_data, executor=warm, **ray_job.RUN
+        )
+        tables = first.result(timeout=300), second.result(timeout=300)
+    assert (tables[0]["value"] - local["value"]).abs().max() <= 1e-6
+    assert (tables[1]["value"] - other_local["value"]).abs().max() <= 1e-6
+    assert not tables[0]["value"].equals(tables[1]["value"])  # the two sweeps differ
+
+
 def test_a_worker_killed_mid_shard_costs_only_that_shard(warm, tmp_path):
     log = tmp_path / "calls.log"
     model = ray_job.driver_model()
@@ -170,8 +191,17 @@ def test_a_spec_that_loads_other_weights_is_refused(cluster, tmp_path):
 
 
 def test_executor_arguments_are_checked_at_construction():
-    with pytest.raises(splice.SpliceError, match="num_workers must be positive"):
-        RayExecutor(num_workers=0)
+    for bad, message in [
+        ({"num_workers": 0}, "num_workers must be a positive number"),
+        ({"num_workers": 2.5}, "num_workers is a whole number"),
+        ({"num_workers": True}, "num_workers is a whole number"),
+        ({"num_cpus": "1"}, "num_cpus must be a positive number"),
+        ({"num_gpus": -1}, "num_gpus must be a number >= 0"),
+        ({"max_retries": 1.5}, "max_retries is a whole number"),
+        ({"address": 6379}, "address is a string"),
+    ]:
+        with pytest.raises(splice.SpliceError, match=message):
+            RayExecutor(**bad)
     with pytest.raises(splice.SpliceError, match="executor= takes None, 'local', 'ray'"):
         ray_job.sweep("unused").run(ray_job.make_model(), ray_job.DATA, executor="dask", **ray_job.RUN)
 

@@ -13,6 +13,7 @@ the sweep and is raised in the driver as the original exception type.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Any
 
@@ -132,12 +133,22 @@ class RayExecutor:
         keep_workers: bool = False,
         runtime_env: dict[str, Any] | None = None,
     ):
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)):
+            raise SpliceError(f"RayExecutor: num_workers is a whole number of actors; got {num_workers!r}")
         for name, value in (("num_workers", num_workers), ("num_cpus", num_cpus)):
-            if value is not None and not value > 0:
-                raise SpliceError(f"RayExecutor: {name} must be positive; got {value!r}")
-        if num_gpus < 0 or max_retries < 0:
+            if value is not None and not (number(value) and value > 0):
+                raise SpliceError(f"RayExecutor: {name} must be a positive number; got {value!r}")
+        for name, value in (("num_gpus", num_gpus), ("max_retries", max_retries)):
+            if not (number(value) and value >= 0):
+                raise SpliceError(f"RayExecutor: {name} must be a number >= 0; got {value!r}")
+        if not isinstance(max_retries, int):
+            raise SpliceError(f"RayExecutor: max_retries is a whole number; got {max_retries!r}")
+        if address is not None and not isinstance(address, str):
             raise SpliceError(
-                f"RayExecutor: num_gpus and max_retries must be >= 0; got {num_gpus!r}, {max_retries!r}"
+                f"RayExecutor: address is a string such as 'auto' or 'ray://host:10001'; got {address!r}"
             )
         self.address, self.num_workers, self.num_cpus, self.num_gpus = (
             address,
@@ -148,6 +159,9 @@ class RayExecutor:
         self.max_retries, self.keep_workers, self.runtime_env = max_retries, keep_workers, runtime_env
         self._pool: tuple[tuple[str, str], list[Any]] | None = None  # (model key, actors)
         self._runs = 0
+        # One sweep at a time per executor: two threads sharing it would share (and, on a
+        # failure, release) each other's actors. A second thread's sweep waits for the first.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -215,6 +229,11 @@ class RayExecutor:
             )
         if not shards:
             return
+        with self._lock:
+            self._run(model, spec, job, shards, store, make_bar)
+
+    def _run(self, model, spec, job, shards: list[Shard], store, make_bar) -> None:
+        """`run` under the executor's lock: the actors, the stream, and the release."""
         ray = self.connect()
         input_ids = [b.input_ids.tolist() for b in batches_of(model, job.items, job.batch_size)]
         self._runs += 1
