@@ -32,9 +32,10 @@ demo: install
 	$(PY) examples/ioi_head_sweep.py out
 
 # The suite includes the doctests in src/, the README and docs code blocks, the docs build and
-# the notebooks (tests/test_docs.py, tests/test_notebooks.py); `check` is the linters and mypy.
+# the notebooks (tests/test_docs.py, tests/test_notebooks.py); `check` is the linters and mypy. The 15
+# slowest tests are listed at the end, to keep the suite within its ~20-minute budget.
 test: install check
-	$(PY) $(PYTEST) tests src/splice --doctest-modules
+	$(PY) $(PYTEST) tests src/splice --doctest-modules --durations=15
 
 check: install
 	$(PY) -m ruff check .
