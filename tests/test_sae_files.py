@@ -500,9 +500,14 @@ def test_head_sites(llama):
     )
     with pytest.raises(SpliceError, match="hook_head_index 6 is out of range"):
         ssae.check_fits(wrong, llama)
-    per_head = SparseAutoencoder(SAEConfig("standard", 48, 96, hook_name="blocks.1.attn.hook_z"))
-    with pytest.raises(SpliceError, match="8 wide per head; an SAE on the 48-wide flattened heads"):
-        ssae.check_fits(per_head, llama)
+    # Without SAELens' reshape flag, the flattened heads are the only reading of a 48-wide SAE.
+    flat_unflagged = SparseAutoencoder(SAEConfig("standard", 48, 96, hook_name="blocks.1.attn.hook_z"))
+    assert ssae.check_fits(flat_unflagged, llama) == "blocks.1.attn.z"
+    one_head = SparseAutoencoder(SAEConfig("standard", 8, 32, hook_name="blocks.1.attn.hook_z"))
+    with pytest.raises(
+        SpliceError, match="6 heads x 8 flattened .an SAE of one head's vectors needs a hook_head_index"
+    ):
+        ssae.check_fits(one_head, llama)
 
 
 # -- any module with encode/decode ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .engine.layout import Layout
 from .engine.model import Model
 from .engine.recording import Recording
 from .engine.sources import Mean, Patch, Resample
+from .engine.spliced import SAE
 from .errors import SpliceError
 from .loading import embedded_model_dir, load_hf
 from .spec import ModelSpec, load
@@ -55,6 +56,7 @@ __all__ = [
     "Patch",
     "Mean",
     "Resample",
+    "SAE",
     # activations to disk
     "cache_activations",
     "ActivationStore",

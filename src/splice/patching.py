@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .engine.autoencoders import d_sae_of
 from .engine.frame import Frame
 from .engine.interventions import Add
 from .engine.selection import locate
@@ -109,8 +110,15 @@ def _source_metrics(model, items, metrics: list[Metric], source: str, batch_size
     return {name: sum(v) / len(v) for name, v in per_metric.items()}
 
 
-def _sweep(sites, over, metrics, source) -> Sweep:
-    return Sweep(sites=sites, interventions=Patch(source), over=over, metrics=metrics, name="patching")
+def _sweep(sites, over, metrics, source, features=None) -> Sweep:
+    return Sweep(
+        sites=sites,
+        interventions=Patch(source),
+        over=over,
+        metrics=metrics,
+        name="patching",
+        features=features,
+    )
 
 
 def patch_sweep(
@@ -121,6 +129,7 @@ def patch_sweep(
     metrics=(),
     source: str = "clean",
     batch_size: int = 16,
+    features=None,
     **run_kwargs,
 ):
     """Exact activation patching from the `source` field's run into the corrupted prompts, one
@@ -132,10 +141,12 @@ def patch_sweep(
         data: dicts with the corrupted `"prompt"`, the `source` field's prompt (same length in
             tokens) and the metrics' fields.
         sites: the sites to patch (name, alias, glob or list).
-        over: `"pos"`, `"heads"`, both as a tuple, or None (whole sites).
+        over: `"pos"`, `"heads"`, both as a tuple, `"features"` (the latents of an SAE attached
+            with `Model.attach`, at an `<site>.sae.acts` sub-site), or None (whole sites).
         metrics: one `Metric` or a list.
         source: the data field whose run the activations come from.
         batch_size: prompts per forward.
+        features: with `over="features"`: a list of latents, `"top:N"` or None (every latent).
 
     Returns:
         The sweep's table plus `source` and `normalised` (see `splice.sweeps.tables`).
@@ -143,18 +154,22 @@ def patch_sweep(
     For the other direction (corrupt -> clean, "noising"), put the clean prompt in "prompt" and
     name the corrupted field as `source`: the columns keep their meaning (`baseline` = the
     unpatched run of "prompt", `source` = the run patched from), so nothing is relabelled."""
-    sweep = _sweep(sites, over, metrics, source)
+    sweep = _sweep(sites, over, metrics, source, features)
     items = as_items(data)
     raw = sweep.run(model, items, batch_size=batch_size, **run_kwargs)
     return patching_table(raw, _source_metrics(model, items, sweep.metrics, source, batch_size))
 
 
 def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
-    sizes = {"batch": batch, "pos": seq, "k_pos": seq}
-    return [
-        sizes.get(a, s)
-        for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))
+    sizes: dict[str, int | None] = {"batch": batch, "pos": seq, "k_pos": seq}
+    if name.endswith(".sae.acts"):
+        sizes["d_sae"] = d_sae_of(model.attached(name))
+    shape = [
+        sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))
     ]
+    if any(size is None for size in shape):
+        raise SpliceError(f"attribution at {name}: the attached SAE does not say how many latents it has (d_sae)")
+    return [int(size) for size in shape if size is not None]
 
 
 def _region_sums(delta: torch.Tensor, intervention, axes, frame: Frame, name: str) -> torch.Tensor:
@@ -184,13 +199,16 @@ def attribution(
     metrics=(),
     source: str = "clean",
     batch_size: int = 16,
+    features=None,
 ):
     """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
     same columns) from one source forward and one corrupted forward + backward per prompt batch
     and metric: `value` = baseline + (source - corrupted activation) . d metric / d activation,
     summed over the variant's region. Arguments as `patch_sweep`. Gradients are taken with
-    `torch.autograd.grad`, so no parameter's `.grad` is touched."""
-    sweep = _sweep(sites, over, metrics, source)
+    `torch.autograd.grad`, so no parameter's `.grad` is touched. Over SAE latents
+    (`sites="<site>.sae.acts", over="features"`, inside `Model.attach`), the gradient of a latent
+    is the site's gradient through the SAE's decoder."""
+    sweep = _sweep(sites, over, metrics, source, features)
     items = as_items(data)
     batches = batches_of(model, items, batch_size)
     shortest = min(
@@ -199,7 +217,9 @@ def attribution(
         else b.input_ids.shape[1]
         for b in batches
     )
-    variants = sweep.variants(model, shortest)
+    variants = sweep.variants(
+        model, shortest, sweep.latents_for(model, batches) if "features" in sweep.over else None
+    )
     names = sorted({v.site for v in variants})
     per_variant: dict[tuple[int, str], list[float]] = {
         (v.id, m.name): [] for v in variants for m in sweep.metrics
@@ -249,7 +269,7 @@ def rank_correlation(a, b, column: str = "effect") -> float:
     tables whose variants are numbered differently cannot be silently correlated row by row;
     baseline rows are left out. Tables that share no edited cell, or in which one cell appears
     twice (several interventions per cell: filter first), are refused."""
-    key = ["site", "head", "pos", "metric"]
+    key = ["site", "head", "pos", "metric"] + (["feature"] if "feature" in a and "feature" in b else [])
 
     def cells(table, which):
         rows = table[table.variant >= 0]
@@ -258,7 +278,8 @@ def rank_correlation(a, b, column: str = "effect") -> float:
                 f"rank_correlation: table {which} has several rows per (site, head, pos, metric); "
                 "filter it to one intervention per cell first"
             )
-        return rows.assign(head=rows["head"].fillna(-1), pos=rows["pos"].fillna(-1)).set_index(key)[column]
+        filled = {c: rows[c].fillna(-1) for c in ("head", "pos", "feature") if c in key}
+        return rows.assign(**filled).set_index(key)[column]
 
     left, right = cells(a, "a").align(cells(b, "b"), join="inner")
     if len(left) < 2:

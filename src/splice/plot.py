@@ -130,6 +130,62 @@ def sweep_heatmap(
     )
 
 
+def effect_bars(
+    table, path, metric: str | None = None, value: str = "effect", top: int = 20, title: str | None = None
+):
+    """Bar chart of a sweep table's largest effects (by absolute value), one bar per variant,
+    labelled by what it varied (`feature 812`, `L3 H5`, `L2 pos 4`, or the site); returns the
+    PNG's path. The picture for a sweep over SAE latents, whose variants have no grid.
+
+    Raises:
+        SpliceError: For a metric the table lacks, or a table with no variant rows.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from .errors import SpliceError
+
+    rows = table[table["variant"] >= 0]
+    if rows.empty:
+        raise SpliceError("effect_bars: the table has no variant rows")
+    metric = metric or rows["metric"].iloc[0]
+    rows = rows[rows["metric"] == metric]
+    if rows.empty:
+        raise SpliceError(
+            f"effect_bars: no rows for metric {metric!r}; the table has {sorted(set(table['metric']))}"
+        )
+    chosen = rows.reindex(rows[value].abs().sort_values(ascending=False).index).head(top)
+    labels = [_variant_label(r) for r in chosen.itertuples()]
+    values = chosen[value].to_numpy(dtype=float)
+    fig = Figure(figsize=(7.0, max(2.5, 0.28 * len(values) + 1.2)))
+    ax = fig.subplots()
+    ax.barh(np.arange(len(values)), values, color=["#b2182b" if v > 0 else "#2166ac" for v in values])
+    ax.set_yticks(np.arange(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", linewidth=0.6)
+    baseline = float(chosen["baseline"].iloc[0])
+    ax.set_xlabel(f"{metric} {value} (baseline {baseline:.3g})")
+    ax.set_title(title or f"{metric}: the {len(values)} largest {value}s")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _variant_label(row) -> str:
+    """What a table row varied, shortest first: its latent, its head, its position, else its site."""
+    parts = []
+    feature = getattr(row, "feature", None)
+    if feature is not None and feature == feature and str(feature) != "<NA>":
+        parts.append(f"feature {int(feature)}")
+    elif row.head is not None and str(row.head) != "<NA>":
+        parts.append(f"L{row.layer} H{row.head}")
+    elif row.pos is not None and str(row.pos) != "<NA>":
+        parts.append(f"L{row.layer} pos {row.pos}")
+    return ", ".join(parts) or str(row.site)
+
+
 def _write_cells(ax, image, grid, cell_text) -> None:
     """Write `cell_text[r][c]` in each cell, dark on light colours and light on dark."""
     from .errors import SpliceError

@@ -300,6 +300,11 @@ class Engine:
         """Whether this execution context has anything open on this model."""
         return self.state() is not None
 
+    def plan_here(self) -> Plan:
+        """The plan this context's open scopes make now (EMPTY if it has nothing open)."""
+        state = self.state()
+        return EMPTY if state is None else state.stack.plan(self.layout)
+
     def frame(self, full: torch.Tensor) -> Frame | None:
         """The current forward's frame in this context; a bare one (from the tensor's batch and
         sequence length) if a submodule was called directly while scopes are open; None if this
@@ -323,7 +328,7 @@ class Engine:
     ) -> torch.Tensor:
         """Apply one site's action (see `splice.engine.plan.apply_action`), user code isolated."""
         axes = self.layout.axes(action.site)
-        if not action.edits:
+        if not action.edits and action.attached is None:
             return apply_action(action, x, frame, axes, settle)
         with isolated():
             return apply_action(action, x, frame, axes, settle)
@@ -422,6 +427,7 @@ class Engine:
         frame.outer = state.frame if state else None
         if frame.plan is None:
             frame.plan = stack.plan(self.layout)
+        frame.plan.check_attached()
         _set_state(self, State(stack, frame))
 
     def swap(self, frame: Frame) -> None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..architectures import architecture_for, uses_attention_interface
 from ..architectures.table import Dims, Point
 from ..errors import SpliceError
-from .sites import POINT_AXES, Site, all_names, expand
+from .sites import Site, all_names, expand, site_axes
 
 
 class Layout:
@@ -79,7 +79,7 @@ class Layout:
                 continue
             self.points[name] = dataclasses.replace(point, module=path)
         self._resolved: dict[object, tuple[Site, ...]] = {}  # key -> sites; a key's meaning never changes
-        self._shapes: dict[str, tuple] = {}
+        self._shapes: dict[tuple[str, str | None], tuple] = {}
         self._hooks_of: dict[Site, tuple] = {}
         self._by_hook: dict[tuple[str, str], list[tuple[Site, Point]]] | None = None
 
@@ -163,17 +163,21 @@ class Layout:
 
     def axes(self, site: Site) -> tuple[str, ...]:
         """The site's axis names, e.g. `("batch", "pos", "head", "d_head")`."""
-        return POINT_AXES[site.point]
+        return site_axes(site)
 
     def shape(self, site: Site) -> tuple[int | None, ...]:
-        """The site's shape, with None for the axes that vary per forward (batch, pos, k_pos)."""
-        if site.point not in self._shapes:
-            self._shapes[site.point] = tuple(self.dims.size(axis) for axis in self.axes(site))
-        return self._shapes[site.point]
+        """The site's shape, with None for the axes that vary per forward (batch, pos, k_pos) and
+        for an SAE's `d_sae` (the attached SAE's, not the model's)."""
+        key = (site.point, site.part)
+        if key not in self._shapes:
+            self._shapes[key] = tuple(self.dims.size(axis) for axis in self.axes(site))
+        return self._shapes[key]
 
     def hooks_of(self, site: Site) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
         """(module path, io) of the hook that sees `site` (None for attention sites, which are
-        routed, not hooked), and of the layer-input hook whose tensor its view needs, if any."""
+        routed, not hooked), and of the layer-input hook whose tensor its view needs, if any.
+        An SAE sub-site is computed by the hook of the site the SAE is attached at."""
+        site = site.base
         if site not in self._hooks_of:
             point = self.point(site)
             hook = None if point.io == "attention" else (self.module_path(site), point.io)

@@ -18,12 +18,14 @@ import torch.nn as nn
 from ..errors import SpliceError
 from . import generation, readout, tl_hooks, weights
 from . import tokens as tok
+from .autoencoders import hook_name_of, site_of_hook
 from .edits import Edits, as_edits
 from .hooks import Opened, engine_for
 from .plan import EditScope, RecordScope, Scope, StopForward
 from .prompt_report import prompt_report
 from .recording import Recording
 from .sites import Site, SiteKey
+from .spliced import SAE
 from .tl_hooks import HookFn, NameFilter
 
 # What a forward accepts: text, a batch of texts, token ids, or a tokenizer's output.
@@ -120,6 +122,69 @@ class Model:
         scope = EditScope(as_edits(edits))
         with Opened(self.engine, (scope,)):
             yield scope.edits
+
+    @contextmanager
+    def attach(self, sae: Any, site: SiteKey | None = None, *, error_term: bool = True) -> Iterator[Edits]:
+        """Run `site` through a sparse autoencoder in every forward inside (this context only),
+        adding the sub-sites `<site>.sae.acts` (`[batch, pos, d_sae]`), `.sae.recon` and
+        `.sae.error`, which take edits and recordings like any site. The same as
+        `edit({site: splice.SAE(sae, error_term=error_term)})`; nest blocks to attach several.
+
+        Args:
+            sae: Any module with `encode` and `decode` (see `splice.sae`).
+            site: Where (one site); None: the SAE's own `hook_name` (`cfg.hook_name` or SAELens 6's
+                `cfg.metadata.hook_name`), through the TransformerLens aliases.
+            error_term: True (default): the model goes on with `recon + error`, so with no latent
+                edited it computes exactly what it did. False: with the reconstruction alone.
+
+        Raises:
+            SpliceError: For a site that is not one site, an SAE without a hook name when no site
+                is given, or an SAE whose width does not fit the site.
+
+        Example:
+            >>> import splice, torch, transformers
+            >>> from splice.sae import SAEConfig, SparseAutoencoder
+            >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+            >>> m = splice.Model(transformers.GPT2LMHeadModel(config).eval())  # tiny, random weights
+            >>> sae = SparseAutoencoder(SAEConfig("topk", 16, 64, k=4, hook_name="blocks.1.hook_resid_post"))
+            >>> ids = torch.tensor([[1, 2, 3]])
+            >>> with m.attach(sae), m.record("blocks.1.resid_post.sae.acts") as rec:
+            ...     same = m(ids)
+            >>> torch.equal(same, m(ids)), rec["blocks.1.resid_post.sae.acts"].shape
+            (True, torch.Size([1, 3, 64]))
+        """
+        item = SAE(sae, error_term=error_term)  # checks the SAE before the site, as a user reads the call
+        if site is None:
+            hook = hook_name_of(sae)
+            if hook is None:
+                raise SpliceError(
+                    f"{type(sae).__name__} has no hook_name (cfg.hook_name or cfg.metadata.hook_name): "
+                    "pass site= to attach it"
+                )
+            name = site_of_hook(hook, self.layout.n_layers, set(self.layout.points)).name
+        else:
+            names = self.resolve(site)
+            if len(names) != 1:
+                raise SpliceError(f"an SAE is attached at one site; {site!r} names {len(names)}")
+            name = names[0]
+        with self.edit({name: item}) as edits:
+            yield edits
+
+    def attached(self, site: SiteKey) -> Any:
+        """The SAE module attached at `site` in this context's open blocks, or None.
+
+        Example:
+            >>> import splice, transformers
+            >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+            >>> m = splice.Model(transformers.GPT2LMHeadModel(config).eval())
+            >>> m.attached("blocks.1.resid_post") is None
+            True
+        """
+        sites = self.layout.sites_of(site)
+        if len(sites) != 1:
+            raise SpliceError(f"attached() takes one site; {site!r} names {len(sites)}")
+        action = self.engine.plan_here().get(sites[0].base.name)
+        return None if action is None or action.attached is None else action.attached.sae.sae
 
     @contextmanager
     def record(self, sites: Any = "*", mode: str = "overwrite") -> Iterator[Recording]:

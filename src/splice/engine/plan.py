@@ -8,6 +8,7 @@ it imports neither.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -15,12 +16,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 from ..errors import SpliceError
+from .autoencoders import fit
 from .edits import Edits
 from .frame import Frame
 from .interventions import At, Intervention
 from .recording import Recording
 from .selection import axis_selector, locate
-from .sites import Site
+from .sites import Site, site_axes
+from .spliced import SAE, through
 
 if TYPE_CHECKING:
     from .layout import Layout
@@ -89,12 +92,18 @@ class EditScope(Scope):
         return self.edits.version
 
     def _compute_entries(self, layout: Layout) -> list[tuple[Site, Any]]:
-        """Every intervention checked against its site's static shape: a mistake surfaces at the
-        `with` line (or the assignment), not mid-forward."""
+        """Every intervention checked against its site's static shape, and every SAE against its
+        site's width: a mistake surfaces at the `with` line (or the assignment), not mid-forward.
+        (Latent indices at `.sae.acts` are checked by `build_plan`, which sees the attached SAE.)"""
         out = []
         for key, edit in self.edits.items_flat():
             for site in layout.sites_of(key):
-                check_static(edit, site.name, layout.axes(site), layout.shape(site))
+                if isinstance(edit, SAE):
+                    if site.part is not None:
+                        raise SpliceError(f"an SAE is attached at a site, not at the sub-site {site.name}")
+                    fit(edit.sae, site.name, layout.axes(site), layout.shape(site))
+                else:
+                    check_static(edit, site.name, layout.axes(site), layout.shape(site))
                 out.append((site, edit))
         return out
 
@@ -125,6 +134,24 @@ class Action:
     site: Site
     edits: tuple[Intervention, ...] = ()
     recorders: tuple[RecordScope, ...] = ()
+    attached: Attached | None = None
+
+
+@dataclass(frozen=True)
+class Attached:
+    """An SAE attached at a site, with what happens at its sub-sites (None: nothing there).
+
+    Attributes:
+        sae: The `SAE` edit.
+        head: The head a one-head SAE reads, else None.
+        acts, recon, error: The actions at `<site>.sae.acts`, `.sae.recon`, `.sae.error`.
+    """
+
+    sae: SAE
+    head: int | None
+    acts: Action | None = None
+    recon: Action | None = None
+    error: Action | None = None
 
 
 @dataclass(frozen=True)
@@ -140,9 +167,10 @@ class Plan:
     """
 
     actions: dict[str, Action] = field(default_factory=dict)
+    orphans: tuple[str, ...] = ()  # SAE sub-sites with edits or recorders but no SAE attached
 
     def __bool__(self) -> bool:
-        return bool(self.actions)
+        return bool(self.actions) or bool(self.orphans)
 
     def get(self, name: str) -> Action | None:
         """The action at a canonical site name, or None."""
@@ -150,7 +178,33 @@ class Plan:
 
     def unfired(self, fired: set[str]) -> list[str]:
         """Sites whose edits never ran (their module was not called) in a forward that fired `fired`."""
-        return [name for name, action in self.actions.items() if action.edits and name not in fired]
+        edited = [
+            sub
+            for action in self.actions.values()
+            for sub in (action, *_subactions(action))
+            if sub.edits and sub.site.name not in fired
+        ]
+        return [action.site.name for action in edited]
+
+    def check_attached(self) -> None:
+        """Refuse a forward whose edits or recordings name sub-sites of an SAE nobody attached.
+
+        Raises:
+            SpliceError: Naming them and how to attach one.
+        """
+        if self.orphans:
+            base = self.orphans[0].rsplit(".sae.", 1)[0]
+            raise SpliceError(
+                f"{', '.join(self.orphans)}: no SAE is attached at {base} in this forward; attach one with "
+                f"`with model.attach(sae, site={base!r})` or Edits({{{base!r}: splice.SAE(sae)}})"
+            )
+
+
+def _subactions(action: Action) -> tuple[Action, ...]:
+    attached = action.attached
+    if attached is None:
+        return ()
+    return tuple(a for a in (attached.acts, attached.recon, attached.error) if a is not None)
 
 
 EMPTY = Plan()
@@ -160,26 +214,57 @@ EMPTY = Plan()
 def build_plan(scopes: Iterable[Scope], layout: Layout) -> Plan:
     """The plan of the open scopes, in the order they were opened (closed ones are skipped).
 
+    An SAE's sub-sites are gathered under the site it is attached at; a sub-site with no SAE
+    attached is kept aside (`Plan.orphans`) and refused when a forward begins, so a context may
+    be opened before the one that attaches the SAE.
+
     Raises:
-        SpliceError: On a key or value that does not fit the model, before anything is
+        SpliceError: On a key or value that does not fit the model, a latent index beyond the
+            attached SAE's `d_sae`, or two SAEs attached at one site, before anything is
             installed.
     """
     edits: dict[str, list] = {}
     recorders: dict[str, list] = {}
+    saes: dict[str, SAE] = {}
     sites: dict[str, Site] = {}
     for scope in scopes:
         if scope.closed:
             continue
-        target = edits if isinstance(scope, EditScope) else recorders
         for site, item in scope.entries(layout):
             sites.setdefault(site.name, site)
-            target.setdefault(site.name, []).append(item)
-    return Plan(
-        {
-            name: Action(site, tuple(edits.get(name, ())), tuple(recorders.get(name, ())))
-            for name, site in sites.items()
-        }
-    )
+            if isinstance(item, SAE):
+                if site.name in saes and saes[site.name] is not item:
+                    raise SpliceError(
+                        f"two SAEs are attached at {site.name}; its sub-sites would be ambiguous (attach one per site)"
+                    )
+                saes[site.name] = item
+            else:
+                (edits if isinstance(scope, EditScope) else recorders).setdefault(site.name, []).append(item)
+
+    def action(name: str) -> Action:
+        return Action(sites[name], tuple(edits.get(name, ())), tuple(recorders.get(name, ())))
+
+    subs = {name for name, site in sites.items() if site.part is not None}
+    actions = {name: action(name) for name in sites if name not in subs}
+    for name, item in saes.items():
+        site = sites[name]
+        parts = {}
+        for part in ("sae.acts", "sae.recon", "sae.error"):
+            sub = f"{name}.{part}"
+            if sub in subs:
+                parts[part.split(".")[1]] = action(sub)
+                subs.discard(sub)
+        if "acts" in parts and item.d_sae is not None:
+            for edit in parts["acts"].edits:
+                check_static(
+                    edit,
+                    f"{name}.sae.acts",
+                    site_axes(Site(site.point, site.layer, "sae.acts")),
+                    (None, None, item.d_sae),
+                )
+        head = fit(item.sae, name, layout.axes(site), layout.shape(site))
+        actions[name] = dataclasses.replace(actions[name], attached=Attached(item, head, **parts))
+    return Plan(actions, tuple(sorted(subs)))
 
 
 def hook_points(sites: Iterable[Site], layout: Layout) -> tuple[HookPoints, bool]:
@@ -301,12 +386,29 @@ def apply_action(
             x = apply_edit(edit, x, name, axes, frame)
         if settle is not None and x is not produced:
             x = settle(x)
+    if action.attached is not None:
+        x = _through_sae(action.attached, x, frame)
     for scope in action.recorders:
         scope.recording.store(name, x)
     frame.fired.add(name)
     if any(scope.stop_when_complete and scope.recording.complete() for scope in action.recorders):
         raise StopForward(name)
     return x
+
+
+def _through_sae(attached: Attached, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """The site tensor after its attached SAE, each sub-site's action applied where the SAE
+    computes that tensor (see `splice.engine.spliced.through`)."""
+
+    def step(sub: Action | None):
+        if sub is None:
+            return None
+        axes = site_axes(sub.site)
+        return lambda t: apply_action(sub, t, frame, axes)
+
+    return through(
+        attached.sae, attached.head, x, step(attached.acts), step(attached.recon), step(attached.error)
+    )
 
 
 def _selected_size(sel, size: int | None, what: str, site: str) -> int | None:

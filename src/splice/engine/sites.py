@@ -53,6 +53,18 @@ GLOBAL_POINTS: dict[str, tuple[str, ...]] = {
 POINT_AXES: dict[str, tuple[str, ...]] = GLOBAL_POINTS | LAYER_POINTS
 """Every point and the axis names of its tensor."""
 
+# Sub-sites of a module spliced in at a site (`splice.SAE`, `Model.attach`): `<site>.sae.acts`
+# (the latents), `<site>.sae.recon` (their decoding) and `<site>.sae.error` (input - recon of the
+# unedited latents). They exist in a forward only where an SAE is attached.
+SAE_PARTS: dict[str, str] = {"sae.acts": "d_sae", "sae.recon": "", "sae.error": ""}
+"""Sub-site suffixes of an attached SAE -> the axis that replaces the site's trailing axes ("" keeps them)."""
+# SAELens' HookedSAETransformer names for the same tensors (after the SAE's hook name).
+SAELENS_PARTS = {
+    "hook_sae_acts_post": "sae.acts",
+    "hook_sae_recons": "sae.recon",
+    "hook_sae_error": "sae.error",
+}
+
 # TransformerLens hook names that denote exactly the same tensor as a splice site. Names whose
 # TransformerLens tensor differs (hook_embed is the token embedding without positions,
 # ln*.hook_normalized is before the norm's weight) are deliberately not aliased.
@@ -90,6 +102,25 @@ _ACT_NAMES = {
     "post": "mlp.post",
 }
 _LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
+_PART_RE = re.compile(
+    r"^(.+)\.(sae\.acts|sae\.recon|sae\.error|hook_sae_acts_post|hook_sae_recons|hook_sae_error)$"
+)
+
+
+def split_part(name: str) -> tuple[str, str | None]:
+    """(base site name, sub-site part or None): `"blocks.8.resid_post.sae.acts"` ->
+    `("blocks.8.resid_post", "sae.acts")`; SAELens' `hook_sae_*` suffixes are read as the same parts.
+
+    Example:
+        >>> split_part("blocks.8.hook_resid_post.hook_sae_acts_post")
+        ('blocks.8.hook_resid_post', 'sae.acts')
+        >>> split_part("blocks.8.resid_post")
+        ('blocks.8.resid_post', None)
+    """
+    m = _PART_RE.match(name)
+    if m is None:
+        return name, None
+    return m.group(1), SAELENS_PARTS.get(m.group(2), m.group(2))
 
 
 @dataclass(frozen=True)
@@ -101,24 +132,40 @@ class Site:
             `GLOBAL_POINTS` (`"embed"`, `"final_norm"`, `"logits"`).
         layer: The layer, from 0 (negative layers are resolved by `parse`); None for the
             global points.
+        part: None, or for a sub-site of an SAE attached there a key of `SAE_PARTS`
+            (`"sae.acts"`, `"sae.recon"`, `"sae.error"`).
 
     Example:
         >>> Site("attn.z", 3).name
         'blocks.3.attn.z'
         >>> str(Site("embed"))
         'embed'
+        >>> Site("resid_post", 8, "sae.acts").name
+        'blocks.8.resid_post.sae.acts'
     """
 
     point: str
     layer: int | None = None
+    part: str | None = None
 
     @cached_property  # read several times per hooked forward
     def name(self) -> str:
-        """The canonical name: `blocks.<layer>.<point>`, or the point for a global site."""
-        return self.point if self.layer is None else f"blocks.{self.layer}.{self.point}"
+        """The canonical name: `blocks.<layer>.<point>`, or the point for a global site, then
+        `.<part>` for a sub-site of an attached SAE."""
+        base = self.point if self.layer is None else f"blocks.{self.layer}.{self.point}"
+        return base if self.part is None else f"{base}.{self.part}"
+
+    @property
+    def base(self) -> Site:
+        """The site itself for a plain site; for an SAE sub-site, the site the SAE is attached at."""
+        return self if self.part is None else Site(self.point, self.layer)
 
     def __str__(self) -> str:
         return self.name
+
+    def __repr__(self) -> str:
+        part = "" if self.part is None else f", part={self.part!r}"
+        return f"Site(point={self.point!r}, layer={self.layer!r}{part})"
 
 
 def is_pattern(key: str) -> bool:
@@ -156,6 +203,8 @@ def canonical_name(key: SiteKey) -> str:
         'blocks.2.resid_post'
         >>> canonical_name("blocks.2.attn.hook_result"), canonical_name(("result", 2))
         ('blocks.2.attn.result', 'blocks.2.attn.result')
+        >>> canonical_name("blocks.8.hook_resid_post.hook_sae_acts_post")  # SAELens' name
+        'blocks.8.resid_post.sae.acts'
         >>> canonical_name(3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -169,6 +218,9 @@ def canonical_name(key: SiteKey) -> str:
         return f"blocks.{layer}.{point}"
     if not isinstance(key, str):
         raise SpliceError(f"a site is a string like 'blocks.3.attn.z' or a tuple like ('z', 3); got {key!r}")
+    base, part = split_part(key)
+    if part is not None:
+        return f"{canonical_name(base)}.{part}"
     m = _LAYER_RE.match(key)
     if m and m.group(2) in TL_HOOK_NAMES:
         return f"blocks.{m.group(1)}.{TL_HOOK_NAMES[m.group(2)]}"
@@ -187,6 +239,8 @@ def all_names(n_layers: int, points: set[str]) -> list[str]:
         `embed`, then each layer's sites in forward order, then `final_norm` and `logits`
         (each only if the model has it).
 
+    Sub-sites of attached SAEs are not listed: they exist only where an SAE is attached.
+
     Example:
         >>> all_names(2, {"embed", "resid_post", "attn.z", "logits"})
         ['embed', 'blocks.0.attn.z', 'blocks.0.resid_post', 'blocks.1.attn.z', 'blocks.1.resid_post', 'logits']
@@ -198,6 +252,19 @@ def all_names(n_layers: int, points: set[str]) -> list[str]:
     names += [f"blocks.{l}.{p}" for l in range(n_layers) for p in layer_points]
     names += [p for p in ("final_norm", "logits") if p in points]
     return names
+
+
+def site_axes(site: Site) -> tuple[str, ...]:
+    """A site's axis names; an SAE's latents replace the trailing axes by `d_sae`.
+
+    Example:
+        >>> site_axes(Site("attn.z", 3, "sae.acts")), site_axes(Site("attn.z", 3, "sae.error"))
+        (('batch', 'pos', 'd_sae'), ('batch', 'pos', 'head', 'd_head'))
+    """
+    axes = POINT_AXES[site.point]
+    if site.part is None or not SAE_PARTS[site.part]:
+        return axes
+    return axes[:2] + (SAE_PARTS[site.part],)
 
 
 def parse(name: str, n_layers: int, points: set[str]) -> Site:
@@ -224,7 +291,18 @@ def parse(name: str, n_layers: int, points: set[str]) -> Site:
         Traceback (most recent call last):
         ...
         splice.errors.SpliceError: layer 12 in site 'blocks.12.resid_post' is out of range: this model has 12 layers, valid 0..11 (or -12..-1)
+        >>> parse("blocks.-1.resid_post.sae.acts", 12, points)
+        Site(point='resid_post', layer=11, part='sae.acts')
     """
+    base, part = split_part(name)
+    if part is not None:
+        site = parse(base, n_layers, points)
+        if POINT_AXES[site.point][:2] != ("batch", "pos"):
+            raise SpliceError(
+                f"{name!r}: an SAE reads one vector per token, and {site.name} has axes "
+                f"[{', '.join(POINT_AXES[site.point])}]"
+            )
+        return Site(site.point, site.layer, part)
     if name in GLOBAL_POINTS or (name in points and "." not in name):
         if name not in points:
             raise SpliceError(f"site {name!r} is not available on this model")
@@ -272,6 +350,9 @@ def expand(key: SiteKey, n_layers: int, points: set[str]) -> list[Site]:
     name = canonical_name(key)
     if not is_pattern(name):
         return [parse(name, n_layers, points)]
+    base, part = split_part(name)
+    if part is not None:  # a glob of SAE sub-sites: `blocks.*.resid_post.sae.acts`
+        return [Site(site.point, site.layer, part) for site in expand(base, n_layers, points)]
     every = all_names(n_layers, points)
     matched = [n for n in every if fnmatch.fnmatchcase(n, name)]
     if not matched:

@@ -26,10 +26,11 @@ Example:
     'blocks.1.resid_post'
 """
 
+from ..engine.autoencoders import as_sae
 from .config import ARCHITECTURES, SAEConfig
 from .files import load, save
+from .latents import FeatureSteer, feature_direction, top_features
 from .modules import SparseAutoencoder
-from .protocol import as_sae
 from .sites import check_fits, resolve_site
 
 __all__ = [
@@ -41,4 +42,7 @@ __all__ = [
     "as_sae",
     "resolve_site",
     "check_fits",
+    "top_features",
+    "FeatureSteer",
+    "feature_direction",
 ]

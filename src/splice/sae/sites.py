@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.autoencoders import fit, hook_name_of, site_of_hook
 from ..engine.model import Model
-from ..engine.sites import POINT_AXES, TL_HOOK_NAMES, canonical_name, is_pattern, parse
+from ..engine.sites import POINT_AXES
 from ..errors import SpliceError
-from .protocol import hook_name_of, input_layout
-
-_ALIASES = ", ".join(f"blocks.<l>.{name}" for name in TL_HOOK_NAMES)
 
 
 def resolve_site(sae_or_hook_name: Any, model: Model | int) -> str:
@@ -56,21 +54,10 @@ def resolve_site(sae_or_hook_name: Any, model: Model | int) -> str:
                 "cfg.metadata.hook_name); name its site yourself"
             )
         hook = found
-    name = canonical_name(hook)
-    if is_pattern(name):
-        raise SpliceError(f"SAE hook_name {hook!r} is a pattern; expected one site")
-    if "hook_" in name:
-        raise SpliceError(
-            f"SAE hook_name {hook!r} has no splice site computing the same tensor; the TransformerLens "
-            f"hooks that have one are {_ALIASES} (name the site yourself if you know where it belongs)"
-        )
-    try:
-        if isinstance(model, Model):
-            return model.layout.sites_of(name)[0].name
-        if isinstance(model, int) and not isinstance(model, bool) and model > 0:
-            return parse(name, model, set(POINT_AXES)).name
-    except SpliceError as error:
-        raise SpliceError(f"SAE hook_name {hook!r}: {error}") from None
+    if isinstance(model, Model):
+        return site_of_hook(hook, model.layout.n_layers, set(model.layout.points)).name
+    if isinstance(model, int) and not isinstance(model, bool) and model > 0:
+        return site_of_hook(hook, model, set(POINT_AXES)).name
     raise SpliceError(f"resolve_site needs a splice.Model or its number of layers; got {model!r}")
 
 
@@ -117,36 +104,6 @@ def check_fits(sae: Any, model: Model, site: Any = None) -> str:
         if len(names) != 1:
             raise SpliceError(f"an SAE goes at one site; {site!r} names {len(names)}")
         name = names[0]
-    d_in, reshape, head = input_layout(sae)
-    shape = model.sites[name]
-    axes = POINT_AXES[model.layout.sites_of(name)[0].point]
-    heads = len(axes) == 4 and axes[-2] in ("head", "kv_head")
-    if reshape == "hook_z" or head is not None:
-        if not heads:
-            how = "reshape_activations 'hook_z'" if reshape == "hook_z" else f"hook_head_index {head}"
-            raise SpliceError(
-                f"an SAE with {how} reads attention heads; site {name!r} has none (shape {shape})"
-            )
-        n_heads, per_head = shape[-2], shape[-1]
-        if reshape == "hook_z":
-            width, what = n_heads * per_head, f"{n_heads} heads x {per_head} flattened"
-        else:
-            if not head < n_heads:
-                raise SpliceError(
-                    f"SAE hook_head_index {head} is out of range: site {name!r} has {n_heads} heads"
-                )
-            width, what = per_head, f"{per_head} wide for one head"
-    else:
-        width = shape[-1]
-        if not isinstance(width, int):
-            raise SpliceError(
-                f"site {name!r} has no fixed width (its last axis is {width}); an SAE cannot read it"
-            )
-        what = f"{width} wide"
-        if heads:
-            what += f" per head; an SAE on the {shape[-2] * shape[-1]}-wide flattened heads has reshape_activations 'hook_z'"
-    if width != d_in:
-        raise SpliceError(
-            f"SAE d_in {d_in} does not fit site {name!r}: its activations are {what} (shape {shape})"
-        )
+    site = model.layout.sites_of(name)[0]
+    fit(sae, name, model.layout.axes(site), model.layout.shape(site))
     return name

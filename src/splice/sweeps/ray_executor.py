@@ -93,7 +93,9 @@ class ShardWorker:
                     f"a Ray worker tokenised prompt batch {b} differently from the driver (is the spec's "
                     "tokenizer the driver's?)"
                 )
-        return ShardRunner(self.model, job.metrics, job.variants, batches, job.tail, job.prefix_reuse)
+        return ShardRunner(
+            self.model, job.metrics, job.variants, batches, job.tail, job.prefix_reuse, job.attach
+        )
 
 
 class RayExecutor:

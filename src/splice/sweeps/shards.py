@@ -9,6 +9,7 @@ batch share a single unedited forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Variant:
     layer: int | None
     head: int | None
     pos: int | None
+    feature: int | None = None
 
     @property
     def start_layer(self) -> int:
@@ -53,6 +55,9 @@ class Job:
     batch_size: int
     tail: int | None
     prefix_reuse: bool
+    attach: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # site -> splice.SAE the sweep goes through
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class ShardRunner:
         batches: The sweep's prompt batches, by index.
         tail: Unembed only the last `tail` positions (what the metrics read); None: all.
         prefix_reuse: False runs each variant as its own full forward (the reference path).
+        attach: {site: `splice.SAE`} attached around every forward (baseline included), for
+            sweeps over SAE latents.
     """
 
     def __init__(
@@ -143,8 +150,10 @@ class ShardRunner:
         batches: Sequence[PromptBatch],
         tail: int | None,
         prefix_reuse: bool = True,
+        attach: dict[str, Any] | None = None,
     ):
         self.model, self.metrics, self.tail, self.prefix_reuse = model, list(metrics), tail, prefix_reuse
+        self.attach = dict(attach or {})
         self.variants = {v.id: v for v in variants}
         self.batches = list(batches)
         self.batch: int | None = None  # the batch whose trace is kept
@@ -158,12 +167,18 @@ class ShardRunner:
         prefix-reusing sweep checks the replay."""
         if self.batch == b:
             return
-        self.prefix = PrefixReplay(self.model, self.batches[b].kwargs, self.tail)
-        if self.prefix_reuse and not self.checked:
-            self.prefix.check()
-            self.checked = True
-        bound = bind_sources(self.model, self.batches[b], list(self.variants.values()))
+        with self._attached():
+            self.prefix = PrefixReplay(self.model, self.batches[b].kwargs, self.tail)
+            if self.prefix_reuse and not self.checked:
+                self.prefix.check()
+                self.checked = True
+            bound = bind_sources(self.model, self.batches[b], list(self.variants.values()))
         self.batch, self.bound = b, {v.id: v for v in bound}
+
+    def _attached(self):
+        """The sweep's SAEs attached (nothing opened when it has none: an open context would
+        change how the baseline is computed)."""
+        return self.model.edit(self.attach) if self.attach else contextlib.nullcontext()
 
     def run(self, shard: Shard) -> list[dict[str, Any]]:
         """The records of one shard: the baseline's first if asked, then one per variant."""
@@ -174,7 +189,8 @@ class ShardRunner:
         chunk = [self.bound[i] for i in shard.variants]
         if not chunk:
             return records
-        logits = (self._batched if self.prefix_reuse else self._sequential)(batch, chunk)
+        with self._attached():
+            logits = (self._batched if self.prefix_reuse else self._sequential)(batch, chunk)
         n = len(batch)
         return records + [
             self.record(v.id, shard.batch, logits[j * n : (j + 1) * n]) for j, v in enumerate(chunk)

@@ -6,13 +6,16 @@ interrupted sweep resumes where it stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 from itertools import product
 
 from ..engine.interventions import Intervention
+from ..engine.spliced import SAE
 from ..errors import SpliceError
+from . import features as latents
 from .checkpoint import Checkpoint
 from .data import as_items, batches_of, shortest_length
 from .fingerprint import model_fingerprint
@@ -20,7 +23,9 @@ from .metrics import Metric
 from .shards import Job, ShardRunner, Variant, plan_shards
 from .tables import tidy_table
 
-OVER = ("heads", "pos")
+OVER = ("heads", "pos", "features")
+# The intervention field each `over` varies.
+_FIELD = {"heads": "heads", "pos": "pos", "features": "dims"}
 
 
 class Sweep:
@@ -35,14 +40,21 @@ class Sweep:
         interventions: one intervention or a list (`[Scale(s) for s in (0, .5, 2)]`); each is
             applied at each site. It must leave unset the field that `over` varies, and `rows=`.
         over: None (one variant per site x intervention), `"heads"` (one per head of a head
-            site), `"pos"` (one per position every prompt has), or `("heads", "pos")`.
+            site), `"pos"` (one per position every prompt has), `"features"` (one per SAE latent,
+            at an `<site>.sae.acts` sub-site: `dims=k`), or a tuple of them (`("heads", "pos")`).
         metrics: one `Metric` or a list (`splice.metrics`); at least one.
         variants: instead of sites/interventions, an explicit list of `(site, intervention)`.
         name: a label for progress bars and checkpoints.
+        features: with `over="features"`: a list of latents, `"top:N"` (the N with the largest
+            summed activation over the sweep's data, most active first), or None (every latent).
+        sae: with `over="features"`: the SAE to attach (a module, or `splice.SAE(module,
+            error_term=...)`) at the site whose latents are swept; None: the one the calling
+            context attached (`Model.attach`). It goes to Ray workers with the sweep.
 
     Raises:
-        SpliceError: at construction for a missing grid, an unknown `over`, or no metric; at
-            `variants`/`run` for a site that does not exist or an `over` its axes lack.
+        SpliceError: at construction for a missing grid, an unknown `over`, no metric, or a bad
+            `features=`; at `variants`/`run` for a site that does not exist, an `over` its axes
+            lack, or latents with no SAE attached.
 
     Example:
         >>> from splice import Sweep, Zero, metrics
@@ -53,7 +65,15 @@ class Sweep:
     """
 
     def __init__(
-        self, sites=None, interventions=None, over=None, metrics=(), variants=None, name: str = "sweep"
+        self,
+        sites=None,
+        interventions=None,
+        over=None,
+        metrics=(),
+        variants=None,
+        name: str = "sweep",
+        features=None,
+        sae=None,
     ):
         if variants is None and (sites is None or interventions is None):
             raise SpliceError("a Sweep needs sites= and interventions= (or an explicit variants= list)")
@@ -70,37 +90,46 @@ class Sweep:
             raise SpliceError("a Sweep needs at least one metric (see splice.sweeps.metrics)")
         self.explicit = list(variants) if variants is not None else None
         self.name = name
+        self.features = latents.parse_features(features)
+        if (features is not None or sae is not None) and "features" not in self.over:
+            raise SpliceError("features= and sae= go with over='features'")
+        # Wrapped once, so every attachment of this sweep is the same edit (one SAE per site).
+        self.sae = sae if sae is None or isinstance(sae, SAE) else SAE(sae)
 
     # -- the grid ------------------------------------------------------------------------------
-    def variants(self, model, seq: int) -> list[Variant]:
+    def variants(self, model, seq: int, features: list[int] | None = None) -> list[Variant]:
         """Every variant for `model` on inputs of at least `seq` tokens, numbered in order (the
-        table's `variant` column); positions range over 0..seq-1. Useful to count a sweep's cost
-        before running it."""
-        pairs = []
+        table's `variant` column); positions range over 0..seq-1, latents over `features` (as
+        `run` resolves them; default: this sweep's list, or every latent of the attached SAE).
+        Useful to count a sweep's cost before running it."""
+        if "features" in self.over and features is None:
+            features = self.latents_for(model, [])
+        pairs: list[tuple] = []
         if self.explicit is not None:
             for key, intervention in self.explicit:
-                pairs += [(site, intervention, None, None) for site in model.layout.sites_of(key)]
+                pairs += [(site, intervention, {}) for site in model.layout.sites_of(key)]
         else:
             for key in self.sites:
                 for site in model.layout.sites_of(key):
                     for intervention in self.interventions:
-                        pairs += self._expand(model, site, intervention, seq)
+                        pairs += self._expand(model, site, intervention, seq, features)
         out = []
-        for i, (site, intervention, head, pos) in enumerate(pairs):
+        for i, (site, intervention, chosen) in enumerate(pairs):
             if intervention.rows is not None:
                 raise SpliceError(f"{intervention!r}: a sweep assigns batch rows itself; leave rows= unset")
+            head, pos, feature = chosen.get("heads"), chosen.get("pos"), chosen.get("features")
             if head is None and isinstance(intervention.heads, int):
                 head = intervention.heads
             if pos is None and isinstance(intervention.pos, int):
                 pos = intervention.pos
-            out.append(Variant(i, site.name, intervention, site.layer, head, pos))
+            out.append(Variant(i, site.name, intervention, site.layer, head, pos, feature))
         return out
 
-    def _expand(self, model, site, intervention, seq):
+    def _expand(self, model, site, intervention, seq, features):
         axes = dict(zip(model.layout.axes(site), model.layout.shape(site)))
         ranges = []
         for over in self.over:
-            field_name = "heads" if over == "heads" else "pos"
+            field_name = _FIELD[over]
             if getattr(intervention, field_name) is not None:
                 raise SpliceError(
                     f"{intervention!r} already sets {field_name}=; the sweep varies it (over={over!r})"
@@ -110,22 +139,57 @@ class Sweep:
                 if size is None:
                     raise SpliceError(f"over='heads' but {site.name} has no head axis")
                 ranges.append(range(size))
+            elif over == "features":
+                if site.part != "sae.acts":
+                    raise SpliceError(
+                        f"over='features' varies SAE latents: sweep a '<site>.sae.acts' sub-site, not {site.name}"
+                    )
+                ranges.append(features)
             else:
                 ranges.append(range(seq))
         out = []
         for values in product(*ranges):
             chosen = dict(zip(self.over, values))
-            replaced = dataclasses.replace(
-                intervention, **{("heads" if k == "heads" else "pos"): v for k, v in chosen.items()}
-            )
-            out.append((site, replaced, chosen.get("heads"), chosen.get("pos")))
+            replaced = dataclasses.replace(intervention, **{_FIELD[k]: v for k, v in chosen.items()})
+            out.append((site, replaced, chosen))
         return out
 
-    def spec_hash(self, model, items, variants, batch_size, max_rows, mode) -> str:
+    def _bases(self, model) -> list[str]:
+        """The sites whose SAE latents this sweep edits, in order."""
+        keys = self.sites if self.explicit is None else [key for key, _ in self.explicit]
+        found = [
+            site.base.name for key in keys for site in model.layout.sites_of(key) if site.part is not None
+        ]
+        return list(dict.fromkeys(found))
+
+    def latents_for(self, model, batches) -> list[int]:
+        """The latents `over="features"` ranges over on these prompt batches (see
+        `splice.sweeps.features.resolve`); "top:N" needs the batches, the other forms do not."""
+        bases = self._bases(model)
+        if not bases:
+            raise SpliceError(
+                f"over='features' varies SAE latents: sweep a '<site>.sae.acts' sub-site; got {self.sites}"
+            )
+        attach = latents.attachments(model, bases, self.sae)
+        acts = [f"{base}.sae.acts" for base in bases]
+        if isinstance(self.features, int) and not batches:
+            raise SpliceError(f"features='top:{self.features}' is found from the data: Sweep.run resolves it")
+        chosen = [
+            latents.resolve(model, site, self.features, attach[site.rsplit(".sae.", 1)[0]], batches)
+            for site in acts
+        ]
+        if len(chosen) > 1 and any(c != chosen[0] for c in chosen):
+            raise SpliceError(
+                "over='features' across several SAEs would pair unrelated latents; sweep one SAE's latents at a time"
+            )
+        return chosen[0]
+
+    def spec_hash(self, model, items, variants, batch_size, max_rows, mode, attach=None) -> str:
         """What a checkpoint must match to be resumed: the model's weights, the variants, the
-        data, the metrics and how they are batched."""
+        data, the metrics and how they are batched, and the weights of the SAEs it goes through."""
         spec = {
             "model": model_fingerprint(model),
+            "saes": latents.digest(attach or {}),
             "variants": [[v.site, v.intervention.to_dict()] for v in variants],
             "data": items,
             "metrics": [list(m.spec) for m in self.metrics],
@@ -181,13 +245,18 @@ class Sweep:
         items = as_items(data)
         batches = batches_of(model, items, batch_size)
         seq = max(b.input_ids.shape[1] for b in batches)
-        variants = self.variants(model, shortest_length(batches))  # over="pos": positions every prompt has
+        bases = self._bases(model)
+        attach = latents.attachments(model, bases, self.sae) if bases else {}
+        with model.edit(attach) if attach else contextlib.nullcontext():
+            features = self.latents_for(model, batches) if "features" in self.over else None
+        # over="pos": positions every prompt has
+        variants = self.variants(model, shortest_length(batches), features)
         tails = [m.tail for m in self.metrics]
         tail = max(t for t in tails if t is not None) if None not in tails else None
         max_rows = max_rows or _default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
         store = (
-            Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode))
+            Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode, attach))
             if checkpoint
             else Checkpoint(None, "")
         )
@@ -212,7 +281,7 @@ class Sweep:
                 disable=not progress,
             )
 
-        job = Job(self.metrics, variants, items, batch_size, tail, prefix_reuse)
+        job = Job(self.metrics, variants, items, batch_size, tail, prefix_reuse, attach)
         if remote is not None:
             remote.run(model, job, [s for per_batch in shards for s in per_batch], store, bar)
         else:
@@ -222,7 +291,9 @@ class Sweep:
     @staticmethod
     def _run_here(model, job, batches, shards, store, make_bar) -> None:
         """The local executor: shards in order, one prompt batch's trace at a time."""
-        runner = ShardRunner(model, job.metrics, job.variants, batches, job.tail, job.prefix_reuse)
+        runner = ShardRunner(
+            model, job.metrics, job.variants, batches, job.tail, job.prefix_reuse, job.attach
+        )
         bar = None
         try:
             for b, per_batch in enumerate(shards):

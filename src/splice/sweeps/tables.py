@@ -16,7 +16,8 @@ BASELINE = "baseline"
 def tidy_table(metrics, variants, value_of, label=repr):
     """One row per (variant, metric), after a baseline row (variant -1) per metric:
     `value_of(variant_id, metric_name)` gives the mean metric value, -1 the unedited run's (a
-    number or a one-element tensor of any dtype: the table holds float64)."""
+    number or a one-element tensor of any dtype: the table holds float64). A sweep over SAE
+    latents adds a `feature` column after `pos`."""
     import pandas as pd
 
     rows = []
@@ -56,8 +57,12 @@ def tidy_table(metrics, variants, value_of, label=repr):
                 }
             )
     table = pd.DataFrame(rows)
-    for column in ("layer", "head", "pos"):
-        table[column] = table[column].astype("Int64")
+    if any(getattr(v, "feature", None) is not None for v in variants):
+        by_id = {v.id: v.feature for v in variants}
+        table.insert(table.columns.get_loc("pos") + 1, "feature", [by_id.get(i) for i in table["variant"]])
+    for column in ("layer", "head", "pos", "feature"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
     return table
 
 
