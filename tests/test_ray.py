@@ -93,6 +93,38 @@ def test_patch_sweep_on_ray_equals_the_local_one(warm):
         assert (remote[column] - local[column]).abs().max() <= 1e-6
 
 
+def test_a_feature_sweep_on_ray_takes_its_sae_along(warm):
+    """The SAE goes to the workers with the sweep's job; the table equals the local one."""
+    from test_sae_attach import make_sae
+
+    from splice import Sweep, Zero, metrics
+
+    model = ray_job.driver_model()
+    sae = make_sae(model.dims.d_model, "topk", seed=1)
+    acts = "blocks.1.resid_post.sae.acts"
+    run = dict(batch_size=2, progress=False)
+    sweep = Sweep(
+        sites=acts,
+        interventions=Zero(),
+        over="features",
+        features="top:5",
+        metrics=[metrics.logit_diff()],
+        sae=sae,
+    )
+    local = sweep.run(model, ray_job.DATA, **run)
+    with model.attach(sae, "blocks.1.resid_post"):  # or attached around the run: it travels the same way
+        remote = Sweep(
+            sites=acts,
+            interventions=Zero(),
+            over="features",
+            features="top:5",
+            metrics=[metrics.logit_diff()],
+        ).run(model, ray_job.DATA, executor=warm, max_rows=6, **run)
+    assert remote[["variant", "feature", "metric"]].equals(local[["variant", "feature", "metric"]])
+    assert (remote["value"] - local["value"]).abs().max() <= 1e-6
+    assert local["effect"].abs().max() > 0
+
+
 def test_two_threads_sharing_an_executor_get_their_own_tables(warm, tmp_path):
     """Sweeps from two threads on one executor take turns on its actors."""
     from concurrent.futures import ThreadPoolExecutor

@@ -164,3 +164,34 @@ def test_effect_bars_draws_the_largest_effects(tm, tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(SpliceError, match="no rows for metric 'nope'"):
         splice.plot.effect_bars(table, tmp_path / "x.png", metric="nope")
+
+
+def test_feature_sweep_reuses_the_layers_before_the_sae():
+    hf = build("llama")
+    m = splice.Model(hf, CharTokenizer())
+    sae = make_sae(m.dims.d_model, seed=9)
+    layers = hf.model.layers
+    calls = [0] * len(layers)
+    handles = [
+        layer.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        sweep = Sweep(
+            sites=ACTS,
+            interventions=Zero(),
+            over="features",
+            features=list(range(8)),
+            metrics=METRICS,
+            sae=sae,
+        )
+        sweep.run(m, DATA, batch_size=5, max_rows=20, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # One prompt batch: layer 0 runs once (the unedited trace); the SAE's layer 1 runs in the trace,
+    # in the replay check (which replays this 3-layer model's last two layers) and for the variants
+    # (twice: 8 variants x 5 rows in blocks of 20 rows). Layer 0 is never recomputed.
+    assert len(layers) == 3
+    assert calls[0] == 1
+    assert calls[1] == 1 + 1 + 2

@@ -165,10 +165,13 @@ def _probe_shape(model, name: str, batch: int, seq: int) -> list[int]:
     if name.endswith(".sae.acts"):
         sizes["d_sae"] = d_sae_of(model.attached(name))
     shape = [
-        sizes.get(a, s) for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))
+        sizes.get(a, s)
+        for a, s in zip(_axes(model, name), model.layout.shape(model.layout.sites_of(name)[0]))
     ]
     if any(size is None for size in shape):
-        raise SpliceError(f"attribution at {name}: the attached SAE does not say how many latents it has (d_sae)")
+        raise SpliceError(
+            f"attribution at {name}: the attached SAE does not say how many latents it has (d_sae)"
+        )
     return [int(size) for size in shape if size is not None]
 
 

@@ -402,17 +402,6 @@ class Apply(Intervention):
             )
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        """Always refused: a Python function cannot be written to a file.
-
-        Raises:
-            SpliceError: Always.
-        """
-        raise SpliceError(
-            f"{self!r} holds a Python function and cannot be serialised (to_dict, Edits.save): "
-            "rebuild it in code, or express the edit with serialisable interventions"
-        )
-
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
         inner = [name] + [

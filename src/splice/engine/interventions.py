@@ -472,6 +472,11 @@ class Intervention:
     rows: Index | None = field(default=None, kw_only=True)  # batch rows (per-row variants in one batch)
 
     serialisable: ClassVar[bool] = True
+    # What `to_dict` says after the intervention's repr when it is not serialisable.
+    refusal: ClassVar[str] = (
+        "holds a Python function and cannot be serialised (to_dict, Edits.save): rebuild it in code, "
+        "or express the edit with serialisable interventions"
+    )
     value_fields: ClassVar[dict[str, ValueField]] = {}  # field name -> how it is checked and named
 
     def __init_subclass__(cls, registered: bool = True, **kwargs: Any) -> None:
@@ -550,14 +555,14 @@ class Intervention:
             A record `Intervention.from_dict` rebuilds an equal intervention from.
 
         Raises:
-            SpliceError: For an intervention holding a Python function (`Apply`).
+            SpliceError: For an intervention holding a Python function (`Apply`) or a module (`SAE`).
 
         Example:
             >>> Scale(0.5, pos=-1).to_dict()
             {'type': 'Scale', 'pos': -1, 'factor': 0.5}
         """
         if not self.serialisable:
-            raise SpliceError(f"{type(self).__name__} holds a Python function and cannot be serialised")
+            raise SpliceError(f"{self!r} {self.refusal}")
         record = {"type": type(self).__name__}
         for name, value, default in self._fields():
             if value is not None or default is dataclasses.MISSING:

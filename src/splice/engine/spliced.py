@@ -71,6 +71,10 @@ class SAE(Intervention, registered=False):
     error_term: bool = True
 
     serialisable: ClassVar[bool] = False
+    refusal: ClassVar[str] = (
+        "holds an SAE module and cannot be serialised (to_dict, Edits.save): save the SAE with "
+        "splice.sae.save and attach it again in code"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,17 +97,6 @@ class SAE(Intervention, registered=False):
     def compute(self, region: torch.Tensor, at: At) -> torch.Tensor:
         """Not used: the plan runs an attached SAE through `through` (its sub-sites need the plan)."""
         raise SpliceError(f"SAE at {at.site} is applied by the hook engine, not as a region edit")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Always refused: an edits file holds interventions, not modules.
-
-        Raises:
-            SpliceError: Always.
-        """
-        raise SpliceError(
-            f"{self!r} holds an SAE module and cannot be serialised (to_dict, Edits.save): save the SAE with "
-            "splice.sae.save and attach it again in code"
-        )
 
     def __repr__(self) -> str:
         module = repr(self.sae).replace("\n", " ")
