@@ -109,3 +109,48 @@ def test_a_folder_that_holds_no_model_is_a_splice_error(tmp_path):
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(
         f"splice: cannot load the model '{tmp_path}'"
     ), out.stderr
+
+
+@pytest.mark.real
+def test_a_feature_sweep_config_reads_its_sae_folder_and_draws_bars(tmp_path, smol, monkeypatch, capsys):
+    import pandas as pd
+    import torch
+
+    import splice
+    from splice import SpliceError, cli
+    from splice.config import load_config
+    from splice.sae import SAEConfig, SparseAutoencoder
+
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(
+        SAEConfig("topk", 576, 1152, k=16, hook_name="blocks.20.hook_resid_post"),
+        {
+            "W_enc": torch.randn(576, 1152, generator=g) * 0.05,
+            "b_enc": torch.zeros(1152),
+            "W_dec": torch.randn(1152, 576, generator=g) * 0.05,
+            "b_dec": torch.zeros(576),
+        },
+    )
+    splice.sae.save(sae, tmp_path / "sae")
+    config = tmp_path / "features.yaml"
+    config.write_text(
+        "data: [{prompt: 'The keys of a dictionary are', answer: ' unique'}]\n"
+        "sweep: {sites: blocks.20.resid_post.sae.acts, interventions: [{type: Zero}], over: features,\n"
+        "        features: 'top:3', sae: sae}\n"
+        "metrics: [{answer_logprob: {answer: answer}}]\n"
+        "run: {progress: false}\n"
+        f"output: {{table: {tmp_path / 'out' / 'features.csv'}}}\n"
+    )
+    loaded = load_config(config)
+    assert loaded.sweep.features == 3 and torch.equal(loaded.sweep.sae.sae.W_dec, sae.W_dec)
+    monkeypatch.setattr(splice.spec, "load", lambda *a, **k: smol)  # the session's model, not a reload
+    assert cli.main(["sweep", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "bars: " in printed and " feature " in printed
+    table = pd.read_csv(tmp_path / "out" / "features.csv")
+    assert len(table.feature.dropna()) == 3 and (tmp_path / "out" / "features.png").stat().st_size > 1000
+    config.write_text(config.read_text().replace("sae: sae}", "sae: nowhere}"))
+    with pytest.raises(
+        SpliceError, match=r"features.yaml line 3 at \['sweep'\]\['sae'\]: .*nowhere: no such SAE folder"
+    ):
+        load_config(config)

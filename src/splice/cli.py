@@ -46,7 +46,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .errors import SpliceError
-    from .plot import sweep_heatmap
+    from .plot import effect_bars, sweep_heatmap
     from .spec import load
 
     config = load_config(args.config)
@@ -74,21 +74,19 @@ def _sweep(args: argparse.Namespace) -> int:
         baseline = table[(table["metric"] == metric) & (table["variant"] == -1)]["value"].iloc[0]
         print(f"\n{metric}: baseline {baseline:.4f}; the {top} variants with the largest effect")
         ranked = rows.reindex(rows["effect"].abs().sort_values(ascending=False).index).head(top)
-        print(
-            ranked[["site", "layer", "head", "pos", "intervention", "value", "effect", "relative"]].to_string(
-                index=False
-            )
-        )
+        labels = ["site", "layer", "head", "pos"] + (["feature"] if "feature" in table else [])
+        print(ranked[labels + ["intervention", "value", "effect", "relative"]].to_string(index=False))
     stem.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(stem.with_suffix(".csv"), index=False)
     table.to_json(stem.with_suffix(".jsonl"), orient="records", lines=True)
     print(f"\ntable: {stem.with_suffix('.csv')} and {stem.with_suffix('.jsonl')}")
     if output.get("heatmap", True):
-        picture = sweep_heatmap(
-            table,
-            output.get("heatmap") if isinstance(output.get("heatmap"), str) else stem.with_suffix(".png"),
+        where = output.get("heatmap") if isinstance(output.get("heatmap"), str) else stem.with_suffix(".png")
+        # Latents have no layer x head grid: their picture is the largest effects as bars.
+        picture = (
+            effect_bars(table, where, top=max(top, 20)) if "feature" in table else sweep_heatmap(table, where)
         )
-        print(f"heatmap: {picture}")
+        print(f"{'bars' if 'feature' in table else 'heatmap'}: {picture}")
     return 0
 
 

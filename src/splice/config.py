@@ -13,6 +13,10 @@ metrics:
 run: {batch_size: 8, checkpoint: out/sweep.jsonl}
 output: {table: out/sweep.csv, heatmap: out/sweep.png, top: 10}
 ```
+
+A sweep over SAE latents names the SAE's folder (SAELens' format, relative to the config file):
+`sweep: {sites: blocks.8.resid_post.sae.acts, interventions: [{type: Zero}], over: features,
+features: "top:50", sae: sae/}`; its picture is a bar chart of the largest effects.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import files
+from . import sae
 from .errors import SpliceError
 from .spec import ModelSpec
 from .sweeps import metrics as metric_fns
@@ -142,7 +147,7 @@ def _sweep(doc, raw: dict) -> Sweep:
         raise doc.error(
             ("sweep",), f"expected a mapping with sites, interventions, over; got {type(spec).__name__}"
         )
-    _known(doc, ("sweep",), spec, ("sites", "interventions", "over"))
+    _known(doc, ("sweep",), spec, ("sites", "interventions", "over", "features", "sae"))
     records = spec.get("interventions")
     if records is None:
         raise doc.error(("sweep",), "sweep.interventions is required, e.g. [{type: Zero}]")
@@ -150,6 +155,7 @@ def _sweep(doc, raw: dict) -> Sweep:
         files.intervention(doc, k, r) for k, r in files.items_at(("sweep", "interventions"), records)
     ]
     metrics = _metrics(doc, raw.get("metrics"))
+    attached = _sae(doc, spec.get("sae"))
     try:
         return Sweep(
             sites=spec.get("sites"),
@@ -157,9 +163,26 @@ def _sweep(doc, raw: dict) -> Sweep:
             over=spec.get("over"),
             metrics=metrics,
             name=raw.get("name", doc.path.stem),
+            features=spec.get("features"),
+            sae=attached,
         )
     except (SpliceError, TypeError) as error:
         raise doc.error(("sweep",), str(error)) from None
+
+
+def _sae(doc, folder):
+    """The SAE a feature sweep goes through, read from its folder (relative to the config file)."""
+    if folder is None:
+        return None
+    if not isinstance(folder, str):
+        raise doc.error(
+            ("sweep", "sae"), f"expected the path of an SAE folder (SAELens' format); got {folder!r}"
+        )
+    path = Path(folder) if os.path.isabs(folder) else doc.path.parent / folder
+    try:
+        return sae.load(path)
+    except SpliceError as error:
+        raise doc.error(("sweep", "sae"), str(error)) from None
 
 
 def _metrics(doc, entries) -> list:
