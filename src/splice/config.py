@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import files
 from . import sae
+from .engine import files
 from .errors import SpliceError
 from .spec import ModelSpec
 from .sweeps import metrics as metric_fns
