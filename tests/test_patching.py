@@ -147,3 +147,59 @@ def test_patch_field_sweep_refuses_missing_source_field(tmodel):
             progress=False,
         )
     assert tmodel.hook_count == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # a GQA family and a learned-position one
+def test_integrated_gradients_equal_a_hand_written_path_average(family):
+    tmodel = splice.Model(build(family), CharTokenizer())
+    hf = tmodel.hf
+    steps = 4
+    table = attribution(tmodel, EVEN, "blocks.1.resid_pre", "pos", [METRIC], steps=steps)
+    chunked = attribution(tmodel, EVEN, "blocks.1.resid_pre", "pos", [METRIC], steps=steps, max_rows=3)
+    assert (table.effect - chunked.effect).abs().max() <= 1e-6  # one step per forward == all at once
+    clean_ids, corrupt_ids = _ids(tmodel, "clean"), _ids(tmodel, "prompt")
+    site = "blocks.1.resid_pre"
+    clean_embed, corrupt_embed = (hand_record(hf, family, "embed", ids) for ids in (clean_ids, corrupt_ids))
+    clean_site, corrupt_site = (hand_record(hf, family, site, ids) for ids in (clean_ids, corrupt_ids))
+    total = torch.zeros_like(corrupt_site)
+    for i in range(steps):  # alpha = 0, 1/4, 2/4, 3/4: a hand-written hook at each point of the path
+        alpha = i / steps
+        grabbed = []
+
+        def leaf(t):
+            t = t.detach().requires_grad_(True)
+            grabbed.append(t)
+            return t
+
+        handles = [
+            register(hf, family, "embed", lambda t, a=alpha: corrupt_embed + a * (clean_embed - corrupt_embed)),
+            register(hf, family, site, leaf),
+        ]
+        try:
+            value = _logit_diff(hf(corrupt_ids).logits, tmodel)
+        finally:
+            for handle in handles:
+                handle.remove()
+        (grad,) = torch.autograd.grad(value.sum(), grabbed)
+        total += grad
+    estimate = ((clean_site - corrupt_site) * total / steps).sum(-1)
+    for pos in range(corrupt_ids.shape[1]):
+        row = table[table.pos == pos].iloc[0]
+        assert row.effect == pytest.approx(float(estimate[:, pos].mean()), abs=1e-5)
+    assert "integrated gradients in 4 steps" in table.intervention.iloc[1]
+    assert all(p.grad is None for p in hf.parameters())
+    assert tmodel.hook_count == 0
+
+
+def test_integrated_gradients_at_the_embedding_approach_the_exact_effect():
+    """Completeness: along the whole path, IG's estimate of patching the embedding converges to the
+    exact effect, which the one-step estimate misses."""
+    tmodel = splice.Model(build("llama"), CharTokenizer())
+    exact = patch_sweep(tmodel, EVEN, "embed", None, [METRIC], progress=False)
+    plain = attribution(tmodel, EVEN, "embed", None, [METRIC])
+    integrated = attribution(tmodel, EVEN, "embed", None, [METRIC], steps=64)
+    effect = lambda t: float(t[t.variant == 0].effect.iloc[0])  # noqa: E731
+    assert abs(effect(integrated) - effect(exact)) <= 0.05 * abs(effect(exact))
+    assert abs(effect(integrated) - effect(exact)) < abs(effect(plain) - effect(exact))
+    with pytest.raises(splice.SpliceError, match="steps must be a positive int"):
+        attribution(tmodel, EVEN, "embed", None, [METRIC], steps=0)

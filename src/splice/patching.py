@@ -16,7 +16,7 @@ import torch
 
 from .engine.autoencoders import d_sae_of
 from .engine.frame import Frame
-from .engine.interventions import Add
+from .engine.interventions import Add, Replace
 from .engine.selection import locate
 from .engine.sources import Patch
 from .errors import SpliceError
@@ -203,6 +203,8 @@ def attribution(
     source: str = "clean",
     batch_size: int = 16,
     features=None,
+    steps: int = 1,
+    max_rows: int | None = None,
 ):
     """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
     same columns) from one source forward and one corrupted forward + backward per prompt batch
@@ -210,7 +212,14 @@ def attribution(
     summed over the variant's region. Arguments as `patch_sweep`. Gradients are taken with
     `torch.autograd.grad`, so no parameter's `.grad` is touched. Over SAE latents
     (`sites="<site>.sae.acts", over="features"`, inside `Model.attach`), the gradient of a latent
-    is the site's gradient through the SAE's decoder."""
+    is the site's gradient through the SAE's decoder.
+
+    `steps > 1` is integrated gradients: the gradient is averaged over `steps` points of the
+    straight path from the corrupted prompts' embedding (`embed`) to the source prompts', as row
+    blocks of one forward and backward (`max_rows` rows each, default 256); `steps=1` is the
+    gradient at the corrupted run, exactly the plain estimate."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise SpliceError(f"steps must be a positive int (1: plain attribution patching); got {steps!r}")
     sweep = _sweep(sites, over, metrics, source, features)
     items = as_items(data)
     batches = batches_of(model, items, batch_size)
@@ -230,23 +239,18 @@ def attribution(
     baseline: dict[str, list[float]] = {m.name: [] for m in sweep.metrics}
     for batch in batches:
         clean = source_batch(model, batch, source)
-        with torch.no_grad(), model.record(names) as clean_acts:
+        recorded = names + (["embed"] if steps > 1 and "embed" not in names else [])
+        with torch.no_grad(), model.record(recorded) as clean_acts:
             model.hf(**clean.kwargs, use_cache=False)
         n, seq = batch.input_ids.shape
         frame = Frame(n, seq, 0, batch.kwargs.get("attention_mask"), batch.kwargs.get("position_ids"))
         for metric in sweep.metrics:
-            probes = {
-                name: torch.zeros(_probe_shape(model, name, n, seq), device=model.device, requires_grad=True)
-                for name in names
-            }
-            with (
-                torch.enable_grad(),
-                model.edit({name: Add(probe) for name, probe in probes.items()}),
-                model.record(names) as corrupt_acts,
-            ):
-                logits = model.hf(**batch.kwargs, use_cache=False).logits
-                values = metric(logits, logits.detach(), batch)
-                grads = torch.autograd.grad(values.sum(), [probes[name] for name in names], allow_unused=True)
+            if steps == 1:
+                values, corrupt_acts, grads = _corrupt_gradients(model, batch, names, metric, n, seq)
+            else:
+                values, corrupt_acts, grads = _path_gradients(
+                    model, batch, names, metric, clean_acts["embed"], steps, max_rows, n, seq
+                )
             baseline[metric.name] += values.tolist()
             deltas = {
                 name: ((clean_acts[name] - corrupt_acts[name]) * (0 if g is None else g)).detach().float()
@@ -260,8 +264,77 @@ def attribution(
         values = baseline[metric] if variant_id == -1 else per_variant[(variant_id, metric)]
         return sum(values) / len(values)
 
-    raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} (attribution)")
+    how = "attribution" if steps == 1 else f"attribution, integrated gradients in {steps} steps"
+    raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} ({how})")
     return patching_table(raw, _source_metrics(model, items, sweep.metrics, source, batch_size))
+
+
+def _corrupt_gradients(model, batch, names, metric, n: int, seq: int):
+    """The metric of the corrupted prompts, their activations at `names`, and the metric's
+    gradient at each (one forward and backward, probes of zeros added at every site)."""
+    probes = {
+        name: torch.zeros(_probe_shape(model, name, n, seq), device=model.device, requires_grad=True)
+        for name in names
+    }
+    with (
+        torch.enable_grad(),
+        model.edit({name: Add(probe) for name, probe in probes.items()}),
+        model.record(names) as corrupt_acts,
+    ):
+        logits = model.hf(**batch.kwargs, use_cache=False).logits
+        values = metric(logits, logits.detach(), batch)
+        grads = torch.autograd.grad(values.sum(), [probes[name] for name in names], allow_unused=True)
+    return values, {name: corrupt_acts[name] for name in names}, grads
+
+
+def _path_gradients(model, batch, names, metric, clean_embed, steps: int, max_rows: int | None, n: int, seq: int):
+    """Integrated gradients: the metric's gradient at `names`, averaged over `steps` points of the
+    straight path from the corrupted prompts' embedding to the clean prompts' (alpha = 0, 1/steps,
+    ..., (steps-1)/steps: alpha 0 is the corrupted run itself, so `values` and the corrupted
+    activations are those of `_corrupt_gradients`). Steps run as row blocks of one forward and
+    backward, at most `max_rows` rows each (default 256)."""
+    with torch.no_grad(), model.record("embed") as rec:
+        model.hf(**batch.kwargs, use_cache=False)
+    corrupt_embed = rec["embed"]
+    alphas = [i / steps for i in range(steps)]
+    per_forward = max(1, (max_rows or 256) // n)
+    totals: list[torch.Tensor | None] = [None] * len(names)
+    values, corrupt_acts = None, {}
+    for start in range(0, steps, per_forward):
+        chunk = alphas[start : start + per_forward]
+        k = len(chunk)
+        kwargs = {key: _tiled(value, k) for key, value in batch.kwargs.items()}
+        alpha = torch.tensor(chunk, dtype=corrupt_embed.dtype, device=corrupt_embed.device).repeat_interleave(n)
+        path = _tiled(corrupt_embed, k) + alpha.view(-1, *([1] * (corrupt_embed.dim() - 1))) * _tiled(
+            clean_embed.to(corrupt_embed.device) - corrupt_embed, k
+        )
+        probes = [
+            torch.zeros(_probe_shape(model, name, k * n, seq), device=model.device, requires_grad=True)
+            for name in names
+        ]
+        edits: dict = {"embed": [Replace(path)]}
+        for name, probe in zip(names, probes):
+            edits.setdefault(name, []).append(Add(probe))
+        with torch.enable_grad(), model.edit(edits), model.record(names) as acts:
+            logits = model.hf(**kwargs, use_cache=False).logits
+            copies = torch.cat([metric(logits[j * n : (j + 1) * n], logits[j * n : (j + 1) * n].detach(), batch) for j in range(k)])
+            grads = torch.autograd.grad(copies.sum(), probes, allow_unused=True)
+        if start == 0:
+            values = copies[:n].detach()
+            corrupt_acts = {name: acts[name][:n] for name in names}
+        for i, g in enumerate(grads):
+            if g is not None:
+                summed = g.view(k, n, *g.shape[1:]).sum(0)
+                totals[i] = summed if totals[i] is None else totals[i] + summed
+    assert values is not None  # steps >= 2: the first chunk holds alpha 0
+    return values, corrupt_acts, [None if t is None else t / steps for t in totals]
+
+
+def _tiled(value, k: int):
+    """`k` copies of a batch tensor, stacked along its first axis (anything else as it is)."""
+    if not isinstance(value, torch.Tensor) or k == 1:
+        return value
+    return value.repeat(k, *([1] * (value.dim() - 1)))
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:
