@@ -22,6 +22,7 @@ import splice  # noqa: E402
 from splice import metrics, patching  # noqa: E402
 
 STEPS = (1, 5, 20)
+PATHS = ("inputs", "sites")
 STUDIES = [("resid_pre x pos", "blocks.*.resid_pre", "pos"), ("attn.z x head", "blocks.*.attn.z", "heads")]
 
 

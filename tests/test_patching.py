@@ -172,7 +172,9 @@ def test_integrated_gradients_equal_a_hand_written_path_average(family):
             return t
 
         handles = [
-            register(hf, family, "embed", lambda t, a=alpha: corrupt_embed + a * (clean_embed - corrupt_embed)),
+            register(
+                hf, family, "embed", lambda t, a=alpha: corrupt_embed + a * (clean_embed - corrupt_embed)
+            ),
             register(hf, family, site, leaf),
         ]
         try:
@@ -186,7 +188,7 @@ def test_integrated_gradients_equal_a_hand_written_path_average(family):
     for pos in range(corrupt_ids.shape[1]):
         row = table[table.pos == pos].iloc[0]
         assert row.effect == pytest.approx(float(estimate[:, pos].mean()), abs=1e-5)
-    assert "integrated gradients in 4 steps" in table.intervention.iloc[1]
+    assert "integrated gradients in 4 steps along inputs" in table.intervention.iloc[1]
     assert all(p.grad is None for p in hf.parameters())
     assert tmodel.hook_count == 0
 
@@ -201,5 +203,15 @@ def test_integrated_gradients_at_the_embedding_approach_the_exact_effect():
     effect = lambda t: float(t[t.variant == 0].effect.iloc[0])  # noqa: E731
     assert abs(effect(integrated) - effect(exact)) <= 0.05 * abs(effect(exact))
     assert abs(effect(integrated) - effect(exact)) < abs(effect(plain) - effect(exact))
+    # Along each site's own path the estimate of patching a whole site converges to its exact
+    # effect too, site by site (here two layers' residual streams in one call).
+    sites = ["blocks.1.resid_pre", "blocks.2.resid_pre"]
+    exact = patch_sweep(tmodel, EVEN, sites, None, [METRIC], progress=False)
+    per_site = attribution(tmodel, EVEN, sites, None, [METRIC], steps=64, path="sites")
+    for v in (0, 1):
+        want = float(exact[exact.variant == v].effect.iloc[0])
+        assert abs(float(per_site[per_site.variant == v].effect.iloc[0]) - want) <= 0.05 * abs(want)
     with pytest.raises(splice.SpliceError, match="steps must be a positive int"):
         attribution(tmodel, EVEN, "embed", None, [METRIC], steps=0)
+    with pytest.raises(splice.SpliceError, match="path= takes 'inputs'"):
+        attribution(tmodel, EVEN, "embed", None, [METRIC], steps=2, path="edges")

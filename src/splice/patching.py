@@ -205,6 +205,7 @@ def attribution(
     features=None,
     steps: int = 1,
     max_rows: int | None = None,
+    path: str = "inputs",
 ):
     """Attribution patching: the first-order estimate of `patch_sweep`'s table (same variants,
     same columns) from one source forward and one corrupted forward + backward per prompt batch
@@ -214,12 +215,19 @@ def attribution(
     (`sites="<site>.sae.acts", over="features"`, inside `Model.attach`), the gradient of a latent
     is the site's gradient through the SAE's decoder.
 
-    `steps > 1` is integrated gradients: the gradient is averaged over `steps` points of the
-    straight path from the corrupted prompts' embedding (`embed`) to the source prompts', as row
-    blocks of one forward and backward (`max_rows` rows each, default 256); `steps=1` is the
-    gradient at the corrupted run, exactly the plain estimate."""
+    `steps > 1` is integrated gradients: the gradient is averaged over `steps` points (alpha = 0,
+    1/steps, ...) of a straight path from the corrupted run to the source run, as row blocks of
+    one forward and backward (`max_rows` rows each, default 256). `path="inputs"` moves the
+    embedding (`embed`) and with it every site at once (EAP-IG's path; one pass for all sites);
+    `path="sites"` moves each site's own activation, one site at a time (its estimate of patching
+    the whole site is exact as steps grow; one pass per site). `steps=1` is the gradient at the
+    corrupted run, exactly the plain estimate."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise SpliceError(f"steps must be a positive int (1: plain attribution patching); got {steps!r}")
+    if path not in ("inputs", "sites"):
+        raise SpliceError(
+            f"path= takes 'inputs' (the embedding moves) or 'sites' (each site moves); got {path!r}"
+        )
     sweep = _sweep(sites, over, metrics, source, features)
     items = as_items(data)
     batches = batches_of(model, items, batch_size)
@@ -249,7 +257,7 @@ def attribution(
                 values, corrupt_acts, grads = _corrupt_gradients(model, batch, names, metric, n, seq)
             else:
                 values, corrupt_acts, grads = _path_gradients(
-                    model, batch, names, metric, clean_acts["embed"], steps, max_rows, n, seq
+                    model, batch, names, metric, clean_acts, steps, max_rows, path, n, seq
                 )
             baseline[metric.name] += values.tolist()
             deltas = {
@@ -264,7 +272,7 @@ def attribution(
         values = baseline[metric] if variant_id == -1 else per_variant[(variant_id, metric)]
         return sum(values) / len(values)
 
-    how = "attribution" if steps == 1 else f"attribution, integrated gradients in {steps} steps"
+    how = "attribution" if steps == 1 else f"attribution, integrated gradients in {steps} steps along {path}"
     raw = tidy_table(sweep.metrics, variants, mean, label=lambda iv: f"{iv!r} ({how})")
     return patching_table(raw, _source_metrics(model, items, sweep.metrics, source, batch_size))
 
@@ -287,47 +295,66 @@ def _corrupt_gradients(model, batch, names, metric, n: int, seq: int):
     return values, {name: corrupt_acts[name] for name in names}, grads
 
 
-def _path_gradients(model, batch, names, metric, clean_embed, steps: int, max_rows: int | None, n: int, seq: int):
-    """Integrated gradients: the metric's gradient at `names`, averaged over `steps` points of the
-    straight path from the corrupted prompts' embedding to the clean prompts' (alpha = 0, 1/steps,
-    ..., (steps-1)/steps: alpha 0 is the corrupted run itself, so `values` and the corrupted
-    activations are those of `_corrupt_gradients`). Steps run as row blocks of one forward and
-    backward, at most `max_rows` rows each (default 256)."""
-    with torch.no_grad(), model.record("embed") as rec:
-        model.hf(**batch.kwargs, use_cache=False)
-    corrupt_embed = rec["embed"]
-    alphas = [i / steps for i in range(steps)]
+def _path_gradients(
+    model, batch, names, metric, clean_acts, steps: int, max_rows, path: str, n: int, seq: int
+):
+    """Integrated gradients: the metric's gradient at each site of `names`, averaged over `steps`
+    points (alpha = 0, 1/steps, ..., (steps-1)/steps) of a straight path from the corrupted run
+    to the source run: of the embedding, all sites moving along together (`path="inputs"`), or
+    of each site's own activation, one site at a time (`path="sites"`). Also the metric and the
+    activations of the corrupted run itself."""
+    recorded = list(dict.fromkeys([*names, "embed"]))
+    with torch.no_grad(), model.record(recorded) as corrupt:
+        logits = model.hf(**batch.kwargs, use_cache=False).logits
+    values = metric(logits, logits, batch)
+    corrupt_acts = {name: corrupt[name] for name in names}
+    run = dict(steps=steps, max_rows=max_rows, n=n, seq=seq)
+    if path == "inputs":
+        grads = _average_gradient(
+            model, batch, metric, "embed", corrupt["embed"], clean_acts["embed"], names, **run
+        )
+    else:
+        grads = [
+            _average_gradient(model, batch, metric, name, corrupt[name], clean_acts[name], [name], **run)[0]
+            for name in names
+        ]
+    return values, corrupt_acts, grads
+
+
+def _average_gradient(model, batch, metric, at, start, end, names, *, steps, max_rows, n, seq):
+    """The metric's gradient at `names` averaged over `steps` points of the straight path from
+    `start` to `end` at site `at`, as row blocks of one forward and backward (at most `max_rows`
+    rows each, default 256)."""
     per_forward = max(1, (max_rows or 256) // n)
+    alphas = [i / steps for i in range(steps)]
     totals: list[torch.Tensor | None] = [None] * len(names)
-    values, corrupt_acts = None, {}
-    for start in range(0, steps, per_forward):
-        chunk = alphas[start : start + per_forward]
+    for first in range(0, steps, per_forward):
+        chunk = alphas[first : first + per_forward]
         k = len(chunk)
-        kwargs = {key: _tiled(value, k) for key, value in batch.kwargs.items()}
-        alpha = torch.tensor(chunk, dtype=corrupt_embed.dtype, device=corrupt_embed.device).repeat_interleave(n)
-        path = _tiled(corrupt_embed, k) + alpha.view(-1, *([1] * (corrupt_embed.dim() - 1))) * _tiled(
-            clean_embed.to(corrupt_embed.device) - corrupt_embed, k
+        alpha = torch.tensor(chunk, dtype=start.dtype, device=start.device).repeat_interleave(n)
+        point = _tiled(start, k) + alpha.view(-1, *([1] * (start.dim() - 1))) * _tiled(
+            end.to(start.device) - start, k
         )
         probes = [
             torch.zeros(_probe_shape(model, name, k * n, seq), device=model.device, requires_grad=True)
             for name in names
         ]
-        edits: dict = {"embed": [Replace(path)]}
+        edits: dict = {at: [Replace(point)]}
         for name, probe in zip(names, probes):
             edits.setdefault(name, []).append(Add(probe))
-        with torch.enable_grad(), model.edit(edits), model.record(names) as acts:
+        kwargs = {key: _tiled(value, k) for key, value in batch.kwargs.items()}
+        with torch.enable_grad(), model.edit(edits):
             logits = model.hf(**kwargs, use_cache=False).logits
-            copies = torch.cat([metric(logits[j * n : (j + 1) * n], logits[j * n : (j + 1) * n].detach(), batch) for j in range(k)])
-            grads = torch.autograd.grad(copies.sum(), probes, allow_unused=True)
-        if start == 0:
-            values = copies[:n].detach()
-            corrupt_acts = {name: acts[name][:n] for name in names}
+            copies = [
+                metric(logits[j * n : (j + 1) * n], logits[j * n : (j + 1) * n].detach(), batch)
+                for j in range(k)
+            ]
+            grads = torch.autograd.grad(torch.cat(copies).sum(), probes, allow_unused=True)
         for i, g in enumerate(grads):
             if g is not None:
                 summed = g.view(k, n, *g.shape[1:]).sum(0)
                 totals[i] = summed if totals[i] is None else totals[i] + summed
-    assert values is not None  # steps >= 2: the first chunk holds alpha 0
-    return values, corrupt_acts, [None if t is None else t / steps for t in totals]
+    return [None if t is None else t / steps for t in totals]
 
 
 def _tiled(value, k: int):
