@@ -81,6 +81,7 @@ DOCUMENTED_MODULES = [
     "splice.sweeps.metrics",
     "splice.sweeps.tables",
     "splice.patching",
+    "splice.path_patching",
     "splice.steering",
     "splice.plot",
     "splice.lens",

@@ -20,12 +20,21 @@ from .engine.interventions import Add, Replace
 from .engine.selection import locate
 from .engine.sources import Patch
 from .errors import SpliceError
+from .path_patching import path_patch, path_patch_sweep
 from .sweeps.data import PromptBatch, as_items, batches_of, source_batch
 from .sweeps.metrics import Metric
 from .sweeps.sweep import Sweep
 from .sweeps.tables import patching_table, tidy_table
 
-__all__ = ["attribution", "cache", "mean_reference", "patch_sweep", "rank_correlation"]
+__all__ = [
+    "attribution",
+    "cache",
+    "mean_reference",
+    "patch_sweep",
+    "path_patch",
+    "path_patch_sweep",
+    "rank_correlation",
+]
 
 
 def _axes(model, name: str) -> tuple[str, ...]:
@@ -353,7 +362,8 @@ def _average_gradient(model, batch, metric, at, start, end, names, *, steps, max
         for i, g in enumerate(grads):
             if g is not None:
                 summed = g.view(k, n, *g.shape[1:]).sum(0)
-                totals[i] = summed if totals[i] is None else totals[i] + summed
+                previous = totals[i]
+                totals[i] = summed if previous is None else previous + summed
     return [None if t is None else t / steps for t in totals]
 
 

@@ -253,7 +253,7 @@ class Sweep:
         variants = self.variants(model, shortest_length(batches), features)
         tails = [m.tail for m in self.metrics]
         tail = max(t for t in tails if t is not None) if None not in tails else None
-        max_rows = max_rows or _default_rows(model, seq, tail)
+        max_rows = max_rows or default_rows(model, seq, tail)
         mode = "batched" if prefix_reuse else "sequential"
         store = (
             Checkpoint(checkpoint, self.spec_hash(model, items, variants, batch_size, max_rows, mode, attach))
@@ -334,7 +334,7 @@ def _remote_executor(executor):
     )
 
 
-def _default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_tokens: int = 2048) -> int:
+def default_rows(model, seq: int, tail, budget_bytes: float = 2 * 2**30, cpu_tokens: int = 2048) -> int:
     """Rows of one variant forward: what fits a rough activation budget, and on a CPU no more
     than about `cpu_tokens` tokens, because there a forward whose activations stay in cache runs
     faster per row (measured: 64 rows x 32 tokens of GPT-2 small ran ~10% faster per row than
