@@ -5,10 +5,9 @@ x head) of `examples/ioi_patching.py`, the exact table comes from `patching.patc
 estimates from `patching.attribution(..., steps=s)` for s = 1 (the plain first-order estimate),
 5 and 20. Reported: Spearman rank correlation of `effect` with the exact table, and seconds.
 
-    .venv/bin/python benchmarks/attribution_ig.py [OUT_DIR] [--prompts N]
+    .venv/bin/python benchmarks/attribution_ig.py [OUT_DIR]
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,20 +20,17 @@ from ioi_patching import pairs  # noqa: E402
 import splice  # noqa: E402
 from splice import metrics, patching  # noqa: E402
 
+PROMPTS = 6  # the IOI pairs of examples/ioi_patching.py's default run
 STEPS = (1, 5, 20)
 PATHS = ("inputs", "sites")
 STUDIES = [("resid_pre x pos", "blocks.*.resid_pre", "pos"), ("attn.z x head", "blocks.*.attn.z", "heads")]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", nargs="?", default="out")
-    parser.add_argument("--prompts", type=int, default=6)
-    args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
     out.mkdir(parents=True, exist_ok=True)
     model = splice.load()
-    data = pairs(model, args.prompts)
+    data = pairs(model, PROMPTS)
     metric = [metrics.logit_diff("correct", "wrong")]
     rows = []
     for title, sites, over in STUDIES:
@@ -49,15 +45,20 @@ def main() -> None:
                 "seconds": time.perf_counter() - t0,
             }
         )
-        for steps in STEPS:
-            t0 = time.perf_counter()
-            approx = patching.attribution(model, data, sites, over, metric, batch_size=len(data), steps=steps)
-            seconds = time.perf_counter() - t0
-            rho = patching.rank_correlation(exact, approx)
-            rows.append(
-                {"study": title, "method": "attribution", "steps": steps, "spearman": rho, "seconds": seconds}
-            )
-            print(f"{title}: steps {steps:>2}: Spearman {rho:.3f} in {seconds:.1f} s", flush=True)
+        for path in PATHS:
+            for steps in STEPS if path == "inputs" else STEPS[1:]:  # steps=1 is one estimate on both paths
+                t0 = time.perf_counter()
+                approx = patching.attribution(
+                    model, data, sites, over, metric, batch_size=len(data), steps=steps, path=path
+                )
+                seconds = time.perf_counter() - t0
+                rho = patching.rank_correlation(exact, approx)
+                method = "attribution" if steps == 1 else f"IG along {path}"
+                row = {"study": title, "method": method, "steps": steps, "spearman": rho, "seconds": seconds}
+                rows.append(row)
+                print(
+                    f"{title}: {method}, steps {steps:>2}: Spearman {rho:.3f} in {seconds:.1f} s", flush=True
+                )
     table = pd.DataFrame(rows)
     table["steps"] = table["steps"].astype("Int64")
     print(f"\n{len(data)} IOI pairs, SmolLM2-135M (embedded), metric logit_diff")

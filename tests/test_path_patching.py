@@ -74,14 +74,7 @@ def hand_path_patch(model, family, senders, receivers):
 
             freeze.append((site, fn))
     if receivers == "logits":
-        handles = [register(hf, family, s, fn) for s, fn in freeze]
-        try:
-            with torch.no_grad():
-                logits = hf(base_ids).logits
-        finally:
-            for h in handles:
-                h.remove()
-        return float(_logit_diff(logits, model).mean())
+        return float(_logit_diff(_hooked_logits(hf, family, freeze, base_ids), model).mean())
     recorded = {
         (point, layer): _capture(hf, family, f"blocks.{layer}.{point}", base_ids, freeze)
         for point, layer, _ in receivers
@@ -97,14 +90,18 @@ def hand_path_patch(model, family, senders, receivers):
             return t
 
         writes.append((f"blocks.{layer}.{point}", write))
-    handles = [register(hf, family, s, fn) for s, fn in writes]
+    return float(_logit_diff(_hooked_logits(hf, family, writes, base_ids), model).mean())
+
+
+def _hooked_logits(hf, family, hooks, ids):
+    """The bare model's logits with hand-written hooks (site, fn) in place, removed afterwards."""
+    handles = [register(hf, family, s, fn) for s, fn in hooks]
     try:
         with torch.no_grad():
-            logits = hf(base_ids).logits
+            return hf(ids).logits
     finally:
         for h in handles:
             h.remove()
-    return float(_logit_diff(logits, model).mean())
 
 
 def _receiver_name(point, layer, head):

@@ -103,23 +103,12 @@ def test_a_feature_sweep_on_ray_takes_its_sae_along(warm):
     sae = make_sae(model.dims.d_model, "topk", seed=1)
     acts = "blocks.1.resid_post.sae.acts"
     run = dict(batch_size=2, progress=False)
-    sweep = Sweep(
-        sites=acts,
-        interventions=Zero(),
-        over="features",
-        features="top:5",
-        metrics=[metrics.logit_diff()],
-        sae=sae,
+    grid = dict(
+        sites=acts, interventions=Zero(), over="features", features="top:5", metrics=[metrics.logit_diff()]
     )
-    local = sweep.run(model, ray_job.DATA, **run)
+    local = Sweep(**grid, sae=sae).run(model, ray_job.DATA, **run)
     with model.attach(sae, "blocks.1.resid_post"):  # or attached around the run: it travels the same way
-        remote = Sweep(
-            sites=acts,
-            interventions=Zero(),
-            over="features",
-            features="top:5",
-            metrics=[metrics.logit_diff()],
-        ).run(model, ray_job.DATA, executor=warm, max_rows=6, **run)
+        remote = Sweep(**grid).run(model, ray_job.DATA, executor=warm, max_rows=6, **run)
     assert remote[["variant", "feature", "metric"]].equals(local[["variant", "feature", "metric"]])
     assert (remote["value"] - local["value"]).abs().max() <= 1e-6
     assert local["effect"].abs().max() > 0
