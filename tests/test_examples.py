@@ -11,7 +11,11 @@ import pytest
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES_DIR.glob("*.py") if p.name != "tour.py")
 # The sweeps on the real model run on fewer prompts here to keep the suite short.
-ARGS = {"ioi_head_sweep.py": ["out", "--prompts", "6"], "ioi_patching.py": ["out", "--prompts", "3"]}
+ARGS = {
+    "ioi_head_sweep.py": ["out", "--prompts", "6"],
+    "ioi_patching.py": ["out", "--prompts", "3"],
+    "train_sae.py": ["out", "--quick"],
+}
 
 
 @pytest.mark.real
