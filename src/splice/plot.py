@@ -157,7 +157,10 @@ def effect_bars(
     chosen = rows.reindex(rows[value].abs().sort_values(ascending=False).index).head(top)
     labels = [_variant_label(r) for r in chosen.itertuples()]
     values = chosen[value].to_numpy(dtype=float)
-    fig = Figure(figsize=(7.0, max(2.5, 0.28 * len(values) + 1.2)))
+    title = title or f"{metric}: the {len(values)} largest {value}s"
+    fig = Figure(
+        figsize=(max(7.0, 0.09 * len(title) + 1.0), max(2.5, 0.28 * len(values) + 1.2))
+    )  # room for the title
     ax = fig.subplots()
     ax.barh(np.arange(len(values)), values, color=["#b2182b" if v > 0 else "#2166ac" for v in values])
     ax.set_yticks(np.arange(len(values)), labels, fontsize=7)
@@ -165,7 +168,7 @@ def effect_bars(
     ax.axvline(0.0, color="black", linewidth=0.6)
     baseline = float(chosen["baseline"].iloc[0])
     ax.set_xlabel(f"{metric} {value} (baseline {baseline:.3g})")
-    ax.set_title(title or f"{metric}: the {len(values)} largest {value}s")
+    ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
