@@ -142,6 +142,7 @@ def site_of_hook(hook: str, n_layers: int, points: set[str]) -> Site:
         SpliceError: For a glob, a hook with no splice site, or a site the model lacks.
 
     Example:
+        >>> from splice.engine.sites import POINT_AXES
         >>> site_of_hook("blocks.8.hook_resid_post", 12, set(POINT_AXES)).name
         'blocks.8.resid_post'
     """
