@@ -428,3 +428,32 @@ def test_half_precision_model_with_a_float32_sae(fam):
     x = hand_record(half.hf, family, SITE, ids)
     assert torch.equal(rec[SITE + ".sae.acts"], sae.encode(x))  # encode casts to the SAE's float32
     assert torch.equal(rec[SITE], sae.decode(sae.encode(x)).to(torch.bfloat16))
+
+
+def test_a_forward_started_inside_an_sae_encode_runs_as_its_own_forward(fam):
+    """An SAE whose `encode` itself runs the model (a hostile but legal module): the inner
+    forward must see no attachment of the outer one, and the outer result must equal the same SAE
+    without the inner call; nothing is left registered."""
+    family, hf, m = fam
+    ids = ids_for(18)
+    plain = make_sae(m.dims.d_model, seed=22)
+    expected_inner = m(ids)
+    with m.attach(plain, SITE, error_term=False):
+        expected = m(ids)
+    inner: list[torch.Tensor] = []
+
+    class Reentrant(torch.nn.Module):
+        cfg = plain.cfg
+
+        def encode(self, x):
+            inner.append(m(ids))  # a whole forward of the same model, started mid-forward
+            return plain.encode(x)
+
+        def decode(self, a):
+            return plain.decode(a)
+
+    with m.attach(Reentrant(), SITE, error_term=False):
+        got = m(ids)
+    assert torch.equal(got, expected)
+    assert len(inner) == 1 and torch.equal(inner[0], expected_inner)
+    assert hook_total(hf) == 0 and m.hook_count == 0
