@@ -115,7 +115,11 @@ def resolve(model, site: str, features: Features, attached: SAE, batches: Sequen
             )
         return list(range(d_sae))
     total = None
-    with torch.no_grad(), model.edit({model.layout.sites_of(site)[0].base.name: attached}), model.record(site) as rec:
+    with (
+        torch.no_grad(),
+        model.edit({model.layout.sites_of(site)[0].base.name: attached}),
+        model.record(site) as rec,
+    ):
         for batch in batches:
             model.hf(**batch.kwargs, use_cache=False)
             acts = rec[site].float()
