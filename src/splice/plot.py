@@ -3,6 +3,7 @@ display)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -370,6 +371,121 @@ def token_scatter(
         title or f"{site}: {names[a]} vs {names[b]}\nPearson r = {r:.3f} over {x.size} units", fontsize=9
     )
     ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+_HEAD_NODE = re.compile(r"^blocks\.(\d+)\.attn\.(?:([qkv])\.)?h(\d+)$")
+_MLP_NODE = re.compile(r"^blocks\.(\d+)\.mlp(?:\.in)?$")
+_INPUT_STYLE = {"q": "-", "k": "--", "v": ":"}
+
+
+def _node_place(name: str, n_heads: int, group: int) -> tuple[float, float, str]:
+    """Where a circuit node (or a receiver) sits: x across the heads of a layer, y up the layers
+    (a layer's MLP half a row above its heads); and its label. A key/value receiver under
+    grouped-query attention sits in the middle of the query heads it feeds."""
+    middle = (n_heads - 1) / 2
+    if name == "embed":
+        return middle, -1.0, "embed"
+    if name == "logits":
+        return middle, float("inf"), "logits"
+    head = _HEAD_NODE.match(name)
+    if head is not None:
+        layer, part, index = int(head.group(1)), head.group(2), int(head.group(3))
+        x = index * group + (group - 1) / 2 if part in ("k", "v") else float(index)
+        return x, float(layer), f"L{layer}H{index}" if part in (None, "q") else f"L{layer}KV{index}"
+    mlp = _MLP_NODE.match(name)
+    if mlp is not None:
+        return n_heads + 0.5, int(mlp.group(1)) + 0.5, f"MLP{mlp.group(1)}"
+    raise ValueError(name)
+
+
+def circuit_graph(
+    edges,
+    path,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    title: str = "",
+):
+    """Draw a circuit (a `splice.circuits` edge table: `source`, `target`, `input`, `score`, or
+    a `Circuit`'s `to_frame()`) as a layered graph: the embedding at the bottom, each layer's
+    heads in a row with its MLP at the right half a row up, the logits at the top. An edge is
+    red where its score is positive (it supports the metric), blue where negative, thicker the
+    larger; the line style says which input of a head it enters (q solid, k dashed, v dotted).
+    Returns the PNG's path.
+
+    Args:
+        edges: The edge table (rows to draw).
+        path: Where the PNG goes (folders are created).
+        n_heads, n_kv_heads: The model's query and key/value head counts (`model.dims`); by
+            default the largest indices named (then a grouped-query model's key/value
+            receivers are placed as if ungrouped).
+        title: The figure's title.
+
+    Raises:
+        SpliceError: For a table without those columns, with no rows, or naming a node that is
+            not a circuit node.
+    """
+    from matplotlib.figure import Figure
+
+    from .errors import SpliceError
+
+    missing = {"source", "target", "score"} - set(getattr(edges, "columns", ()))
+    if missing:
+        raise SpliceError(
+            f"circuit_graph takes an edge table with source, target, score; it lacks {sorted(missing)}"
+        )
+    if len(edges) == 0:
+        raise SpliceError("circuit_graph: the edge table has no rows (an empty circuit has nothing to draw)")
+    names = list(edges["source"]) + list(edges["target"])
+    heads = [int(m.group(3)) for m in map(_HEAD_NODE.match, names) if m and m.group(2) in (None, "q")]
+    kv = [int(m.group(3)) for m in map(_HEAD_NODE.match, names) if m and m.group(2) in ("k", "v")]
+    n_heads = n_heads or max(heads + kv + [0]) + 1
+    group = max(1, n_heads // (n_kv_heads or n_heads))
+    try:
+        places = {name: _node_place(name, n_heads, group) for name in set(names)}
+    except ValueError as bad:
+        raise SpliceError(
+            f"circuit_graph: {bad} is not a circuit node (embed, blocks.L.attn.hH, blocks.L.mlp, "
+            "logits, or a receiver blocks.L.attn.q|k|v.hH / blocks.L.mlp.in)"
+        ) from None
+    top = max([y for _, y, _ in places.values() if y != float("inf")] + [0.0]) + 1.0
+    places = {n: (x, top if y == float("inf") else y, label) for n, (x, y, label) in places.items()}
+    fig = Figure(figsize=(max(6.0, 0.55 * (n_heads + 2)), max(4.0, 0.45 * (top + 2))))
+    ax = fig.subplots()
+    largest = float(edges["score"].abs().max()) or 1.0
+    inputs = edges["input"] if "input" in edges else [""] * len(edges)
+    for source, target, kind, score in zip(edges["source"], edges["target"], inputs, edges["score"]):
+        (x0, y0, _), (x1, y1, _) = places[source], places[target]
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            _INPUT_STYLE.get(kind, "-"),
+            color="#b2182b" if score > 0 else "#2166ac",
+            linewidth=0.4 + 3.0 * abs(float(score)) / largest,
+            alpha=0.75,
+            zorder=1,
+        )
+    for x, y, label in set(places.values()):
+        ax.annotate(
+            label,
+            (x, y),
+            ha="center",
+            va="center",
+            fontsize=7,
+            bbox={"boxstyle": "round,pad=0.25", "facecolor": "#f7f7f7", "edgecolor": "#444444"},
+            zorder=2,
+        )
+    ax.set_xlim(-1.0, n_heads + 1.5)
+    ax.set_ylim(-1.7, top + 0.7)
+    ax.set_xticks([])
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(0, int(top)))
+    ax.set_title(title or f"circuit: {len(edges)} edges", fontsize=10)
+    ax.set_xlabel("red: supports the metric, blue: opposes it; into q solid, k dashed, v dotted", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
