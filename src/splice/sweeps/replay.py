@@ -5,12 +5,13 @@ Nothing architecture-specific is hard-coded: the layers are called with exactly 
 model itself passed them (masks, rotary tables, position ids), with every tensor whose batch axis
 is the prompt batch tiled to the variant batch. After the last layer, only the final positions a
 metric reads are normalised and unembedded. A self-check compares a replay with the model's own
-logits before a sweep trusts it.
+logits before a sweep trusts it. A `Window` narrows the positions computed (the suffix replays of
+`splice.sweeps.suffix`); by default every position is.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -23,22 +24,61 @@ if TYPE_CHECKING:
     from ..engine.model import Model
 
 
-def _tile(value, rows: set[int], k: int):
+def map_tensors(value, fn):
+    """`value` with `fn` applied to every leaf of its tuples, lists and dicts (call arguments)."""
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {key: map_tensors(v, fn) for key, v in value.items()}
+    return fn(value)
+
+
+def tile_rows(value, rows: set[int], k: int):
     """Repeat k times (variant-major) every tensor whose first axis is batch-major over the prompt
     batch: `rows` holds the sizes that means (n, and n x heads for ALiBi-style biases)."""
-    if isinstance(value, torch.Tensor):
-        return (
-            value.repeat(k, *([1] * (value.dim() - 1)))
-            if k > 1 and value.dim() > 0 and value.shape[0] in rows
-            else value
-        )
-    if isinstance(value, tuple):
-        return tuple(_tile(v, rows, k) for v in value)
-    if isinstance(value, list):
-        return [_tile(v, rows, k) for v in value]
-    if isinstance(value, dict):
-        return {key: _tile(v, rows, k) for key, v in value.items()}
-    return value
+
+    def tile(v):
+        if isinstance(v, torch.Tensor) and k > 1 and v.dim() > 0 and v.shape[0] in rows:
+            return v.repeat(k, *([1] * (v.dim() - 1)))
+        return v
+
+    return map_tensors(value, tile)
+
+
+def call_recorder(inputs: list, calls: list, layer_arg: str, i: int):
+    """A forward pre-hook storing layer i's input in inputs[i] and its other arguments in calls[i]
+    (the hidden state comes positionally or as the `layer_arg` keyword)."""
+
+    def hook(module, args, kwargs):
+        if args:
+            inputs[i], calls[i] = args[0], (tuple(args[1:]), dict(kwargs))
+        else:
+            rest = dict(kwargs)
+            inputs[i] = rest.pop(layer_arg)
+            calls[i] = ((), rest)
+
+    return hook
+
+
+class Window(Protocol):
+    """The positions a replay computes, from `start` on: each layer's input and call arguments
+    for them, and how the logits of the positions before are filled in."""
+
+    start: int
+
+    def layer_input(self, i: int) -> torch.Tensor:
+        """Layer i's clean input at the window's positions, `[n, positions, d_model]`."""
+        ...
+
+    def layer_call(self, i: int, copies: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Layer i's call arguments (besides the input) for `copies` copies of the batch."""
+        ...
+
+    def assemble(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
+        """The logits of every position the metrics read, from those the window computed."""
+        ...
 
 
 class PrefixReplay:
@@ -74,7 +114,9 @@ class PrefixReplay:
         self.calls = cast("list[tuple[tuple[Any, ...], dict[str, Any]]]", [None] * len(self.layers))
         self.batch_kwargs = batch
         handles = [
-            layer.register_forward_pre_hook(self._grab(i), with_kwargs=True)
+            layer.register_forward_pre_hook(
+                call_recorder(self.inputs, self.calls, self.layer_arg, i), with_kwargs=True
+            )
             for i, layer in enumerate(self.layers)
         ]
         # Unembed only the positions the metrics read (outside splice contexts, where generate's
@@ -89,24 +131,36 @@ class PrefixReplay:
         self.logits = out.logits if tail is None else out.logits[:, -tail:]
         self.tail = tail
         self.n = self.logits.shape[0]
+        # First-axis sizes that mean "batch-major over the prompts" in call arguments (see tile_rows).
+        self.rows = {self.n, self.n * model.dims.n_heads} - {1}
         self.mask = batch.get("attention_mask")
 
-    def _grab(self, i):
-        def hook(module, args, kwargs):
-            if args:
-                self.inputs[i], self.calls[i] = args[0], (tuple(args[1:]), dict(kwargs))
-            else:
-                rest = dict(kwargs)
-                self.inputs[i] = rest.pop(self.layer_arg)
-                self.calls[i] = ((), rest)
+    # The full window: what `replay` computes when no other window is given (every position).
+    start = 0
 
-        return hook
+    def layer_input(self, i: int) -> torch.Tensor:
+        """Layer i's clean input, `[n, seq, d_model]`."""
+        return self.inputs[i]
 
-    def replay(self, starts: list[int], tail: int | None) -> torch.Tensor:
+    def layer_call(self, i: int, copies: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Layer i's call arguments, tiled to `copies` copies of the batch."""
+        return tile_rows(self.calls[i], self.rows, copies)
+
+    def assemble(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
+        """The replay's logits as they are (every position the metrics read was computed)."""
+        return logits
+
+    def replay(self, starts: list[int], tail: int | None, window: Window | None = None) -> torch.Tensor:
         """Logits [k*n, tail, vocab] of k = len(starts) copies of the batch, copy v run from layer
         starts[v] on (non-decreasing), under whatever this context has open (rows
         v*n..(v+1)*n are copy v). Copies join the batch at their own layer, so each computes
         only its own suffix while every layer still runs as one large batch.
+
+        Args:
+            starts: Each copy's first layer.
+            tail: Unembed only the last `tail` positions; None: all.
+            window: Which positions the layers compute (default: this replay, every position;
+                `splice.sweeps.suffix.Suffix`: the positions from some p on).
 
         Raises:
             SpliceError: If `starts` decreases anywhere, or an edit of the open contexts never
@@ -114,16 +168,18 @@ class PrefixReplay:
         """
         if any(a > b for a, b in zip(starts, starts[1:])):
             raise SpliceError(f"replay start layers must be non-decreasing; got {starts}")
+        window = window or self
         n = self.n
-        rows = {n, n * self.model.dims.n_heads} - {1}
-        seq = self.inputs[0].shape[1]
+        seq = self.inputs[0].shape[1] - window.start
         hidden, active = None, 0
-        with self.model.engine.forward(Frame(n * starts.count(starts[0]), seq, 0)) as forward:
+        frame = Frame(n * starts.count(starts[0]), seq, window.start)
+        with self.model.engine.forward(frame) as forward:
             for i in range(starts[0], len(self.layers)):
                 layer = self.layers[i]
                 joining = starts.count(i)
                 if joining:
-                    new = self.inputs[i].repeat(joining, *([1] * (self.inputs[i].dim() - 1)))
+                    new = window.layer_input(i)
+                    new = new.repeat(joining, *([1] * (new.dim() - 1)))
                     hidden = new if hidden is None else torch.cat([hidden, new.to(hidden.device)])
                     active += joining
                     # The frame describes the rows present now; which edits fired carries over.
@@ -134,8 +190,8 @@ class PrefixReplay:
                 # In a model split across devices each layer computes on its own device; the
                 # call arguments (masks, rotary tables) are moved by accelerate's own hook.
                 hidden = devices.to_module(hidden, layer)
-                args, kwargs = self.calls[i]
-                out = layer(hidden, *_tile(args, rows, active), **_tile(kwargs, rows, active))
+                args, kwargs = window.layer_call(i, active)
+                out = layer(hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
             assert hidden is not None
             hidden = self.final_norm(devices.to_module(hidden, self.final_norm))
@@ -146,20 +202,23 @@ class PrefixReplay:
                 logits = self.logits_transform(logits)
         # Where the model's own forward returns them (accelerate returns a split model's
         # outputs to the input's device), so metrics compare them with the baseline directly.
-        return logits.to(self.logits.device)
+        return window.assemble(logits.to(self.logits.device), active)
 
-    def check(self) -> None:
+    def check(self, window: Window | None = None) -> None:
         """A replay of two copies, one joining at the second-to-last layer and one at the last,
         must reproduce the model's own logits in both (this catches call arguments that were
         tiled wrongly or not at all, and copies joining mid-replay; two layers cover families
         that alternate layer types).
+
+        Args:
+            window: The positions to replay (default: every position).
 
         Raises:
             SpliceError: If they differ (beyond 1e-4), suggesting `prefix_reuse=False`.
         """
         with torch.no_grad():
             last = len(self.layers) - 1
-            again = self.replay([max(0, last - 1), last], self.tail)
+            again = self.replay([max(0, last - 1), last], self.tail, window)
         expected = self.logits.repeat(2, *([1] * (self.logits.dim() - 1)))
         # Half precision: two ulps of the largest logit, never less than 1e-4.
         atol = max(1e-4, 2 * torch.finfo(expected.dtype).eps * float(expected.abs().max()))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,9 @@ from ..engine.edits import Edits
 from ..engine.interventions import Intervention
 from .data import PromptBatch, source_batch
 from .metrics import Metric
-from .replay import PrefixReplay
+from .replay import PrefixReplay, Window
+from .suffix import SuffixFallbackWarning, SuffixReplays
+from .suffix_edits import for_suffix, variant_starts
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Job:
     items: list[dict]
     batch_size: int
     tail: int | None
-    prefix_reuse: bool
+    prefix_reuse: bool | str  # True, "layers" or False (see Sweep.run)
     attach: dict[str, Any] = dataclasses.field(
         default_factory=dict
     )  # site -> splice.SAE the sweep goes through
@@ -63,37 +66,65 @@ class Job:
 @dataclass(frozen=True)
 class Shard:
     """One unit of sweep work: `variants` (ids, in replay order) on prompt batch `batch`;
-    `baseline` asks for the batch's unedited record too."""
+    `baseline` asks for the batch's unedited record too; `block`: variants per replay when they
+    run over every position (the row budget; a shard packed for suffix replays may hold more)."""
 
     batch: int
     variants: tuple[int, ...]
     baseline: bool = False
+    block: int | None = None
 
 
 def plan_shards(
-    todo: Sequence[Variant], n_rows: int, per_shard: int, batch: int, baseline: bool
+    todo: Sequence[Variant],
+    n_rows: int,
+    per_shard: int,
+    batch: int,
+    baseline: bool,
+    starts: Mapping[int, int] | None = None,
+    seq: int = 0,
 ) -> list[Shard]:
     """The shards of one prompt batch: the variants not yet done, sorted by the first layer they
     edit (so a block joins the replay at consecutive layers), cut into blocks of `per_shard`.
 
+    With `starts` (each variant's first changed token, `splice.sweeps.suffix_edits`), variants
+    are sorted by it first, and a shard takes as many as `per_shard` full-length rows' worth of
+    tokens allows when each computes from the shard's first start on: variants with short
+    suffixes pack many to a shard, so every replayed layer is still one large batch.
+
     Args:
         todo: The variants of this batch still to compute.
         n_rows: Prompts in the batch (one block of rows per variant).
-        per_shard: Variants per shard.
+        per_shard: Variants per shard (of full length).
         batch: The prompt batch's index.
         baseline: Whether the batch's unedited record is still missing (asked of its first shard).
+        starts: Variant id -> first token its edit can change (0: any); None: no suffix replays.
+        seq: Tokens in the batch (with `starts`).
 
     Example:
         >>> import types
         >>> v = [types.SimpleNamespace(id=i, start_layer=layer) for i, layer in enumerate([1, 0, 1, 0, 2])]
         >>> [s.variants for s in plan_shards(v, n_rows=3, per_shard=2, batch=0, baseline=True)]
         [(1, 3), (0, 2), (4,)]
+        >>> at = {0: 0, 1: 3, 2: 3, 3: 3, 4: 0}  # three variants change only tokens 3..3 of 4
+        >>> [s.variants for s in plan_shards(v, 3, 2, 0, False, starts=at, seq=4)]
+        [(0, 4), (1, 3, 2)]
     """
-    ordered = sorted(todo, key=lambda v: v.start_layer)
-    blocks = [tuple(v.id for v in ordered[i : i + per_shard]) for i in range(0, len(ordered), per_shard)]
-    if not blocks and baseline:
-        blocks = [()]
-    return [Shard(batch, block, baseline and k == 0) for k, block in enumerate(blocks)]
+    if starts is None or not seq:
+        ordered = sorted(todo, key=lambda v: v.start_layer)
+        blocks = [ordered[i : i + per_shard] for i in range(0, len(ordered), per_shard)]
+    else:
+        blocks = []
+        for v in sorted(todo, key=lambda v: (starts.get(v.id, 0), v.start_layer)):
+            if blocks and (len(blocks[-1]) + 1) * (seq - starts.get(blocks[-1][0].id, 0)) <= per_shard * seq:
+                blocks[-1].append(v)
+            else:
+                blocks.append([v])
+        blocks = [sorted(block, key=lambda v: v.start_layer) for block in blocks]
+    ids = [tuple(v.id for v in block) for block in blocks]
+    if not ids and baseline:
+        ids = [()]
+    return [Shard(batch, block, baseline and k == 0, per_shard) for k, block in enumerate(ids)]
 
 
 def bind_sources(model, batch: PromptBatch, variants: list[Variant]) -> list[Variant]:
@@ -137,9 +168,15 @@ class ShardRunner:
         variants: Every variant of the sweep, by id.
         batches: The sweep's prompt batches, by index.
         tail: Unembed only the last `tail` positions (what the metrics read); None: all.
-        prefix_reuse: False runs each variant as its own full forward (the reference path).
+        prefix_reuse: True replays each variant from its first edited layer on, and from its
+            first edited token on when its edit allows (`splice.sweeps.suffix`); "layers":
+            every token; False runs each variant as its own full forward (the reference path).
         attach: {site: `splice.SAE`} attached around every forward (baseline included), for
             sweeps over SAE latents.
+
+    Attributes:
+        fallback: Why suffix replays are not used on some prompt batch (also warned, once, as a
+            `SuffixFallbackWarning`); None if they are, or none was asked for.
     """
 
     def __init__(
@@ -149,7 +186,7 @@ class ShardRunner:
         variants: Sequence[Variant],
         batches: Sequence[PromptBatch],
         tail: int | None,
-        prefix_reuse: bool = True,
+        prefix_reuse: bool | str = True,
         attach: dict[str, Any] | None = None,
     ):
         self.model, self.metrics, self.tail, self.prefix_reuse = model, list(metrics), tail, prefix_reuse
@@ -160,6 +197,8 @@ class ShardRunner:
         self.prefix: PrefixReplay | None = None
         self.bound: dict[int, Variant] = {}
         self.checked = False
+        self.suffixes: SuffixReplays | None = None
+        self.fallback: str | None = None
 
     def enter(self, b: int) -> None:
         """Trace prompt batch `b` unedited (once, kept until another batch is asked for) and bind
@@ -172,8 +211,29 @@ class ShardRunner:
             if self.prefix_reuse and not self.checked:
                 self.prefix.check()
                 self.checked = True
+            self.suffixes = self._suffixes(self.batches[b], self.prefix)
             bound = bind_sources(self.model, self.batches[b], list(self.variants.values()))
         self.batch, self.bound = b, {v.id: v for v in bound}
+
+    def _suffixes(self, batch: PromptBatch, prefix: PrefixReplay) -> SuffixReplays | None:
+        """The batch's suffix windows, when the sweep asks for them and has variants that can use
+        them, and they reproduce the model's logits here (else None, saying why once)."""
+        variants = list(self.variants.values())
+        if self.prefix_reuse is not True or not any(
+            variant_starts(self.model, variants, batch.kwargs).values()
+        ):
+            return None
+        replays = SuffixReplays(prefix)
+        if replays.reason is None:
+            return replays
+        if self.fallback is None:
+            warnings.warn(
+                f"position sweep replays every token, not only those after each edit: {replays.reason}",
+                SuffixFallbackWarning,
+                stacklevel=2,
+            )
+        self.fallback = replays.reason
+        return None
 
     def _attached(self):
         """The sweep's SAEs attached (nothing opened when it has none: an open context would
@@ -190,7 +250,11 @@ class ShardRunner:
         if not chunk:
             return records
         with self._attached():
-            logits = (self._batched if self.prefix_reuse else self._sequential)(batch, chunk)
+            logits = (
+                self._batched(batch, chunk, shard.block)
+                if self.prefix_reuse
+                else self._sequential(batch, chunk)
+            )
         n = len(batch)
         return records + [
             self.record(v.id, shard.batch, logits[j * n : (j + 1) * n]) for j, v in enumerate(chunk)
@@ -203,18 +267,49 @@ class ShardRunner:
         values = {m.name: m(logits, baseline, batch).tolist() for m in self.metrics}
         return {"variant": variant, "batch": b, "values": values}
 
-    def _batched(self, batch: PromptBatch, chunk: list[Variant]) -> torch.Tensor:
+    def _batched(self, batch: PromptBatch, chunk: list[Variant], block: int | None) -> torch.Tensor:
+        """One replay of the chunk over its common suffix, or replays of `block` variants at a time
+        over every token."""
+        window, edits = self._window(batch, chunk)
+        if window is not None:
+            return self._replay(batch, chunk, edits, window)
+        size = block or len(chunk)
+        return torch.cat(
+            [
+                self._replay(batch, part, [v.intervention for v in part], None)
+                for part in (chunk[i : i + size] for i in range(0, len(chunk), size))
+            ]
+        )
+
+    def _window(self, batch: PromptBatch, chunk: list[Variant]) -> tuple[Window | None, list]:
+        """The suffix window every variant of the chunk fits (from their earliest start) and
+        their edits written for it; (None, []) when there is none."""
+        if self.suffixes is None:
+            return None, []
+        start = min(variant_starts(self.model, chunk, batch.kwargs).values())
+        if start == 0:
+            return None, []
+        layout, seq = self.model.layout, batch.input_ids.shape[1]
+        edits = [
+            for_suffix(v.intervention, v.site, layout.axes(layout.sites_of(v.site)[0]), start, seq)
+            for v in chunk
+        ]
+        if any(e is None for e in edits):
+            return None, []
+        return self.suffixes.window(start), edits
+
+    def _replay(self, batch: PromptBatch, chunk: list[Variant], interventions: list, window) -> torch.Tensor:
         n = len(batch)
         edits = Edits()
-        for j, variant in enumerate(chunk):
-            placed = dataclasses.replace(variant.intervention, rows=slice(j * n, (j + 1) * n))
+        for j, (variant, intervention) in enumerate(zip(chunk, interventions)):
+            placed = dataclasses.replace(intervention, rows=slice(j * n, (j + 1) * n))
             existing = edits.get(variant.site)
             edits[variant.site] = (
                 [existing] if isinstance(existing, Intervention) else list(existing or [])
             ) + [placed]
         assert self.prefix is not None
         with torch.no_grad(), self.model.edit(edits):
-            return self.prefix.replay([max(v.start_layer, 0) for v in chunk], self.tail)
+            return self.prefix.replay([max(v.start_layer, 0) for v in chunk], self.tail, window)
 
     def _sequential(self, batch: PromptBatch, chunk: list[Variant]) -> torch.Tensor:
         outs = []

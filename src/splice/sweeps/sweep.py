@@ -1,6 +1,7 @@
 """Sweeps: many interventions, one metric table. Variants run as rows of one batch (row block v
 gets variant v's edit), the layers before a variant's first edited layer are computed once per
-prompt batch and shared (see `splice.sweeps.replay`), only the positions the metrics read are
+prompt batch and shared (see `splice.sweeps.replay`), and so are the tokens before its first
+edited token when its edit allows (`splice.sweeps.suffix`), only the positions the metrics read are
 unembedded, and every finished (variant, prompt batch) is written to a checkpoint so that an
 interrupted sweep resumes where it stopped."""
 
@@ -21,9 +22,11 @@ from .data import as_items, batches_of, shortest_length
 from .fingerprint import model_fingerprint
 from .metrics import Metric
 from .shards import Job, ShardRunner, Variant, plan_shards
+from .suffix_edits import variant_starts
 from .tables import tidy_table
 
 OVER = ("heads", "pos", "features")
+PREFIX_REUSE = (True, "layers", False)
 # The intervention field each `over` varies.
 _FIELD = {"heads": "heads", "pos": "pos", "features": "dims"}
 
@@ -208,7 +211,7 @@ class Sweep:
         batch_size: int = 16,
         max_rows: int | None = None,
         checkpoint=None,
-        prefix_reuse: bool = True,
+        prefix_reuse: bool | str = True,
         progress: bool = True,
         executor=None,
     ):
@@ -224,8 +227,14 @@ class Sweep:
             checkpoint: a JSONL path; every finished (variant, prompt batch) is appended and
                 fsynced, a rerun resumes from it, and a file from a different sweep is refused.
                 Local and Ray runs of one sweep share it: either resumes the other.
-            prefix_reuse: False runs each variant as its own full forward (the reference path;
-                the two agree to 1e-5 in the tests).
+            prefix_reuse: True (default): each variant is replayed from its first edited layer
+                on, and, when its edit touches only tokens from some p on (`pos=p` of a
+                Zero, Scale, Patch, ...), from token p on, attending to the baseline's earlier
+                keys and values (`splice.sweeps.suffix`; used where a self-check shows the
+                model's cache path reproduces its logits, else a `SuffixFallbackWarning`
+                says why). `"layers"`: every token (the sweep before suffix replays). False:
+                each variant as its own full forward (the reference path; all three agree to
+                1e-5 in the tests).
             progress: a tqdm bar over variants.
             executor: None or `"local"` runs here; `"ray"` or a `splice.sweeps.ray_executor.RayExecutor`
                 runs the same shards on Ray workers that load the model from `model.spec` (see
@@ -237,9 +246,13 @@ class Sweep:
             effect, relative` (see `splice.sweeps.tables`).
 
         Raises:
-            SpliceError: As `variants`; for an unknown executor; for Ray, a model without a spec.
+            SpliceError: As `variants`; for an unknown executor or `prefix_reuse`; for Ray, a
+                model without a spec.
         """
         from tqdm.auto import tqdm
+
+        if prefix_reuse not in PREFIX_REUSE or not isinstance(prefix_reuse, (bool, str)):
+            raise SpliceError(f"prefix_reuse= takes True, 'layers' or False; got {prefix_reuse!r}")
 
         remote = _remote_executor(executor)
         items = as_items(data)
@@ -267,6 +280,8 @@ class Sweep:
                 max(1, max_rows // len(batch)) if prefix_reuse else 1,
                 b,
                 baseline=not store.has(-1, b),
+                starts=variant_starts(model, variants, batch.kwargs) if prefix_reuse is True else None,
+                seq=batch.input_ids.shape[1],
             )
             for b, batch in enumerate(batches)
         ]
