@@ -10,7 +10,7 @@ Everything a user imports is listed in `__all__`; internals stay importable from
 
 import transformers as _transformers
 
-from . import analysis, geometry, lens, patching, plot, sae, steering
+from . import analysis, circuits, geometry, lens, patching, plot, sae, steering
 from .activations import ActivationStore, cache_activations
 from .architectures import ARCHITECTURES
 from .architectures.table import Architecture, Dims, Point
@@ -67,6 +67,7 @@ __all__ = [
     "metrics",
     "analysis",
     "patching",
+    "circuits",
     "steering",
     "plot",
     "lens",
