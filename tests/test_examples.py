@@ -15,6 +15,7 @@ ARGS = {
     "ioi_head_sweep.py": ["out", "--prompts", "6"],
     "ioi_patching.py": ["out", "--prompts", "3"],
     "train_sae.py": ["out", "--quick"],
+    "ioi_circuit.py": ["out", "--prompts", "2", "--steps", "2", "--quick"],
 }
 
 
