@@ -174,12 +174,10 @@ class Sweep:
                 f"over='features' varies SAE latents: sweep a '<site>.sae.acts' sub-site; got {self.sites}"
             )
         attach = latents.attachments(model, bases, self.sae)
-        acts = [f"{base}.sae.acts" for base in bases]
         if isinstance(self.features, int) and not batches:
             raise SpliceError(f"features='top:{self.features}' is found from the data: Sweep.run resolves it")
         chosen = [
-            latents.resolve(model, site, self.features, attach[site.rsplit(".sae.", 1)[0]], batches)
-            for site in acts
+            latents.resolve(model, f"{base}.sae.acts", self.features, attach[base], batches) for base in bases
         ]
         if len(chosen) > 1 and any(c != chosen[0] for c in chosen):
             raise SpliceError(
