@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import CharTokenizer, build, hook_total
 from families import FAMILIES
-from handhooks import register
+from handhooks import hand_record, register
 
 import splice
 from splice import metrics
@@ -61,22 +61,6 @@ def _logit_diff(model, logits):
     return logits[:, -1, a] - logits[:, -1, b]
 
 
-def _capture(hf, family, site, ids):
-    seen = []
-
-    def keep(t):
-        seen.append(t.clone())
-        return t
-
-    handle = register(hf, family, site, keep)
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def _head_delta(model, family, layer, head):
     """Head `head` of `layer`: clean minus corrupted output in the residual stream, by hand
     (its z slice through the output projection, minus the projection of zeros: the bias)."""
@@ -84,7 +68,7 @@ def _head_delta(model, family, layer, head):
     out_proj, _ = spec.hand_module(model.hf, "attn.z", layer)
 
     def result(ids):
-        z = _capture(model.hf, family, f"blocks.{layer}.attn.z", ids)
+        z = hand_record(model.hf, family, f"blocks.{layer}.attn.z", ids)
         only = torch.zeros_like(z)
         only[:, :, head] = z[:, :, head]
         with torch.no_grad():
@@ -166,8 +150,8 @@ def test_single_edge_ablation_and_eap_score_equal_hand_computation(models, famil
     sender = (1, 1)  # head 1 of layer 1
     edge = (f"blocks.{sender[0]}.attn.h{sender[1]}", f"blocks.{layer}.attn.{point}.h{head}")
     delta = _head_delta(model, family, *sender)
-    x_clean = _capture(model.hf, family, f"blocks.{layer}.resid_pre", _ids(model, "clean"))
-    x_corrupt = _capture(model.hf, family, f"blocks.{layer}.resid_pre", _ids(model, "prompt"))
+    x_clean = hand_record(model.hf, family, f"blocks.{layer}.resid_pre", _ids(model, "clean"))
+    x_corrupt = hand_record(model.hf, family, f"blocks.{layer}.resid_pre", _ids(model, "prompt"))
 
     # exact ablation: the receiver's input loses the sender's clean-minus-corrupted output
     with torch.no_grad():
