@@ -300,3 +300,21 @@ def test_no_hooks_left_after_an_exception(models):
         with pytest.raises(RuntimeError, match="metric failed"):
             call()
         assert model.hook_count == 0 and hook_total(model.hf) == 0
+
+
+def test_the_norm_cache_does_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0
+    )
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    m = splice.Model(hf)
+    data = [{"input_ids": [5, 6, 7, 8], "clean": [5, 9, 7, 8], "correct": 3, "wrong": 4}]
+    first = edge_scores(m, data, metrics.logit_diff())
+    assert first.equals(edge_scores(m, data, metrics.logit_diff()))  # cached norms, same scores
+    alive = weakref.ref(hf)
+    del m, hf
+    gc.collect()
+    assert alive() is None

@@ -33,7 +33,9 @@ _PROBE_TOKENS = 6
 # while a norm after the projection (Gemma 2) or a post-norm residual is off by O(1).
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
 _HALF_TOLERANCE = 5e-2
-_CACHE: weakref.WeakKeyDictionary[nn.Module, Feeds] = weakref.WeakKeyDictionary()
+# Norm paths found per model: strings only, so the cache never keeps a model alive (a Feeds
+# holds the layout, which holds the model, and would pin its weak key).
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,11 @@ def feeds_of(model) -> Feeds:
         SpliceError: For a family whose residual stream is not the sum of the nodes' outputs
             (Gemma 2, post-norm variants), or whose inputs this module cannot reproduce.
     """
-    found = _CACHE.get(model.hf)
-    if found is None:
-        found = _check(model, _discover(model))
-        _CACHE[model.hf] = found
+    paths = _CACHE.get(model.hf)
+    if paths is not None:
+        return Feeds(model.layout, *paths)
+    found = _check(model, _discover(model))
+    _CACHE[model.hf] = (found.attn_norm, found.mlp_norm)
     return found
 
 
