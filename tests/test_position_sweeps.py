@@ -254,3 +254,37 @@ def test_bad_prefix_reuse_and_suffix_starts_are_refused(gpt2):
     prefix = PrefixReplay(gpt2, batches_of(gpt2, EVEN, 3)[0].kwargs, tail=1)
     with pytest.raises(splice.SpliceError, match="starts at token 1..4 of this batch; got 5"):
         SuffixReplays(prefix).window(5)
+
+
+def test_other_threads_compute_the_real_model_while_a_suffix_sweep_probes(gpt2):
+    """A sweep's probes stub the layers out in its own context only: a second thread running
+    plain forwards of the same model all the while gets the model's own logits every time, and
+    the sweep's table is the one it gets alone."""
+    import threading
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        expected = gpt2.hf(ids).logits
+    alone = patching.patch_sweep(gpt2, EVEN, metrics=METRICS, batch_size=3, progress=False)
+    done = threading.Event()
+    results: list[bool] = []
+
+    def forwards():
+        with torch.no_grad():
+            while not done.is_set():
+                results.append(torch.equal(gpt2.hf(ids).logits, expected))
+
+    other = threading.Thread(target=forwards)
+    other.start()
+    try:
+        tables = [
+            patching.patch_sweep(gpt2, EVEN, metrics=METRICS, batch_size=1, progress=False) for _ in range(3)
+        ]
+    finally:
+        done.set()
+        other.join()
+    assert len(results) > 10 and all(results), f"{results.count(False)} of {len(results)} forwards were wrong"
+    for table in tables:
+        torch.testing.assert_close(_values(table), _values(alone), rtol=1e-6, atol=1e-6)
+    assert all("forward" not in layer.__dict__ for layer in _layers(gpt2))
+    assert gpt2.hook_count == 0

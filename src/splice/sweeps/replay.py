@@ -11,6 +11,7 @@ logits before a sweep trusts it. A `Window` narrows the positions computed (the 
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
@@ -49,9 +50,14 @@ def tile_rows(value, rows: set[int], k: int):
 
 def call_recorder(inputs: list, calls: list, layer_arg: str, i: int):
     """A forward pre-hook storing layer i's input in inputs[i] and its other arguments in calls[i]
-    (the hidden state comes positionally or as the `layer_arg` keyword)."""
+    (the hidden state comes positionally or as the `layer_arg` keyword). Only calls from the
+    thread that made it are recorded: another thread's forward through the same model while a
+    sweep records must not overwrite what the sweep replays."""
+    owner = threading.get_ident()
 
     def hook(module, args, kwargs):
+        if threading.get_ident() != owner:
+            return
         if args:
             inputs[i], calls[i] = args[0], (tuple(args[1:]), dict(kwargs))
         else:

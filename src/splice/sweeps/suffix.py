@@ -13,7 +13,9 @@ whether a family's cache path reproduces it; if not, sweeps replay every positio
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -39,27 +41,61 @@ def cache_keyword(hf) -> str | None:
     return next((k for k in ("cache", "past_key_values") if k in names), None)
 
 
-@contextlib.contextmanager
-def stubbed(layers, layer_arg: str, arity: int | None):
-    """Every layer returns its input unchanged (as a tuple of `arity` items when the real layer
-    returns a tuple), so a forward costs nothing but what the model computes around its layers.
-    Restores whatever `forward` each layer had (accelerate's wrapper included)."""
-    saved = [layer.__dict__.get("forward") for layer in layers]
+# Which layers the current context has stubbed out, and how an identity layer answers: set only
+# inside `stubbed`, so every other thread and context calls the real layers.
+_STUB: contextvars.ContextVar[tuple[str, int | None] | None] = contextvars.ContextVar(
+    "splice_stub", default=None
+)
+_STUB_LOCK = threading.Lock()
+_STUB_USERS: dict[int, tuple[int, Any]] = {}  # id(layer) -> (contexts using it, its own forward)
 
-    def identity(*args, **kwargs):
+
+def _dispatching(layer):
+    """A `forward` for `layer` that is the identity inside `stubbed` (in that context only) and
+    the layer's own forward everywhere else."""
+    own = layer.forward
+
+    def forward(*args, **kwargs):
+        stub = _STUB.get()
+        if stub is None:
+            return own(*args, **kwargs)
+        layer_arg, arity = stub
         hidden = args[0] if args else kwargs[layer_arg]
         return hidden if arity is None else (hidden,) + (None,) * (arity - 1)
 
-    try:
+    return forward
+
+
+@contextlib.contextmanager
+def stubbed(layers, layer_arg: str, arity: int | None):
+    """Inside this context (this thread only) every layer returns its input unchanged (as a
+    tuple of `arity` items when the real layer returns a tuple), so a forward costs nothing but
+    what the model computes around its layers. Other threads keep calling the real layers while
+    it is open; the last context to close restores whatever `forward` each layer had
+    (accelerate's wrapper included)."""
+    with _STUB_LOCK:
         for layer in layers:
-            setattr(layer, "forward", identity)  # noqa: B010 - an instance attribute shadowing the method
+            users, saved = _STUB_USERS.get(id(layer), (0, None))
+            if users == 0:
+                saved = layer.__dict__.get("forward")
+                setattr(layer, "forward", _dispatching(layer))  # noqa: B010 - an instance attribute shadowing the method
+            _STUB_USERS[id(layer)] = (users + 1, saved)
+    token = _STUB.set((layer_arg, arity))
+    try:
         yield
     finally:
-        for layer, forward in zip(layers, saved):
-            if forward is None:
-                delattr(layer, "forward")
-            else:
-                setattr(layer, "forward", forward)  # noqa: B010
+        _STUB.reset(token)
+        with _STUB_LOCK:
+            for layer in layers:
+                users, saved = _STUB_USERS[id(layer)]
+                if users > 1:
+                    _STUB_USERS[id(layer)] = (users - 1, saved)
+                    continue
+                del _STUB_USERS[id(layer)]
+                if saved is None:
+                    delattr(layer, "forward")
+                else:
+                    setattr(layer, "forward", saved)  # noqa: B010
 
 
 class Suffix:
