@@ -21,7 +21,7 @@ from .engine.selection import locate
 from .engine.sources import Patch
 from .errors import SpliceError
 from .path_patching import path_patch, path_patch_sweep
-from .sweeps.data import PromptBatch, as_items, batches_of, source_batch
+from .sweeps.data import PromptBatch, as_items, batches_of, source_batch, tiled
 from .sweeps.metrics import Metric
 from .sweeps.sweep import Sweep
 from .sweeps.tables import patching_table, tidy_table
@@ -341,7 +341,7 @@ def _average_gradient(model, batch, metric, at, start, end, names, *, steps, max
         chunk = alphas[first : first + per_forward]
         k = len(chunk)
         alpha = torch.tensor(chunk, dtype=start.dtype, device=start.device).repeat_interleave(n)
-        point = _tiled(start, k) + alpha.view(-1, *([1] * (start.dim() - 1))) * _tiled(
+        point = tiled(start, k) + alpha.view(-1, *([1] * (start.dim() - 1))) * tiled(
             end.to(start.device) - start, k
         )
         probes = [
@@ -351,7 +351,7 @@ def _average_gradient(model, batch, metric, at, start, end, names, *, steps, max
         edits: dict = {at: [Replace(point)]}
         for name, probe in zip(names, probes):
             edits.setdefault(name, []).append(Add(probe))
-        kwargs = {key: _tiled(value, k) for key, value in batch.kwargs.items()}
+        kwargs = {key: tiled(value, k) for key, value in batch.kwargs.items()}
         with torch.enable_grad(), model.edit(edits):
             logits = model.hf(**kwargs, use_cache=False).logits
             copies = [
@@ -365,13 +365,6 @@ def _average_gradient(model, batch, metric, at, start, end, names, *, steps, max
                 previous = totals[i]
                 totals[i] = summed if previous is None else previous + summed
     return [None if t is None else t / steps for t in totals]
-
-
-def _tiled(value, k: int):
-    """`k` copies of a batch tensor, stacked along its first axis (anything else as it is)."""
-    if not isinstance(value, torch.Tensor) or k == 1:
-        return value
-    return value.repeat(k, *([1] * (value.dim() - 1)))
 
 
 def rank_correlation(a, b, column: str = "effect") -> float:

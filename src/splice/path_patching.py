@@ -62,7 +62,7 @@ from .engine.sites import is_pattern
 from .engine.sources import Patch
 from .errors import SpliceError
 from .sweeps.checkpoint import Checkpoint
-from .sweeps.data import as_items, batches_of, source_batch
+from .sweeps.data import as_items, batches_of, check_aligned, source_batch, tiled
 from .sweeps.fingerprint import model_fingerprint
 from .sweeps.metrics import Metric
 from .sweeps.sweep import default_rows
@@ -397,32 +397,6 @@ def _spec_hash(model, items, groups, receivers, metrics, source, batch_size, max
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _check_lengths(batch, other, source: str) -> None:
-    """Base and source prompts must line up token for token, row by row."""
-
-    def lengths(b):
-        mask = b.kwargs.get("attention_mask")
-        return mask.sum(-1).tolist() if mask is not None else [b.input_ids.shape[1]] * len(b)
-
-    mine, theirs = lengths(batch), lengths(other)
-    if batch.input_ids.shape != other.input_ids.shape or mine != theirs:
-        row = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), 0)
-        raise SpliceError(
-            f"path patching writes the {source!r} run's outputs into the prompt's run position by position, so "
-            f"each {source!r} prompt needs as many tokens as its 'prompt'; row {row} of a batch has "
-            f"{mine[row]} and {theirs[row]}"
-        )
-
-
-def _tiled(kwargs: dict, k: int) -> dict:
-    return {
-        key: value.repeat(k, *([1] * (value.dim() - 1)))
-        if isinstance(value, torch.Tensor) and k > 1
-        else value
-        for key, value in kwargs.items()
-    }
-
-
 def _pass_one_edits(groups, chunk, n: int, top: int, n_layers: int, base, src) -> dict:
     """Freeze every head's z and every MLP output in layers 0..top at the base run's values, then
     write each row block's senders from the source run."""
@@ -518,11 +492,16 @@ def _path_patching(
                 bar.update(len(idle))
                 busy = [g for g in todo if live[g]]
                 if busy:
-                    _check_lengths(batch, other, source)
+                    check_aligned(
+                        batch,
+                        other,
+                        source,
+                        f"path patching writes the {source!r} run's outputs into the prompt's run",
+                    )
                 per_forward = max(1, max_rows // n)
                 for start in range(0, len(busy), per_forward):
                     chunk = busy[start : start + per_forward]
-                    kwargs = _tiled(batch.kwargs, len(chunk))
+                    kwargs = {key: tiled(value, len(chunk)) for key, value in batch.kwargs.items()}
                     edits = _pass_one_edits(groups, chunk, n, top, n_layers, base, src)
                     if to_logits:
                         logits, _ = model.run(kwargs, edits=edits, use_cache=False)

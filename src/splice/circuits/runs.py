@@ -6,15 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import SpliceError
-from ..sweeps.data import PromptBatch, as_items, batches_of, source_batch
+from ..sweeps.data import PromptBatch, as_items, batches_of, check_aligned, source_batch
 from ..sweeps.metrics import Metric
 
 __all__ = ["output_sites", "pairs", "stacked_outputs"]
-
-
-def _lengths(batch: PromptBatch) -> list[int]:
-    mask = batch.kwargs.get("attention_mask")
-    return mask.sum(-1).tolist() if mask is not None else [batch.input_ids.shape[1]] * len(batch)
 
 
 def pairs(model, data, metric, source: str, batch_size: int) -> list[tuple[PromptBatch, PromptBatch]]:
@@ -33,14 +28,9 @@ def pairs(model, data, metric, source: str, batch_size: int) -> list[tuple[Promp
     out = []
     for batch in batches_of(model, as_items(data), batch_size):
         clean = source_batch(model, batch, source)
-        mine, theirs = _lengths(batch), _lengths(clean)
-        if batch.input_ids.shape != clean.input_ids.shape or mine != theirs:
-            row = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), 0)
-            raise SpliceError(
-                f"edge attribution compares the {source!r} and the corrupted 'prompt' runs position by position, "
-                f"so each {source!r} prompt needs as many tokens as its 'prompt'; a row ({row}) has "
-                f"{theirs[row]} and {mine[row]}"
-            )
+        check_aligned(
+            batch, clean, source, f"edge attribution compares the {source!r} and the corrupted 'prompt' runs"
+        )
         out.append((batch, clean))
     return out
 

@@ -22,6 +22,7 @@ import torch
 
 from ..engine.interventions import Add, Replace
 from ..errors import SpliceError
+from ..sweeps.data import tiled
 from .graph import Graph, Group, graph_of
 from .inputs import Feeds, feeds_of, mlp_reads
 from .runs import output_sites, pairs, stacked_outputs
@@ -29,13 +30,6 @@ from .runs import output_sites, pairs, stacked_outputs
 __all__ = ["edge_scores"]
 
 METHODS = ("eap", "eap-ig")
-
-
-def _tiled(value, k: int):
-    """`k` copies of a batch tensor along its first axis (anything else as it is)."""
-    if not isinstance(value, torch.Tensor) or k == 1:
-        return value
-    return value.repeat(k, *([1] * (value.dim() - 1)))
 
 
 def _probe_shape(model, group: Group, rows: int, seq: int) -> tuple[int, ...]:
@@ -68,7 +62,7 @@ def _block(model, graph, feeds, clean, ends, alphas, metric, clean_logits, delta
     k = len(alphas)
     start, end = ends
     alpha = torch.tensor(alphas, dtype=end.dtype, device=end.device).repeat_interleave(n).view(-1, 1, 1)
-    point = _tiled(end, k) - (1 - alpha) * _tiled(end - start, k)  # alpha = 1: the clean embedding, exactly
+    point = tiled(end, k) - (1 - alpha) * tiled(end - start, k)  # alpha = 1: the clean embedding, exactly
     groups = graph.groups()
     probes = [
         torch.zeros(
@@ -80,7 +74,7 @@ def _block(model, graph, feeds, clean, ends, alphas, metric, clean_logits, delta
     edits.update({g.site: Add(p) for g, p in zip(groups, probes)})
     reads = [f"blocks.{layer}.resid_pre" for layer in range(graph.n_layers)]
     reads += [mlp_reads(model, layer) for layer in range(graph.n_layers)]
-    kwargs = {key: _tiled(value, k) for key, value in clean.kwargs.items()}
+    kwargs = {key: tiled(value, k) for key, value in clean.kwargs.items()}
     with torch.enable_grad(), model.edit(edits), model.record(sorted(set(reads))) as recording:
         logits = model.hf(**kwargs, use_cache=False).logits
         values = torch.cat([metric(logits[j * n : (j + 1) * n], clean_logits, clean) for j in range(k)])

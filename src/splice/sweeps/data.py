@@ -174,3 +174,40 @@ def shortest_length(batches: list[PromptBatch]) -> int:
         else b.input_ids.shape[1]
         for b in batches
     )
+
+
+def tiled(value: Any, k: int) -> Any:
+    """`k` copies of a batch tensor stacked along its first axis (copy-major: rows j*n..(j+1)*n
+    are copy j), for running k variants of one prompt batch as one forward; anything that is
+    not a tensor is returned as it is.
+
+    Example:
+        >>> tiled(torch.tensor([[1, 2], [3, 4]]), 2).tolist()
+        [[1, 2], [3, 4], [1, 2], [3, 4]]
+    """
+    if not isinstance(value, torch.Tensor) or k == 1:
+        return value
+    return value.repeat(k, *([1] * (value.dim() - 1)))
+
+
+def real_lengths(batch: PromptBatch) -> list[int]:
+    """Each row's real (unpadded) token count."""
+    mask = batch.kwargs.get("attention_mask")
+    return mask.sum(-1).tolist() if mask is not None else [batch.input_ids.shape[1]] * len(batch)
+
+
+def check_aligned(batch: PromptBatch, other: PromptBatch, source: str, why: str) -> None:
+    """Refuse a `source` batch that does not line up with the base prompts token for token, row
+    by row (what patching one run's values into another position by position needs); `why`
+    begins the message ("path patching writes ...").
+
+    Raises:
+        SpliceError: Naming the first row whose lengths differ, and both lengths.
+    """
+    mine, theirs = real_lengths(batch), real_lengths(other)
+    if batch.input_ids.shape != other.input_ids.shape or mine != theirs:
+        row = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), 0)
+        raise SpliceError(
+            f"{why} position by position, so each {source!r} prompt needs as many tokens as its 'prompt'; "
+            f"row {row} of a batch has {mine[row]} and {theirs[row]}"
+        )
