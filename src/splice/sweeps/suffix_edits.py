@@ -83,11 +83,19 @@ class Cell(Protocol):
     """What `variant_starts` reads of a sweep variant (`splice.sweeps.shards.Variant`)."""
 
     @property
-    def id(self) -> int: ...
+    def id(self) -> int:
+        """The variant's number in its sweep."""
+        ...
+
     @property
-    def site(self) -> str: ...
+    def site(self) -> str:
+        """The site the variant edits."""
+        ...
+
     @property
-    def intervention(self) -> Intervention: ...
+    def intervention(self) -> Intervention:
+        """The edit the variant makes there."""
+        ...
 
 
 def variant_starts(model, variants: Sequence[Cell], kwargs: Mapping[str, Any]) -> dict[int, int]:
