@@ -105,12 +105,16 @@ def test_planned_shards_pack_short_suffixes(gpt2):
     starts = variant_starts(gpt2, variants, batch.kwargs)
     shards = plan_shards(variants, 3, 2, 0, True, starts=starts, seq=5)
     assert sorted(i for s in shards for i in s.variants) == [v.id for v in variants]
-    for s in shards:  # within the budget of 2 full rows, and in replay order
-        first = min(starts[i] for i in s.variants)
+    for s in shards:  # one start each, within the budget of 2 full rows, and in replay order
+        (first,) = {starts[i] for i in s.variants}
         assert len(s.variants) * (5 - first) <= 2 * 5 and s.block == 2
         layers = [variants[i].start_layer for i in s.variants]
         assert layers == sorted(layers)
     assert len(shards) < len(plan_shards(variants, 3, 2, 0, True))
+    for first in set(starts.values()):  # as few shards per start as fit, of near-equal sizes
+        sizes = [len(s.variants) for s in shards if starts[s.variants[0]] == first]
+        assert len(sizes) == -(-sum(sizes) // max(1, 10 // (5 - first)))
+        assert max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bloom", "gemma2"])

@@ -30,7 +30,9 @@ class Metric:
 
     Build one with the functions of this module rather than directly. `tail` is how many final
     positions it reads (None: all), so a sweep unembeds only those; `spec` identifies it in a
-    checkpoint, so a resumed sweep knows it still computes the same thing.
+    checkpoint, so a resumed sweep knows it still computes the same thing; `vocab` names the data
+    fields whose token ids are the only vocabulary columns it reads (through `batch.token_ids`),
+    so a sweep whose metrics all say so unembeds only those columns (None: it may read any).
 
     Example:
         >>> from splice import metrics
@@ -43,6 +45,7 @@ class Metric:
     fn: Callable
     tail: int | None = 1  # final positions needed; None = all
     spec: Iterable = ()  # what identifies the metric in a checkpoint's spec hash (iterated when it is made)
+    vocab: tuple[str, ...] | None = None  # fields naming the only logit columns it reads; None = any
 
     def __call__(self, logits, baseline_logits, batch) -> torch.Tensor:
         """One float32 value per prompt, computed from float32 (or wider) logits.
@@ -110,7 +113,7 @@ def logit_diff(correct: str = "correct", wrong: str = "wrong") -> Metric:
         good, bad = _token_column(batch, correct), _token_column(batch, wrong)
         return last.gather(-1, good[:, None])[:, 0] - last.gather(-1, bad[:, None])[:, 0]
 
-    return Metric("logit_diff", fn, 1, ("logit_diff", correct, wrong))
+    return Metric("logit_diff", fn, 1, ("logit_diff", correct, wrong), vocab=(correct, wrong))
 
 
 def answer_logprob(answer: str = "answer") -> Metric:

@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from ..engine import devices
 from ..engine.frame import Frame
@@ -82,9 +83,22 @@ class Window(Protocol):
         """Layer i's call arguments (besides the input) for `copies` copies of the batch."""
         ...
 
-    def assemble(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
-        """The logits of every position the metrics read, from those the window computed."""
+    def assemble(self, logits: torch.Tensor, baseline: torch.Tensor, copies: int) -> torch.Tensor:
+        """The logits of every position the metrics read, from those the window computed and the
+        baseline's (`[n, tail, columns]`) for the positions before it."""
         ...
+
+
+def plain_linear(module) -> bool:
+    """Whether `module` computes exactly `F.linear(x, weight, bias)` and nothing watches it (no
+    hook of its own or global, no accelerate wrapper), so part of its output may be computed
+    directly."""
+    return (
+        type(module) is torch.nn.Linear
+        and "forward" not in module.__dict__
+        and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    )
 
 
 class PrefixReplay:
@@ -152,11 +166,33 @@ class PrefixReplay:
         """Layer i's call arguments, tiled to `copies` copies of the batch."""
         return tile_rows(self.calls[i], self.rows, copies)
 
-    def assemble(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
+    def assemble(self, logits: torch.Tensor, baseline: torch.Tensor, copies: int) -> torch.Tensor:
         """The replay's logits as they are (every position the metrics read was computed)."""
         return logits
 
-    def replay(self, starts: list[int], tail: int | None, window: Window | None = None) -> torch.Tensor:
+    def unembedded(self, hidden: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """The logits of `hidden` (final-normed), in `columns` of the vocabulary only when given
+        and the unembedding is a plain linear layer nothing watches (else every column, then
+        those picked: an edit or hook on the logits sees what the model's forward shows it)."""
+        if columns is not None and plain_linear(self.unembed):
+            bias = self.unembed.bias
+            cols = columns.to(self.unembed.weight.device)
+            logits = torch.nn.functional.linear(
+                hidden, self.unembed.weight[cols], None if bias is None else bias[cols]
+            )
+            return logits if self.logits_transform is None else self.logits_transform(logits)
+        logits = self.unembed(devices.to_module(hidden, self.unembed))
+        if self.logits_transform is not None:
+            logits = self.logits_transform(logits)
+        return logits if columns is None else logits[..., columns.to(logits.device)]
+
+    def replay(
+        self,
+        starts: list[int],
+        tail: int | None,
+        window: Window | None = None,
+        columns: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [k*n, tail, vocab] of k = len(starts) copies of the batch, copy v run from layer
         starts[v] on (non-decreasing), under whatever this context has open (rows
         v*n..(v+1)*n are copy v). Copies join the batch at their own layer, so each computes
@@ -167,6 +203,8 @@ class PrefixReplay:
             tail: Unembed only the last `tail` positions; None: all.
             window: Which positions the layers compute (default: this replay, every position;
                 `splice.sweeps.suffix.Suffix`: the positions from some p on).
+            columns: Unembed only these vocabulary ids (sorted; `splice.sweeps.columns`), the
+                last axis of the logits; None: every one.
 
         Raises:
             SpliceError: If `starts` decreases anywhere, or an edit of the open contexts never
@@ -203,12 +241,11 @@ class PrefixReplay:
             hidden = self.final_norm(devices.to_module(hidden, self.final_norm))
             if tail is not None:
                 hidden = hidden[:, -tail:]
-            logits = self.unembed(devices.to_module(hidden, self.unembed))
-            if self.logits_transform is not None:
-                logits = self.logits_transform(logits)
+            logits = self.unembedded(hidden, columns)
         # Where the model's own forward returns them (accelerate returns a split model's
         # outputs to the input's device), so metrics compare them with the baseline directly.
-        return window.assemble(logits.to(self.logits.device), active)
+        baseline = self.logits if columns is None else self.logits[..., columns.to(self.logits.device)]
+        return window.assemble(logits.to(self.logits.device), baseline, active)
 
     def check(self, window: Window | None = None) -> None:
         """A replay of two copies, one joining at the second-to-last layer and one at the last,

@@ -20,6 +20,7 @@ import torch
 
 from ..engine.edits import Edits
 from ..engine.interventions import Intervention
+from .columns import NarrowBatch, read_columns
 from .data import PromptBatch, source_batch
 from .metrics import Metric
 from .replay import PrefixReplay, Window
@@ -87,10 +88,11 @@ def plan_shards(
     """The shards of one prompt batch: the variants not yet done, sorted by the first layer they
     edit (so a block joins the replay at consecutive layers), cut into blocks of `per_shard`.
 
-    With `starts` (each variant's first changed token, `splice.sweeps.suffix_edits`), variants
-    are sorted by it first, and a shard takes as many as `per_shard` full-length rows' worth of
-    tokens allows when each computes from the shard's first start on: variants with short
-    suffixes pack many to a shard, so every replayed layer is still one large batch.
+    With `starts` (each variant's first changed token, `splice.sweeps.suffix_edits`), the
+    variants of one start are cut into as few near-equal shards as `per_shard` full-length rows'
+    worth of tokens allows: variants with short suffixes pack many to a shard, so every replayed
+    layer is still one large batch, and no variant computes a token before its own start (a shard
+    mixing starts would compute the later ones' from the earliest).
 
     Args:
         todo: The variants of this batch still to compute.
@@ -114,13 +116,15 @@ def plan_shards(
         ordered = sorted(todo, key=lambda v: v.start_layer)
         blocks = [ordered[i : i + per_shard] for i in range(0, len(ordered), per_shard)]
     else:
+        by_start: dict[int, list] = {}
+        for v in todo:
+            by_start.setdefault(starts.get(v.id, 0), []).append(v)
         blocks = []
-        for v in sorted(todo, key=lambda v: (starts.get(v.id, 0), v.start_layer)):
-            if blocks and (len(blocks[-1]) + 1) * (seq - starts.get(blocks[-1][0].id, 0)) <= per_shard * seq:
-                blocks[-1].append(v)
-            else:
-                blocks.append([v])
-        blocks = [sorted(block, key=lambda v: v.start_layer) for block in blocks]
+        for start, group in sorted(by_start.items()):
+            group.sort(key=lambda v: v.start_layer)
+            pieces = -(-len(group) // max(1, per_shard * seq // (seq - start)))
+            cuts = [len(group) * k // pieces for k in range(pieces + 1)]
+            blocks += [group[a:b] for a, b in zip(cuts, cuts[1:])]
     ids = [tuple(v.id for v in block) for block in blocks]
     if not ids and baseline:
         ids = [()]
@@ -198,6 +202,7 @@ class ShardRunner:
         self.bound: dict[int, Variant] = {}
         self.checked = False
         self.suffixes: SuffixReplays | None = None
+        self.columns: torch.Tensor | None = None  # the vocabulary ids the metrics read, if not all
         self.fallback: str | None = None
 
     def enter(self, b: int) -> None:
@@ -214,6 +219,7 @@ class ShardRunner:
             self.suffixes = self._suffixes(self.batches[b], self.prefix)
             bound = bind_sources(self.model, self.batches[b], list(self.variants.values()))
         self.batch, self.bound = b, {v.id: v for v in bound}
+        self.columns = read_columns(self.metrics, self.batches[b]) if self.prefix_reuse else None
 
     def _suffixes(self, batch: PromptBatch, prefix: PrefixReplay) -> SuffixReplays | None:
         """The batch's suffix windows, when the sweep asks for them and has variants that can use
@@ -257,13 +263,23 @@ class ShardRunner:
             )
         n = len(batch)
         return records + [
-            self.record(v.id, shard.batch, logits[j * n : (j + 1) * n]) for j, v in enumerate(chunk)
+            self.record(v.id, shard.batch, logits[j * n : (j + 1) * n], self.columns)
+            for j, v in enumerate(chunk)
         ]
 
-    def record(self, variant: int, b: int, logits: torch.Tensor) -> dict[str, Any]:
-        """A checkpoint record: every metric of `logits` against the batch's baseline."""
+    def record(
+        self, variant: int, b: int, logits: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """A checkpoint record: every metric of `logits` (holding only the vocabulary ids
+        `columns`, when given) against the batch's baseline."""
         assert self.prefix is not None
-        batch, baseline = self.batches[b], self.prefix.logits
+        batch: PromptBatch | NarrowBatch = self.batches[b]
+        baseline = self.prefix.logits
+        if columns is not None:
+            batch, baseline = (
+                NarrowBatch(self.batches[b], columns),
+                baseline[..., columns.to(baseline.device)],
+            )
         values = {m.name: m(logits, baseline, batch).tolist() for m in self.metrics}
         return {"variant": variant, "batch": b, "values": values}
 
@@ -309,7 +325,7 @@ class ShardRunner:
             ) + [placed]
         assert self.prefix is not None
         with torch.no_grad(), self.model.edit(edits):
-            return self.prefix.replay([max(v.start_layer, 0) for v in chunk], self.tail, window)
+            return self.prefix.replay([max(v.start_layer, 0) for v in chunk], self.tail, window, self.columns)
 
     def _sequential(self, batch: PromptBatch, chunk: list[Variant]) -> torch.Tensor:
         outs = []

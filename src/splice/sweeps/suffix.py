@@ -119,9 +119,8 @@ class Suffix:
         tiled = tile_rows(self.calls[i], self.owner.prefix.rows, copies)
         return map_tensors(tiled, lambda v: cache if isinstance(v, Cache) else v)
 
-    def assemble(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
+    def assemble(self, logits: torch.Tensor, baseline: torch.Tensor, copies: int) -> torch.Tensor:
         """The logits of the positions the metrics read: the baseline's before `start`."""
-        baseline = self.owner.prefix.logits
         missing = baseline.shape[1] - logits.shape[1]
         if missing <= 0:
             return logits
