@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..engine.hooks import isolated
 from ..errors import SpliceError
+from .data import tiled
 from .replay import PrefixReplay, call_recorder, map_tensors, tile_rows
 
 # The call arguments a probe knows how to cut to the later tokens (what a PromptBatch holds).
@@ -114,17 +115,16 @@ class Suffix:
         """The model's own arguments for layer i of a cached forward of the later tokens, tiled
         to `copies` copies, with a cache holding the baseline's earlier keys and values."""
         cache = DynamicCache()
-        tile = [1] * (self.keys[i].dim() - 1)
-        cache.update(self.keys[i].repeat(copies, *tile), self.values[i].repeat(copies, *tile), i)
-        tiled = tile_rows(self.calls[i], self.owner.prefix.rows, copies)
-        return map_tensors(tiled, lambda v: cache if isinstance(v, Cache) else v)
+        cache.update(tiled(self.keys[i], copies), tiled(self.values[i], copies), i)
+        call = tile_rows(self.calls[i], self.owner.prefix.rows, copies)
+        return map_tensors(call, lambda v: cache if isinstance(v, Cache) else v)
 
     def assemble(self, logits: torch.Tensor, baseline: torch.Tensor, copies: int) -> torch.Tensor:
         """The logits of the positions the metrics read: the baseline's before `start`."""
         missing = baseline.shape[1] - logits.shape[1]
         if missing <= 0:
             return logits
-        head = baseline[:, :missing].repeat(copies, *([1] * (baseline.dim() - 1)))
+        head = tiled(baseline[:, :missing], copies)
         return torch.cat([head.to(logits.device), logits], dim=1)
 
 
@@ -147,6 +147,8 @@ class SuffixReplays:
         self.arity: int | None = None
         self.seq = prefix.inputs[0].shape[1]
         self.keyword = cache_keyword(prefix.model.hf)
+        # Unembed only the last position in the forwards whose logits are not wanted, where allowed.
+        self.keep = "logits_to_keep" in inspect.signature(prefix.model.hf.forward).parameters
         self.reason = self._unsupported() or self._record() or self._check()
 
     def _unsupported(self) -> str | None:
@@ -166,8 +168,7 @@ class SuffixReplays:
         """Keyword arguments of a cached forward whose logits are not wanted (only the last
         position's is unembedded, where the model allows)."""
         assert self.keyword is not None
-        keep = "logits_to_keep" in inspect.signature(self.prefix.model.hf.forward).parameters
-        return {"use_cache": True, self.keyword: cache, **({"logits_to_keep": 1} if keep else {})}
+        return {"use_cache": True, self.keyword: cache, **({"logits_to_keep": 1} if self.keep else {})}
 
     def _record(self) -> str | None:
         """The baseline's keys and values, and what shape a layer returns."""
