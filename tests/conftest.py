@@ -63,6 +63,18 @@ def ids():
     return torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def char_model(request):
+    """A tiny model of each family with the character tokenizer, shared by one test module."""
+    return splice.Model(build(request.param), CharTokenizer())
+
+
+@pytest.fixture(scope="module")
+def char_gpt2():
+    """The tiny GPT-2 with the character tokenizer, shared by one test module."""
+    return splice.Model(build("gpt2"), CharTokenizer())
+
+
 def hook_total(module: torch.nn.Module) -> int:
     """Every forward / pre-forward hook on a module tree (ours or anyone's)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

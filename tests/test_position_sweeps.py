@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CharTokenizer, build
-from families import FAMILIES
+from conftest import build
 
 import splice
 from splice import metrics, patching
@@ -29,14 +28,14 @@ EVEN = [{**row, "prompt": row["prompt"][:5], "clean": row["clean"][:5]} for row 
 METRICS = [metrics.logit_diff(), metrics.kl_from_baseline()]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def tm(request):
-    return splice.Model(build(request.param), CharTokenizer())
+@pytest.fixture
+def tm(char_model):
+    return char_model
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return splice.Model(build("gpt2"), CharTokenizer())
+@pytest.fixture
+def gpt2(char_gpt2):
+    return char_gpt2
 
 
 def _values(table):

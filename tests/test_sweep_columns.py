@@ -9,8 +9,6 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CharTokenizer, build
-from families import FAMILIES
 
 import splice
 from splice import metrics, patching
@@ -33,14 +31,14 @@ def _values(table):
     return torch.tensor(table.value.to_numpy(), dtype=torch.float64)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def tm(request):
-    return splice.Model(build(request.param), CharTokenizer())
+@pytest.fixture
+def tm(char_model):
+    return char_model
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return splice.Model(build("gpt2"), CharTokenizer())
+@pytest.fixture
+def gpt2(char_gpt2):
+    return char_gpt2
 
 
 @pytest.mark.parametrize("reuse", [True, "layers"])
