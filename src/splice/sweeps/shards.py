@@ -203,6 +203,7 @@ class ShardRunner:
         self.checked = False
         self.suffixes: SuffixReplays | None = None
         self.columns: torch.Tensor | None = None  # the vocabulary ids the metrics read, if not all
+        self.narrowed: tuple[NarrowBatch, torch.Tensor] | None = None
         self.fallback: str | None = None
 
     def enter(self, b: int) -> None:
@@ -220,6 +221,15 @@ class ShardRunner:
             bound = bind_sources(self.model, self.batches[b], list(self.variants.values()))
         self.batch, self.bound = b, {v.id: v for v in bound}
         self.columns = read_columns(self.metrics, self.batches[b]) if self.prefix_reuse else None
+        # What the metrics of a replay holding only those columns read (once per prompt batch).
+        self.narrowed = (
+            None
+            if self.columns is None
+            else (
+                NarrowBatch(self.batches[b], self.columns),
+                self.prefix.logits[..., self.columns.to(self.prefix.logits.device)],
+            )
+        )
 
     def _suffixes(self, batch: PromptBatch, prefix: PrefixReplay) -> SuffixReplays | None:
         """The batch's suffix windows, when the sweep asks for them and has variants that can use
@@ -263,23 +273,20 @@ class ShardRunner:
             )
         n = len(batch)
         return records + [
-            self.record(v.id, shard.batch, logits[j * n : (j + 1) * n], self.columns)
+            self.record(v.id, shard.batch, logits[j * n : (j + 1) * n], narrowed=self.prefix_reuse)
             for j, v in enumerate(chunk)
         ]
 
     def record(
-        self, variant: int, b: int, logits: torch.Tensor, columns: torch.Tensor | None = None
+        self, variant: int, b: int, logits: torch.Tensor, narrowed: bool | str = False
     ) -> dict[str, Any]:
-        """A checkpoint record: every metric of `logits` (holding only the vocabulary ids
-        `columns`, when given) against the batch's baseline."""
+        """A checkpoint record: every metric of `logits` against the batch's baseline; `narrowed`:
+        the logits are a replay's, holding only the batch's `columns` when it has them."""
         assert self.prefix is not None
         batch: PromptBatch | NarrowBatch = self.batches[b]
         baseline = self.prefix.logits
-        if columns is not None:
-            batch, baseline = (
-                NarrowBatch(self.batches[b], columns),
-                baseline[..., columns.to(baseline.device)],
-            )
+        if narrowed and self.narrowed is not None:
+            batch, baseline = self.narrowed
         values = {m.name: m(logits, baseline, batch).tolist() for m in self.metrics}
         return {"variant": variant, "batch": b, "values": values}
 
